@@ -1,0 +1,49 @@
+# dalbt: `make demo` sets up and runs DALBT on digits; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dalbt-installed
+DEMO   := runs/demo
+DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --epochs 50 --val-size 200 \
+             --seed 0 --out $(DEMO) --resume
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(STAMP) data
+
+# torch is installed first, pinned, so that the looser ranges of pyproject.toml install nothing
+# more (an unpinned torch would pull several GB of CUDA packages).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist, where apt is available; skipped otherwise.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then \
+	  echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST runs and tests are skipped"; \
+	else \
+	  echo "note: Fashion-MNIST not installed (needs root and apt: apt-get install dataset-fashion-mnist);" \
+	       "its runs and tests are skipped"; \
+	fi
+
+demo: setup
+	$(BIN)/dalbt run --strategy weibull $(DEMO_ARGS)
+	$(BIN)/dalbt run --strategy random $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/round_time.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

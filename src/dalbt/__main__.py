@@ -1,0 +1,3 @@
+from dalbt.cli import main
+
+raise SystemExit(main())

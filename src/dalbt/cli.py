@@ -1,0 +1,225 @@
+"""The ``dalbt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from dalbt.errors import DalbtError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input on one line, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed: Any = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.replace(",", "-").split("-") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 256-256-256, got {text!r}"
+                                         ) from None
+    if not dims or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dalbt", description="Deep active learning with Barlow Twins.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run active learning with a simulated oracle",
+                       description="Run AL rounds (train, evaluate, query) and store each round.")
+    r.add_argument("--dataset", default="digits", help="dataset name (see 'dalbt datasets')")
+    r.add_argument("--data-root", default=None,
+                   help="directory with the dataset files (else $DALBT_DATA, "
+                        "/usr/share/datasets/<name>)")
+    r.add_argument("--model", default="lenet", help="model name (see 'dalbt models')")
+    r.add_argument("--strategy", default="weibull", help="strategy (see 'dalbt strategies')")
+    r.add_argument("--strategy-option", "-O", action="append", type=_option, default=[],
+                   metavar="KEY=VALUE",
+                   help="strategy option, repeatable (e.g. -O distance=cosine)")
+    r.add_argument("--initial", type=_positive, default=100, help="initial labelled images")
+    r.add_argument("--budget", type=_positive, default=100, help="images queried per round")
+    r.add_argument("--rounds", type=_non_negative, default=10, help="query rounds")
+    r.add_argument("--epochs", type=_positive, default=20, help="epochs per round")
+    r.add_argument("--batch-size", type=_positive, default=64)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--weight-decay", type=float, default=1e-5)
+    r.add_argument("--gamma", type=float, default=0.001,
+                   help="weight of the Barlow Twins loss (0: cross-entropy only)")
+    r.add_argument("--lambd", type=float, default=0.0051, help="Barlow Twins off-diagonal weight")
+    r.add_argument("--warm-start", action="store_true",
+                   help="continue from the previous round's model (default: re-initialise)")
+    r.add_argument("--val-size", type=_non_negative, default=None,
+                   help="validation images held out for model selection "
+                        "(default: min(5000, 10%% of train))")
+    r.add_argument("--eval-every", type=_positive, default=1,
+                   help="validate every N epochs")
+    r.add_argument("--latent-dim", type=_positive, default=None)
+    r.add_argument("--projector", type=_dims, default=(256, 256, 256),
+                   help="projector widths, e.g. 256-256-256")
+    r.add_argument("--seed", type=_non_negative, nargs="+", default=[0],
+                   help="one or more seeds (one run each)")
+    r.add_argument("--out", default="runs/default", help="experiment directory")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (default: all cores)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue unfinished runs of the same config in --out; skip finished")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    rep = sub.add_parser("report", help="learning-curve plot and tables from a directory")
+    rep.add_argument("directory", help="experiment directory (the --out of 'dalbt run')")
+    rep.add_argument("--out", default=None, help="where to write (default: the directory)")
+
+    sub.add_parser("datasets", help="list the datasets")
+    sub.add_parser("strategies", help="list the query strategies")
+    sub.add_parser("models", help="list the models")
+    return p
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available else cpu; a CUDA device that is absent is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DalbtError(f"--device {name}: CUDA is not available on this machine; "
+                         "use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise DalbtError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+def _listing(items: list[tuple[str, str]]) -> str:
+    width = max(len(n) for n, _ in items)
+    return "\n".join(f"{n.ljust(width)}  {d}" for n, d in items)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dalbt.data import load_dataset
+    from dalbt.loop import RunConfig, run_experiment
+    from dalbt.models import MODELS
+    from dalbt.report import write_report
+    from dalbt.store import Store
+    from dalbt.strategies import build_strategy
+    from dalbt.train import TrainConfig
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.model not in MODELS:
+        raise DalbtError(f"unknown model {args.model!r}; known models: "
+                         f"{', '.join(sorted(MODELS))}")
+    options = dict(args.strategy_option)
+    build_strategy(args.strategy, **options)
+    if args.gamma < 0:
+        raise DalbtError(f"--gamma must be >= 0, got {args.gamma}")
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_root)
+    store = Store(args.out)
+    try:
+        for seed in args.seed:
+            cfg = RunConfig(
+                dataset=args.dataset, model=args.model, strategy=args.strategy,
+                strategy_options=options, initial=args.initial, budget=args.budget,
+                rounds=args.rounds, seed=seed, val_size=args.val_size,
+                latent_dim=args.latent_dim, projector_dims=args.projector,
+                data_root=args.data_root,
+                train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  weight_decay=args.weight_decay, gamma=args.gamma,
+                                  lambd=args.lambd, warm_start=args.warm_start,
+                                  eval_every=args.eval_every, device=device))
+            run_experiment(cfg, store, resume=args.resume, progress=not args.no_progress,
+                           data=data)
+    finally:
+        store.close()
+    rep = write_report(args.out)
+    print()
+    print(rep["table"])
+    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dalbt.report import write_report
+
+    rep = write_report(args.directory, args.out)
+    print(rep["table"])
+    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dalbt`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "datasets":
+            from dalbt.data import list_datasets
+
+            print(_listing(list_datasets()))
+        elif args.command == "strategies":
+            from dalbt.strategies import list_strategies
+
+            print(_listing(list_strategies()))
+        elif args.command == "models":
+            from dalbt.models import list_models
+
+            print(_listing(list_models()))
+        return 0
+    except DalbtError as exc:
+        print(f"dalbt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dalbt: interrupted; finished rounds are saved: rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:
+        name = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"dalbt: error: cannot access{name}: {exc.strerror or exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,245 @@
+"""The active-learning loop with a simulated oracle.
+
+Round r trains a model on the labelled set of round r, records its validation and test
+accuracy, then (except after the last round) asks the strategy for ``budget`` dataset indices,
+which the oracle labels for round r + 1. The loop knows nothing about any particular strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dalbt import rng as rngs
+from dalbt.data import ImageDataset, load_dataset
+from dalbt.data.pool import Pool, make_splits
+from dalbt.errors import DalbtError
+from dalbt.models import build_model
+from dalbt.store import RunRecord, Store, config_key
+from dalbt.strategies import QueryContext, build_strategy
+from dalbt.train import TrainConfig, accuracy, infer, train_round
+
+# Config fields that do not change a run's results' meaning: excluded from its key, so a run
+# can be resumed on another device or with the data in another directory.
+_NOT_IN_KEY = ("device", "data_root", "progress")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one AL run (one strategy, one seed).
+
+    Attributes:
+        dataset: Registered dataset name.
+        model: Registered model name.
+        strategy: Registered strategy name.
+        strategy_options: Keyword options of the strategy.
+        initial: Initial labelled set size.
+        budget: Samples queried per round.
+        rounds: Query rounds (the run trains rounds + 1 models).
+        seed: The run's one seed; every random stream derives from it.
+        val_size: Validation images held out of the pool (None: min(5000, 10% of train)).
+        latent_dim: Encoder output size (None: the model's default, LeNet 60, VGG16 512).
+        projector_dims: Barlow Twins projector widths.
+        train: Training recipe.
+        data_root: Where to look for dataset files.
+    """
+
+    dataset: str = "digits"
+    model: str = "lenet"
+    strategy: str = "weibull"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    initial: int = 100
+    budget: int = 100
+    rounds: int = 10
+    seed: int = 0
+    val_size: int | None = None
+    latent_dim: int | None = None
+    projector_dims: tuple[int, ...] = (256, 256, 256)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_root: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["projector_dims"] = list(self.projector_dims)
+        return d
+
+    def key_dict(self) -> dict[str, Any]:
+        """The part of the config that identifies the run."""
+        d = self.to_dict()
+        for k in _NOT_IN_KEY:
+            d.pop(k, None)
+            d["train"].pop(k, None)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["projector_dims"] = tuple(d.get("projector_dims", (256, 256, 256)))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_val_size(cfg: RunConfig, n_train: int) -> int:
+    return min(5000, n_train // 10) if cfg.val_size is None else int(cfg.val_size)
+
+
+def validate(cfg: RunConfig, data: ImageDataset) -> None:
+    """Check the protocol against the data; raise DalbtError naming the fix."""
+    if cfg.initial <= 0:
+        raise DalbtError(f"--initial must be positive, got {cfg.initial}")
+    if cfg.budget <= 0:
+        raise DalbtError(f"--budget must be positive, got {cfg.budget}")
+    if cfg.rounds < 0:
+        raise DalbtError(f"--rounds must be >= 0, got {cfg.rounds}")
+    if cfg.train.epochs <= 0:
+        raise DalbtError(f"--epochs must be positive, got {cfg.train.epochs}")
+    if cfg.train.batch_size < 2:
+        raise DalbtError(f"--batch-size must be at least 2, got {cfg.train.batch_size}")
+    if (data.y_train < 0).any():
+        raise DalbtError(f"dataset {data.name!r} has unlabelled training images; a simulated "
+                         "oracle needs every label (use the labelling workflow instead)")
+    val = resolve_val_size(cfg, data.n_train)
+    pool = data.n_train - val
+    need = cfg.initial + cfg.budget * cfg.rounds
+    if need > pool:
+        raise DalbtError(f"initial + budget * rounds = {need} exceeds the pool of {pool} images "
+                         f"({data.n_train} train - {val} validation); lower --initial, --budget "
+                         "or --rounds")
+
+
+def _checkpoint_path(directory: Path, run_id: int, round_: int) -> Path:
+    return directory / "checkpoints" / f"run-{run_id}-round-{round_}.pt"
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def run_experiment(
+    cfg: RunConfig,
+    store: Store,
+    resume: bool = False,
+    progress: bool = True,
+    data: ImageDataset | None = None,
+    log: Callable[[str], None] = print,
+) -> RunRecord:
+    """Run (or resume) one AL run and record every round in ``store``.
+
+    Args:
+        cfg: The run's config.
+        store: Where rounds are written (one transaction per round).
+        resume: Continue an unfinished run with the same config instead of failing.
+        progress: Show progress bars.
+        data: The loaded dataset (loaded from ``cfg`` when None).
+        log: Where one-line round summaries go.
+
+    Returns:
+        The run's record.
+
+    Raises:
+        DalbtError: Bad protocol, or a run with this config already exists and ``resume`` is
+            False.
+    """
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root)
+    validate(cfg, data)
+    build_strategy(cfg.strategy, **cfg.strategy_options)  # fail early on bad options
+    val_size = resolve_val_size(cfg, data.n_train)
+    splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed)
+    key = config_key(cfg.key_dict())
+    run = store.find_run(key)
+    if run is not None and not resume:
+        raise DalbtError(f"{store.directory} already holds this run (id {run.id}, "
+                         f"{run.status}); pass --resume to continue it or choose another --out")
+    if run is None:
+        run = store.create_run({**cfg.key_dict(), "device": cfg.train.device}, splits.initial)
+    elif not np.array_equal(run.initial, splits.initial):
+        raise DalbtError(f"run {run.id} in {store.directory} was started from another initial "
+                         "set than this dataset gives now; the data files changed")
+    done = store.rounds(run.id)
+    if run.status == "finished":
+        log(f"run {run.id} ({cfg.strategy}, seed {cfg.seed}) already finished")
+        return run
+
+    pool = Pool.from_splits(data.n_train, splits)
+    for rec in done:
+        pool.label(rec["queried"], rec["round"] + 1)
+    start = len(done)
+    if start:
+        log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {start}")
+
+    device = torch.device(cfg.train.device)
+    model = None
+    for r in range(start, cfg.rounds + 1):
+        if model is None or not cfg.train.warm_start:
+            model = build_model(cfg.model, data.channels, data.image_size, data.num_classes,
+                                latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
+                                seed=rngs.int_seed(cfg.seed, rngs.INIT,
+                                                   0 if cfg.train.warm_start else r)).to(device)
+            prev = _checkpoint_path(store.directory, run.id, r - 1)
+            if cfg.train.warm_start and r > 0:
+                if not prev.exists():
+                    raise DalbtError(f"cannot resume a warm-start run: checkpoint {prev} "
+                                     "is missing")
+                model.load_state_dict(torch.load(prev, map_location=device))
+        labelled = pool.labelled
+        bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
+                   disable=not progress)
+        t0 = time.perf_counter()
+        res = train_round(model, data.x_train, data.y_train, labelled, splits.validation,
+                          cfg.train, rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
+                          rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
+                          on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)))
+        bar.close()
+        t_train = time.perf_counter() - t0
+        test_acc = accuracy(model, data.x_test, data.y_test)
+
+        queried = np.empty(0, dtype=np.int64)
+        t_score = t_select = 0.0
+        if r < cfg.rounds:
+            strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+            sbar = tqdm(desc=f"round {r} score", unit="img", leave=False, disable=not progress)
+
+            def scorer(idx: np.ndarray, sbar=sbar, model=model) -> Any:
+                sbar.total = (sbar.total or 0) + len(idx)
+                return infer(model, data.x_train, idx, progress=sbar.update)
+
+            ctx = QueryContext(unlabelled=pool.unlabelled, labelled=labelled,
+                               labelled_targets=data.y_train[labelled].numpy(),
+                               num_classes=data.num_classes,
+                               rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r), scorer=scorer,
+                               round=r)
+            t0 = time.perf_counter()
+            ctx.prefetch(strategy.requires)
+            t_score = time.perf_counter() - t0
+            sbar.close()
+            t0 = time.perf_counter()
+            queried = strategy.select(ctx, cfg.budget)
+            t_select = time.perf_counter() - t0
+        if cfg.train.warm_start:
+            _save_checkpoint(_checkpoint_path(store.directory, run.id, r), model)
+        metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
+                   "best_epoch": res.best_epoch, "train_ce": res.train_ce,
+                   "train_bt": res.train_bt, "t_train": t_train, "t_score": t_score,
+                   "t_select": t_select}
+        store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
+        if queried.size:
+            pool.label(queried, r + 1)
+        if cfg.train.warm_start and r > 0:
+            _checkpoint_path(store.directory, run.id, r - 1).unlink(missing_ok=True)
+        log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
+            f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
+            f"score {t_score:.1f}s  select {t_select:.2f}s")
+    return store.find_run(key) or run

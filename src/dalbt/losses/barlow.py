@@ -1,0 +1,104 @@
+"""Barlow Twins loss (Zbontar et al. 2021) and the joint DALBT objective (paper Eq. 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_LAMBDA = 0.0051
+DEFAULT_GAMMA = 0.001
+
+
+def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
+    """Cross-correlation matrix of two batches standardised along the batch axis.
+
+    Args:
+        z1: Projector outputs of the first view, (B, D).
+        z2: Projector outputs of the second view, (B, D).
+        eps: Added to the variance, as batch norm without affine parameters does.
+
+    Returns:
+        C, (D, D), with ``C[i, j] = sum_b z1n[b, i] * z2n[b, j] / B``.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"expected two (B, D) tensors of equal shape, got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError("Barlow Twins needs a batch of at least 2 samples")
+    n = z1.shape[0]
+    z1n = F.batch_norm(z1, None, None, training=True, eps=eps)
+    z2n = F.batch_norm(z2, None, None, training=True, eps=eps)
+    return z1n.T @ z2n / n
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = DEFAULT_LAMBDA) -> Tensor:
+    """Barlow Twins loss ``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``.
+
+    Args:
+        z1: Projector outputs of view 1, (B, D).
+        z2: Projector outputs of view 2, (B, D).
+        lambd: Weight of the redundancy-reduction (off-diagonal) term.
+
+    Returns:
+        Scalar loss (an unnormalised sum; hundreds are normal for wide projectors).
+    """
+    c = cross_correlation(z1, z2)
+    diag = torch.diagonal(c)
+    on_diag = (1.0 - diag).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def joint_loss(
+    logits: Tensor,
+    targets: Tensor,
+    p1: Tensor | None,
+    p2: Tensor | None,
+    gamma: float = DEFAULT_GAMMA,
+    lambd: float = DEFAULT_LAMBDA,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DALBT objective (Eq. 2): ``CE(C(E(x)), y) + gamma * BT(P(E(aug1 x)), P(E(aug2 x)))``.
+
+    Args:
+        logits: Classifier outputs on the undistorted inputs, (B, K).
+        targets: Class indices, (B,).
+        p1: Projections of view 1, (B', D), or None to skip the Barlow Twins term.
+        p2: Projections of view 2, (B', D), or None.
+        gamma: Weight of the Barlow Twins term (paper: 0.001).
+        lambd: Barlow Twins off-diagonal weight.
+
+    Returns:
+        (total, ce, bt) scalars; ``bt`` is 0 when no projections are given.
+    """
+    ce = F.cross_entropy(logits, targets)
+    if p1 is None or p2 is None or gamma == 0.0:
+        bt = ce.new_zeros(())
+    else:
+        bt = barlow_twins_loss(p1, p2, lambd)
+    return ce + gamma * bt, ce, bt
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Module wrapper of :func:`barlow_twins_loss`."""
+
+    def __init__(self, lambd: float = DEFAULT_LAMBDA) -> None:
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return barlow_twins_loss(z1, z2, self.lambd)
+
+
+class JointLoss(nn.Module):
+    """Module wrapper of :func:`joint_loss`; returns (total, ce, bt)."""
+
+    def __init__(self, gamma: float = DEFAULT_GAMMA, lambd: float = DEFAULT_LAMBDA) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.lambd = lambd
+
+    def forward(
+        self, logits: Tensor, targets: Tensor, p1: Tensor | None, p2: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return joint_loss(logits, targets, p1, p2, self.gamma, self.lambd)

@@ -1,0 +1,159 @@
+"""Learning curves and tables from an experiment directory's store."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dalbt.errors import DalbtError
+from dalbt.store import Store
+
+
+@dataclass
+class Curve:
+    """Test accuracy per round of one (dataset, strategy) group over its seeds.
+
+    Attributes:
+        dataset: Dataset name.
+        label: Strategy name, with its options when it has any.
+        seeds: Seeds of the runs, (S,).
+        n_labelled: Labelled-set size per round, (R,).
+        acc: Test accuracy, (S, R); NaN where a run has not reached that round.
+    """
+
+    dataset: str
+    label: str
+    seeds: list[int]
+    n_labelled: np.ndarray
+    acc: np.ndarray
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.nanmean(self.acc, axis=0)
+
+    @property
+    def std(self) -> np.ndarray:
+        if self.acc.shape[0] < 2:
+            return np.zeros(self.acc.shape[1])
+        return np.nanstd(self.acc, axis=0, ddof=1)
+
+
+def _label(strategy: str, options: dict) -> str:
+    if not options:
+        return strategy
+    return strategy + "(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+
+
+def load_curves(store: Store) -> list[Curve]:
+    """Group the store's runs by dataset and strategy (with options) into curves."""
+    groups: dict[tuple[str, str], list[tuple[int, list[dict]]]] = {}
+    for run in store.runs():
+        rounds = store.rounds(run.id)
+        if rounds:
+            label = _label(run.strategy, run.config.get("strategy_options", {}))
+            groups.setdefault((run.dataset, label), []).append((run.seed, rounds))
+    curves = []
+    for (dataset, label), runs in sorted(groups.items()):
+        length = max(len(r) for _, r in runs)
+        longest = max(runs, key=lambda sr: len(sr[1]))[1]
+        acc = np.full((len(runs), length), np.nan)
+        for i, (_, rounds) in enumerate(runs):
+            for rec in rounds:
+                acc[i, rec["round"]] = np.nan if rec["test_acc"] is None else rec["test_acc"]
+        curves.append(Curve(dataset=dataset, label=label, seeds=[s for s, _ in runs],
+                            n_labelled=np.array([r["n_labelled"] for r in longest]), acc=acc))
+    return curves
+
+
+def table_rows(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
+    """A round x strategy table of mean ± std test accuracy (%)."""
+    header = ["dataset", "labelled"] + [c.label for c in curves]
+    rows = []
+    for dataset in sorted({c.dataset for c in curves}):
+        cs = [c for c in curves if c.dataset == dataset]
+        sizes = sorted({int(n) for c in cs for n in c.n_labelled})
+        for n in sizes:
+            row = [dataset, str(n)]
+            for c in curves:
+                hit = np.flatnonzero(c.n_labelled == n) if c.dataset == dataset else []
+                if len(hit) == 0 or np.isnan(c.acc[:, hit[0]]).all():
+                    row.append("")
+                    continue
+                m, s = c.mean[hit[0]] * 100, c.std[hit[0]] * 100
+                row.append(f"{m:.2f} ± {s:.2f}" if c.acc.shape[0] > 1 else f"{m:.2f}")
+            rows.append(row)
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table with aligned columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def plot_curves(curves: list[Curve], path: Path) -> None:
+    """Test accuracy vs labelled images, mean line and ± std band per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({c.dataset for c in curves})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for c in (c for c in curves if c.dataset == dataset):
+            m, s = c.mean * 100, c.std * 100
+            ax.plot(c.n_labelled, m, marker="o", ms=3, label=f"{c.label} (n={len(c.seeds)})")
+            if len(c.seeds) > 1:
+                ax.fill_between(c.n_labelled, m - s, m + s, alpha=0.2)
+        ax.set_title(dataset)
+        ax.set_xlabel("labelled images")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> dict[str, Path | str]:
+    """Write ``learning_curve.png``, ``results.csv`` and ``results.md`` for a directory.
+
+    Args:
+        directory: Experiment directory holding the store.
+        out: Where the files go (default: the experiment directory).
+
+    Returns:
+        Paths of the files and the plain-text table under ``"table"``.
+    """
+    directory = Path(directory)
+    with Store(directory, create=False) as store:
+        curves = load_curves(store)
+    if not curves:
+        raise DalbtError(f"no finished rounds in {directory}; run 'dalbt run --out "
+                         f"{directory}' first")
+    out_dir = Path(out) if out else directory
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(curves)
+    png = out_dir / "learning_curve.png"
+    plot_curves(curves, png)
+    csv_path = out_dir / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "strategy", "seed", "round", "n_labelled", "test_acc"])
+        for c in curves:
+            for i, seed in enumerate(c.seeds):
+                for r, n in enumerate(c.n_labelled):
+                    if not np.isnan(c.acc[i, r]):
+                        w.writerow([c.dataset, c.label, seed, r, int(n), f"{c.acc[i, r]:.6f}"])
+    md = out_dir / "results.md"
+    md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+                  + "".join("| " + " | ".join(r) + " |\n" for r in rows))
+    return {"png": png, "csv": csv_path, "md": md, "table": format_table(header, rows)}

@@ -1,0 +1,162 @@
+"""The strategy contract and the per-round query context.
+
+A strategy receives a :class:`QueryContext` and a budget and returns *dataset indices* of
+unlabelled samples. It asks the context for what it needs (pool probabilities, embeddings, ...);
+the context computes each such quantity at most once per round, in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Names of quantities a strategy may declare in ``Strategy.requires``; the loop prefetches them
+# (timed as "score") before calling ``select`` (timed as "select").
+POOL_OUTPUTS = "pool_outputs"
+LABELLED_OUTPUTS = "labelled_outputs"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Model outputs for a set of dataset indices.
+
+    Attributes:
+        indices: Dataset indices, (N,) int64.
+        logits: Classifier logits, (N, K) float32.
+        latents: Encoder outputs z, (N, D) float32.
+    """
+
+    indices: np.ndarray
+    logits: Tensor
+    latents: Tensor
+
+    @property
+    def probs(self) -> Tensor:
+        """Softmax probabilities, (N, K)."""
+        return torch.softmax(self.logits, dim=1)
+
+    @property
+    def predictions(self) -> Tensor:
+        """Predicted classes, (N,) int64."""
+        return self.logits.argmax(dim=1)
+
+
+Scorer = Callable[[np.ndarray], Outputs]
+
+
+@dataclass
+class QueryContext:
+    """Everything a strategy may use in one round.
+
+    Attributes:
+        unlabelled: Dataset indices of the unlabelled pool, (U,) int64.
+        labelled: Dataset indices of the labelled set, (L,) int64.
+        labelled_targets: Oracle labels of ``labelled``, (L,) int64.
+        num_classes: Number of classes K.
+        rng: This query's numpy Generator (derived from the run seed and the round).
+        scorer: Maps dataset indices to :class:`Outputs` of the current model.
+        round: The AL round that is querying.
+    """
+
+    unlabelled: np.ndarray
+    labelled: np.ndarray
+    labelled_targets: np.ndarray
+    num_classes: int
+    rng: np.random.Generator
+    scorer: Scorer | None = None
+    round: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.unlabelled = np.ascontiguousarray(self.unlabelled, dtype=np.int64)
+        self.labelled = np.ascontiguousarray(self.labelled, dtype=np.int64)
+        self.labelled_targets = np.asarray(self.labelled_targets, dtype=np.int64)
+
+    def _outputs(self, key: str, indices: np.ndarray) -> Outputs:
+        if key not in self._cache:
+            if self.scorer is None:
+                raise RuntimeError(f"this context has no model to compute {key}")
+            out = self.scorer(indices)
+            if len(out.indices) != len(indices) or not np.array_equal(out.indices, indices):
+                raise RuntimeError("scorer returned outputs for other indices than asked")
+            self._cache[key] = out
+        return self._cache[key]
+
+    def pool_outputs(self) -> Outputs:
+        """Model outputs on the unlabelled pool, in the order of ``unlabelled``."""
+        return self._outputs(POOL_OUTPUTS, self.unlabelled)
+
+    def labelled_outputs(self) -> Outputs:
+        """Model outputs on the labelled set, in the order of ``labelled``."""
+        return self._outputs(LABELLED_OUTPUTS, self.labelled)
+
+    def prefetch(self, names: frozenset[str]) -> None:
+        """Compute the named quantities now (so that the loop can time scoring apart)."""
+        for name in sorted(names):
+            getattr(self, name)()
+
+
+class Strategy:
+    """Base class: subclasses set ``name``, ``description``, ``requires`` and ``_select``.
+
+    Options are keyword arguments of ``__init__``; unknown options raise ``TypeError``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
+        """Choose up to ``budget`` unlabelled samples.
+
+        Args:
+            ctx: This round's context.
+            budget: Number of samples wanted (> 0). If the pool is smaller, all of it is returned.
+
+        Returns:
+            Dataset indices, (min(budget, U),) int64, unique, all in ``ctx.unlabelled``, in
+            query order (most wanted first).
+        """
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget}")
+        n = min(int(budget), len(ctx.unlabelled))
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        chosen = np.asarray(self._select(ctx, n), dtype=np.int64)
+        if len(chosen) != n or len(np.unique(chosen)) != n:
+            raise RuntimeError(f"strategy {self.name!r} returned {len(chosen)} indices "
+                               f"({len(np.unique(chosen))} unique) instead of {n}")
+        if not np.isin(chosen, ctx.unlabelled).all():
+            raise RuntimeError(f"strategy {self.name!r} returned indices outside the pool")
+        return chosen
+
+    def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def top_k(scores: np.ndarray | Tensor, indices: np.ndarray, k: int) -> np.ndarray:
+    """Dataset indices of the ``k`` highest scores; ties go to the smaller dataset index.
+
+    Args:
+        scores: One score per candidate, (N,); higher is queried first. NaN ranks last.
+        indices: Dataset indices of the candidates, (N,).
+        k: How many to return (<= N).
+
+    Returns:
+        (k,) int64 dataset indices, best first.
+    """
+    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
+    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    indices = np.asarray(indices, dtype=np.int64)
+    if k < len(s):
+        # O(N) partition to the candidates at or above the k-th score, then an exact sort.
+        kth = np.partition(-s, k - 1)[k - 1]
+        keep = np.flatnonzero(-s <= kth)
+        s, indices = s[keep], indices[keep]
+    order = np.lexsort((indices, -s))[:k]
+    return indices[order]

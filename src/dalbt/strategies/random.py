@@ -1,0 +1,17 @@
+"""Uniform random sampling, the baseline every AL strategy must beat."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dalbt.strategies.base import QueryContext, Strategy
+
+
+class RandomStrategy(Strategy):
+    """Uniform sampling without replacement from the unlabelled pool."""
+
+    name = "random"
+    description = "Uniform random sampling without replacement (baseline)"
+
+    def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
+        return ctx.rng.choice(ctx.unlabelled, size=n, replace=False)

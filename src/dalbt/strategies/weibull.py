@@ -1,0 +1,241 @@
+"""DALBT's Weibull (extreme-value) outlier sampling, paper Algorithm 1.
+
+Per class, the latents of the correctly classified labelled samples give a class mean and the
+distances of those samples to it; the largest distances (the tail) are fitted with a Weibull
+exactly as libMR's ``FitHigh`` does. Each unlabelled sample is scored by the Weibull CDF of its
+distance (its outlier probability) and the most outlying samples are queried first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from torch import Tensor
+
+from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy, top_k
+
+TRANSLATE_AMOUNT = 10000.0  # libMR's default shift of the tail before fitting
+DISTANCES = ("euclidean", "cosine", "eucos")
+ASSIGNMENTS = ("predicted", "nearest", "all")
+
+
+@dataclass(frozen=True)
+class WeibullTail:
+    """A two-parameter Weibull fitted to the translated tail of one class (libMR FitHigh).
+
+    Attributes:
+        shape: Weibull shape k.
+        scale: Weibull scale lambda (in translated units).
+        small_score: The smallest value of the tail; data are shifted by
+            ``TRANSLATE_AMOUNT - small_score`` before the CDF is evaluated.
+    """
+
+    shape: float
+    scale: float
+    small_score: float
+
+    def translate(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) + TRANSLATE_AMOUNT - self.small_score
+
+    def log_hazard(self, x: np.ndarray) -> np.ndarray:
+        """``log(-log(1 - CDF(x)))``: a strictly increasing function of the outlier probability
+        that does not saturate at 1.0 in floating point, so it ranks exactly like the CDF."""
+        t = self.translate(x)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.shape * (np.log(t) - math.log(self.scale))
+        return np.where(t > 0, out, -np.inf)
+
+    def cdf(self, x: np.ndarray) -> np.ndarray:
+        """Outlier probability ``1 - exp(-(t / scale) ** shape)`` (libMR ``W_score``), in [0, 1]."""
+        return -np.expm1(-np.exp(self.log_hazard(x)))
+
+
+def fit_weibull_mle(x: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood shape and scale of a two-parameter Weibull (location 0).
+
+    Solves the profile equation ``sum(x^k ln x) / sum(x^k) - 1/k - mean(ln x) = 0`` for k on
+    data rescaled by their maximum (so huge shapes, as libMR's translated tails give, do not
+    overflow), then ``scale = (mean(x^k))^(1/k)``.
+
+    Args:
+        x: Positive samples, (n,) with n >= 2 and not all equal.
+
+    Returns:
+        (shape, scale).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.size < 2 or np.any(x <= 0) or np.ptp(x) == 0:
+        raise ValueError("Weibull MLE needs at least two distinct positive values")
+    top = x.max()
+    lx = np.log(x / top)  # <= 0, with max 0
+    mean_lx = lx.mean()
+
+    def profile(k: float) -> float:
+        w = np.exp(k * lx)
+        return float((w * lx).sum() / w.sum() - 1.0 / k - mean_lx)
+
+    lo, hi = 1e-6, 1.0
+    while profile(hi) < 0:
+        hi *= 4.0
+        if hi > 1e15:
+            raise ValueError("Weibull MLE did not converge")
+    shape = brentq(profile, lo, hi, xtol=1e-12, rtol=1e-12, maxiter=500)
+    scale = top * math.exp(math.log(np.exp(shape * lx).mean()) / shape)
+    return float(shape), float(scale)
+
+
+def fit_high(data: np.ndarray, tailsize: int) -> WeibullTail:
+    """libMR ``FitHigh``: fit the ``tailsize`` largest values after translating them.
+
+    Args:
+        data: Scores (here distances to a class mean), (n,).
+        tailsize: Number of largest values to fit (clipped to n).
+
+    Returns:
+        The fitted :class:`WeibullTail`.
+    """
+    data = np.asarray(data, dtype=np.float64).ravel()
+    tail = np.sort(data)[::-1][: max(1, min(int(tailsize), data.size))]
+    small = float(tail[-1])
+    shape, scale = fit_weibull_mle(tail + TRANSLATE_AMOUNT - small)
+    return WeibullTail(shape=shape, scale=scale, small_score=small)
+
+
+def pairwise_distance(z: Tensor, means: Tensor, metric: str) -> Tensor:
+    """Distances of every row of ``z`` to every class mean.
+
+    Args:
+        z: Latents, (N, D).
+        means: Class means, (K, D).
+        metric: ``euclidean``, ``cosine`` (1 - cosine similarity) or ``eucos``
+            (OpenMax: euclidean / 200 + cosine).
+
+    Returns:
+        (N, K) float64 distances.
+    """
+    z = z.double()
+    means = means.double()
+    if metric == "euclidean":
+        return torch.cdist(z, means)
+    cos = 1.0 - torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(
+        means, dim=1).T
+    if metric == "cosine":
+        return cos
+    if metric == "eucos":
+        return torch.cdist(z, means) / 200.0 + cos
+    raise ValueError(f"unknown distance {metric!r}; choose one of {', '.join(DISTANCES)}")
+
+
+class WeibullStrategy(Strategy):
+    """DALBT Weibull sampling (Mandivarapu et al., "Deep Active Learning using Barlow Twins",
+    arXiv 2212.14658, Algorithm 1; tail fit as libMR / DAL-OSR).
+
+    Args:
+        distance: Latent distance to a class mean: ``euclidean`` (default), ``cosine`` or
+            ``eucos``. The paper does not say which.
+        assign: Which class an unlabelled sample is scored against: ``predicted`` (default, the
+            classifier's prediction, as OpenMax), ``nearest`` (the nearest class mean) or
+            ``all`` (outlier to every class: the minimum outlier probability over classes).
+        tail_frac: Fraction of each class's correct samples fitted (libMR tail size).
+        min_tail: Smallest tail size; a class with fewer than 2 distinct distances has no
+            model of its own and uses the Weibull fitted on all classes' distances pooled.
+
+    Samples are queried by decreasing outlier probability; probabilities that round to 1.0 are
+    ordered by the exact log cumulative hazard, which is monotone in the probability.
+    """
+
+    name = "weibull"
+    description = "DALBT: query the highest Weibull outlier probability of latent distances"
+    requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
+
+    def __init__(self, distance: str = "euclidean", assign: str = "predicted",
+                 tail_frac: float = 0.5, min_tail: int = 3) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+        if assign not in ASSIGNMENTS:
+            raise ValueError(f"unknown class assignment {assign!r}; choose one of {ASSIGNMENTS}")
+        if not 0 < tail_frac <= 1:
+            raise ValueError(f"tail_frac must be in (0, 1], got {tail_frac}")
+        self.distance = distance
+        self.assign = assign
+        self.tail_frac = tail_frac
+        self.min_tail = max(2, int(min_tail))
+
+    def fit(self, latents: Tensor, targets: np.ndarray, predictions: np.ndarray, num_classes: int
+            ) -> tuple[Tensor, list[WeibullTail | None]]:
+        """Fit class means and tails on the correctly classified labelled latents.
+
+        Args:
+            latents: Labelled latents, (L, D).
+            targets: Their labels, (L,).
+            predictions: The model's predictions for them, (L,).
+            num_classes: K.
+
+        Returns:
+            Class means (K, D) (NaN rows for classes with no correct sample) and one
+            :class:`WeibullTail` per class (None where it could not be fitted).
+        """
+        correct = targets == predictions
+        means = torch.full((num_classes, latents.shape[1]), float("nan"), dtype=torch.float64)
+        dists: list[np.ndarray] = []
+        for c in range(num_classes):
+            zc = latents[torch.from_numpy(correct & (targets == c))]
+            if len(zc):
+                means[c] = zc.double().mean(0)
+                dists.append(pairwise_distance(zc, means[c : c + 1], self.distance)[:, 0].numpy())
+            else:
+                dists.append(np.empty(0))
+        tails = [self._tail(d) for d in dists]
+        pooled = self._tail(np.concatenate(dists)) if dists else None
+        return means, [t if t is not None else pooled for t in tails]
+
+    def _tail(self, d: np.ndarray) -> WeibullTail | None:
+        size = max(self.min_tail, math.ceil(self.tail_frac * len(d)))
+        top = np.sort(d)[::-1][:size]
+        if len(top) < 2 or np.ptp(top) == 0:
+            return None
+        return fit_high(d, size)
+
+    def log_hazards(self, z: Tensor, predictions: Tensor, means: Tensor,
+                    tails: list[WeibullTail | None]) -> np.ndarray:
+        """Outlier score of each sample as a log cumulative hazard (monotone in probability).
+
+        Args:
+            z: Pool latents, (N, D).
+            predictions: Predicted classes, (N,).
+            means: Class means, (K, D).
+            tails: Per-class tails.
+
+        Returns:
+            (N,) float64 scores; higher = more outlying. Where no class has a model the score is
+            the raw distance to the assigned class mean (or +inf if no class has a mean).
+        """
+        n, k = len(z), len(tails)
+        valid = ~torch.isnan(means[:, 0])
+        if not valid.any():
+            return np.full(n, np.inf)
+        d = pairwise_distance(z, torch.nan_to_num(means), self.distance).numpy()
+        d[:, ~valid.numpy()] = np.inf  # classes with no mean: infinitely far
+        u = np.full((n, k), np.inf)
+        for c, tail in enumerate(tails):
+            if tail is not None and valid[c]:
+                u[:, c] = tail.log_hazard(d[:, c])
+            elif valid[c]:
+                u[:, c] = d[:, c]
+        if self.assign == "predicted":
+            return u[np.arange(n), predictions.numpy()]
+        if self.assign == "nearest":
+            return u[np.arange(n), d.argmin(axis=1)]
+        return u.min(axis=1)
+
+    def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
+        lab = ctx.labelled_outputs()
+        pool = ctx.pool_outputs()
+        means, tails = self.fit(lab.latents, ctx.labelled_targets, lab.predictions.numpy(),
+                                ctx.num_classes)
+        scores = self.log_hazards(pool.latents, pool.predictions, means, tails)
+        return top_k(scores, ctx.unlabelled, n)

@@ -1,0 +1,223 @@
+"""Training one AL round: the joint CE + gamma * Barlow Twins objective, model selection on
+the validation split, and batched inference."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dalbt.data.augment import TwoViewAugment
+from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, joint_loss
+from dalbt.strategies.base import Outputs
+
+INFERENCE_BATCH = 2048
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe of one round (paper: Adam 1e-3, wd 1e-5, batch 64, gamma 0.001).
+
+    Attributes:
+        epochs: Epochs per round (paper: 150; 20 on MNIST).
+        batch_size: Labelled mini-batch size.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        gamma: Weight of the Barlow Twins term; 0 trains with CE only (no augmentation).
+        lambd: Barlow Twins off-diagonal weight.
+        warm_start: Continue from the previous round's model instead of re-initialising.
+        eval_every: Evaluate on the validation split every this many epochs (and at the end).
+        device: torch device string.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    gamma: float = DEFAULT_GAMMA
+    lambd: float = DEFAULT_LAMBDA
+    warm_start: bool = False
+    eval_every: int = 1
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a round's training produced.
+
+    Attributes:
+        val_acc: Validation accuracy of the selected model (NaN without validation split).
+        best_epoch: Epoch (1-based) of the selected model.
+        train_ce: Mean cross-entropy of the last epoch.
+        train_bt: Mean Barlow Twins loss of the last epoch (0 when gamma = 0).
+        history: Per evaluated epoch: (epoch, val_acc).
+    """
+
+    val_acc: float
+    best_epoch: int
+    train_ce: float
+    train_bt: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def to_float(x: Tensor, device: torch.device | str) -> Tensor:
+    """uint8 images (B, C, H, W) -> float in [0, 1] on ``device``."""
+    return x.to(device, non_blocking=True).float().div_(255.0)
+
+
+def batches(n: int, size: int, generator: torch.Generator | None = None,
+            drop_singleton: bool = False) -> list[Tensor]:
+    """Positions 0..n-1 split into mini-batches, shuffled when a generator is given.
+
+    A last batch of one sample is dropped when ``drop_singleton`` (batch norm needs two).
+    """
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    out = list(order.split(size))
+    if drop_singleton and len(out) > 1 and len(out[-1]) == 1:
+        out.pop()
+    return out
+
+
+@torch.inference_mode()
+def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
+          batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None
+          ) -> Outputs:
+    """Logits and latents of the model for dataset indices, in one batched pass.
+
+    Args:
+        model: A DALBTNet (``embed`` and ``classifier``).
+        images: All training images, (N, C, H, W) uint8.
+        indices: Dataset indices to score, (M,).
+        batch_size: Images per forward pass.
+        progress: Called with the number of images done after each batch.
+
+    Returns:
+        :class:`Outputs` with CPU float32 logits (M, K) and latents (M, D).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
+    logits, latents = [], []
+    for chunk in idx.split(batch_size):
+        z = model.embed(to_float(images[chunk], device))
+        latents.append(z.float().cpu())
+        logits.append(model.classifier(z).float().cpu())
+        if progress is not None:
+            progress(len(chunk))
+    model.train(was_training)
+    k = model.classifier.out_features
+    d = model.latent_dim
+    return Outputs(
+        indices=np.asarray(indices, dtype=np.int64),
+        logits=torch.cat(logits) if logits else torch.empty(0, k),
+        latents=torch.cat(latents) if latents else torch.empty(0, d),
+    )
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
+             batch_size: int = INFERENCE_BATCH) -> float:
+    """Top-1 accuracy on (N, C, H, W) uint8 images and (N,) targets; NaN when N = 0."""
+    if len(images) == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for chunk in torch.arange(len(images)).split(batch_size):
+        pred = model(to_float(images[chunk], device)).argmax(1).cpu()
+        correct += int((pred == targets[chunk]).sum())
+    model.train(was_training)
+    return correct / len(images)
+
+
+def train_round(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    labelled: np.ndarray,
+    validation: np.ndarray,
+    cfg: TrainConfig,
+    shuffle_gen: torch.Generator,
+    augment_gen: torch.Generator,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on the labelled set and keep the best validation epoch.
+
+    Each step: CE on the undistorted labelled batch plus ``gamma`` times the Barlow Twins loss
+    of the projections of two augmented views of the same batch (paper Eq. 2).
+
+    Args:
+        model: DALBTNet on ``cfg.device``.
+        x_train: All training images, (N, C, H, W) uint8 (CPU).
+        y_train: Their labels, (N,) int64.
+        labelled: Labelled dataset indices, (L,).
+        validation: Validation dataset indices, (V,); model selection uses only these.
+        cfg: The recipe.
+        shuffle_gen: Generator of the mini-batch order.
+        augment_gen: Generator of the augmentations.
+        on_epoch: Called after each epoch with (epoch, metrics dict).
+
+    Returns:
+        :class:`TrainResult`; ``model`` holds the selected weights on return.
+    """
+    device = torch.device(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aug = TwoViewAugment()
+    use_bt = cfg.gamma > 0
+    lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
+    x_val = x_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
+    y_val = y_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
+    best_acc, best_epoch, best_state = -math.inf, 0, None
+    history: list[tuple[int, float]] = []
+    ce_mean = bt_mean = float("nan")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        ce_sum = bt_sum = 0.0
+        steps = 0
+        for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=use_bt):
+            idx = lab[pos]
+            x = to_float(x_train[idx], device)
+            y = y_train[idx].to(device)
+            if use_bt and len(idx) >= 2:
+                v1, v2 = aug(x, augment_gen)
+                # One encoder pass over [x, view1, view2]: BN statistics are shared, as in a
+                # joint forward; the classifier sees only the undistorted x.
+                z = model.embed(torch.cat([x, v1, v2]))
+                zx, z1, z2 = z.split(len(idx))
+                loss, ce, bt = joint_loss(model.classifier(zx), y, model.projector(z1),
+                                          model.projector(z2), cfg.gamma, cfg.lambd)
+            else:
+                loss, ce, bt = joint_loss(model(x), y, None, None, 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ce_sum += float(ce.detach())
+            bt_sum += float(bt.detach())
+            steps += 1
+        ce_mean, bt_mean = ce_sum / max(steps, 1), bt_sum / max(steps, 1)
+        metrics = {"ce": ce_mean, "bt": bt_mean}
+        if len(validation) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            acc = accuracy(model, x_val, y_val)
+            history.append((epoch, acc))
+            metrics["val_acc"] = acc
+            if acc > best_acc:
+                best_acc, best_epoch = acc, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_acc, best_epoch = float("nan"), cfg.epochs
+    return TrainResult(val_acc=best_acc, best_epoch=best_epoch, train_ce=ce_mean,
+                       train_bt=bt_mean, history=history)

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from dalbt.strategies import Outputs, QueryContext
+
+torch.set_num_threads(2)
+
+
+class ArrayScorer:
+    """Scores dataset indices from fixed per-index logits and latents (no model)."""
+
+    def __init__(self, logits, latents):
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+        self.latents = torch.as_tensor(latents, dtype=torch.float32)
+        self.calls = 0
+
+    def __call__(self, idx):
+        self.calls += 1
+        t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return Outputs(indices=np.asarray(idx, dtype=np.int64), logits=self.logits[t],
+                       latents=self.latents[t])
+
+
+def make_context(logits, latents, labelled, targets, unlabelled=None, seed=0, num_classes=None):
+    logits = np.asarray(logits, dtype=np.float32)
+    n = len(logits)
+    labelled = np.asarray(labelled, dtype=np.int64)
+    if unlabelled is None:
+        unlabelled = np.setdiff1d(np.arange(n), labelled)
+    return QueryContext(unlabelled=np.asarray(unlabelled), labelled=labelled,
+                        labelled_targets=np.asarray(targets),
+                        num_classes=num_classes or logits.shape[1],
+                        rng=np.random.default_rng(seed), scorer=ArrayScorer(logits, latents))
+
+
+@pytest.fixture
+def context_factory():
+    return make_context

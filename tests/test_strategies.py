@@ -1,0 +1,113 @@
+"""The strategy contract, for every registered strategy, and the random baseline."""
+
+import numpy as np
+import pytest
+
+from dalbt.errors import DalbtError
+from dalbt.strategies import STRATEGIES, build_strategy, list_strategies, top_k
+
+
+def _problem(n=60, k=3, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, size=n)
+    centers = rng.normal(0, 4, size=(k, d))
+    latents = centers[y] + rng.normal(0, 1, size=(n, d))
+    logits = rng.normal(0, 1, size=(n, k)) + 3 * np.eye(k)[y]
+    return logits, latents, y
+
+
+@pytest.fixture(params=sorted(STRATEGIES))
+def name(request):
+    return request.param
+
+
+def _ctx(context_factory, labelled, unlabelled, seed=0, n=60):
+    logits, latents, y = _problem(n)
+    return context_factory(logits, latents, labelled, y[labelled], unlabelled=unlabelled,
+                           seed=seed)
+
+
+def test_contract_unique_subset_exact_size(context_factory, name):
+    labelled = np.arange(0, 60, 4)
+    unlabelled = np.setdiff1d(np.arange(60), labelled)[::-1]  # order must not matter
+    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 7)
+    assert got.dtype == np.int64 and len(got) == 7
+    assert len(set(got.tolist())) == 7
+    assert set(got.tolist()) <= set(unlabelled.tolist())
+
+
+def test_contract_deterministic_under_seed(context_factory, name):
+    labelled = np.arange(0, 60, 3)
+    unlabelled = np.setdiff1d(np.arange(60), labelled)
+    a = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
+    b = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
+    assert np.array_equal(a, b)
+
+
+def test_contract_budget_larger_than_pool(context_factory, name):
+    labelled = np.arange(0, 54)
+    unlabelled = np.arange(54, 60)
+    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 50)
+    assert sorted(got.tolist()) == list(range(54, 60))
+
+
+def test_contract_pool_of_one(context_factory, name):
+    labelled = np.arange(0, 59)
+    got = build_strategy(name).select(_ctx(context_factory, labelled, np.array([59])), 3)
+    assert got.tolist() == [59]
+
+
+def test_contract_empty_pool_and_bad_budget(context_factory, name):
+    labelled = np.arange(60)
+    s = build_strategy(name)
+    assert len(s.select(_ctx(context_factory, labelled, np.array([], dtype=np.int64)), 3)) == 0
+    with pytest.raises(ValueError):
+        s.select(_ctx(context_factory, np.arange(30), np.arange(30, 60)), 0)
+
+
+def test_contract_returns_dataset_indices_not_positions(context_factory, name):
+    # pool indices far from 0..U-1: positions would fall outside the pool
+    labelled = np.arange(0, 50)
+    unlabelled = np.arange(50, 60)
+    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 4)
+    assert got.min() >= 50
+
+
+def test_context_computes_outputs_once(context_factory):
+    logits, latents, y = _problem()
+    ctx = context_factory(logits, latents, np.arange(20), y[:20])
+    ctx.prefetch(STRATEGIES["weibull"].requires)
+    calls = ctx.scorer.calls
+    build_strategy("weibull").select(ctx, 5)
+    assert calls == 2 and ctx.scorer.calls == 2
+
+
+def test_random_is_uniform_and_seeded(context_factory):
+    labelled = np.arange(10)
+    unlabelled = np.arange(10, 60)
+    counts = np.zeros(60)
+    for seed in range(400):
+        counts[build_strategy("random").select(
+            _ctx(context_factory, labelled, unlabelled, seed=seed), 5)] += 1
+    assert counts[:10].sum() == 0
+    # each pool index expected 400 * 5 / 50 = 40 times
+    assert counts[10:].min() > 15 and counts[10:].max() < 70
+    a = build_strategy("random").select(_ctx(context_factory, labelled, unlabelled, seed=1), 5)
+    b = build_strategy("random").select(_ctx(context_factory, labelled, unlabelled, seed=2), 5)
+    assert not np.array_equal(a, b)
+
+
+def test_top_k_breaks_ties_by_index_and_ranks_nan_last():
+    scores = np.array([1.0, 3.0, 3.0, np.nan, 2.0])
+    idx = np.array([10, 40, 20, 30, 50])
+    assert top_k(scores, idx, 3).tolist() == [20, 40, 50]
+    assert top_k(scores, idx, 5).tolist() == [20, 40, 50, 10, 30]
+
+
+def test_registry_and_unknown_names():
+    assert {"random", "weibull"} <= set(STRATEGIES)
+    assert all(desc for _, desc in list_strategies())
+    with pytest.raises(DalbtError, match="known strategies"):
+        build_strategy("nope")
+    with pytest.raises(DalbtError, match="bad options"):
+        build_strategy("random", foo=1)

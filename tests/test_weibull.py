@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import scipy.stats as st
+import torch
+
+from dalbt.strategies import build_strategy
+from dalbt.strategies.weibull import (
+    TRANSLATE_AMOUNT,
+    WeibullStrategy,
+    fit_high,
+    fit_weibull_mle,
+    pairwise_distance,
+)
+
+
+def test_mle_matches_scipy_on_weibull_samples():
+    x = st.weibull_min.rvs(2.5, scale=3.0, size=400, random_state=1)
+    shape, scale = fit_weibull_mle(x)
+    c, _, s = st.weibull_min.fit(x, floc=0)
+    assert shape == pytest.approx(c, rel=1e-3)
+    assert scale == pytest.approx(s, rel=1e-4)
+    assert shape == pytest.approx(2.5, rel=0.15)
+
+
+def test_fit_high_is_libmr_translated_tail_fit():
+    d = np.random.default_rng(0).gamma(2.0, 1.0, size=60)
+    t = fit_high(d, 20)
+    tail = np.sort(d)[::-1][:20]
+    assert t.small_score == tail[-1]
+    c, _, s = st.weibull_min.fit(tail + TRANSLATE_AMOUNT - tail[-1], floc=0)
+    assert t.shape == pytest.approx(c, rel=1e-3)
+    assert t.scale == pytest.approx(s, rel=1e-6)
+    # W_score is the Weibull CDF at the translated value
+    x = np.array([tail[-1], tail[5], tail[0]])
+    expected = st.weibull_min.cdf(x + TRANSLATE_AMOUNT - tail[-1], c, scale=s)
+    assert np.allclose(t.cdf(x), expected, atol=1e-3)
+    assert np.all(np.diff(t.cdf(np.linspace(0, 20, 50))) >= 0)
+    # far outliers saturate at probability 1 but their log-hazard still orders them
+    assert t.cdf(np.array([50.0]))[0] == 1.0
+    assert t.log_hazard(np.array([60.0]))[0] > t.log_hazard(np.array([50.0]))[0]
+
+
+def test_mle_rejects_degenerate_data():
+    with pytest.raises(ValueError):
+        fit_weibull_mle(np.array([3.0, 3.0, 3.0]))
+    with pytest.raises(ValueError):
+        fit_weibull_mle(np.array([1.0]))
+
+
+def test_distances():
+    z = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    m = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    e = pairwise_distance(z, m, "euclidean")
+    assert e[0, 0].item() == pytest.approx(5.0)
+    cos = pairwise_distance(z, m, "cosine")
+    assert cos[1, 1].item() == pytest.approx(1.0)
+    assert cos[0, 1].item() == pytest.approx(1 - 0.6)
+    eucos = pairwise_distance(z, m, "eucos")
+    assert eucos[0, 1].item() == pytest.approx(e[0, 1].item() / 200 + 0.4)
+
+
+def _two_clusters(rng, n_per=30):
+    """Labelled latents around (10, 0) for class 0 and (0, 10) for class 1."""
+    z0 = rng.normal(0, 0.5, size=(n_per, 2)) + [10, 0]
+    z1 = rng.normal(0, 0.5, size=(n_per, 2)) + [0, 10]
+    lat = np.concatenate([z0, z1])
+    y = np.array([0] * n_per + [1] * n_per)
+    logits = np.eye(2)[y] * 5
+    return lat, y, logits
+
+
+@pytest.mark.parametrize("assign", ["predicted", "nearest", "all"])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "eucos"])
+def test_weibull_queries_the_outliers_first(context_factory, assign, distance):
+    rng = np.random.default_rng(0)
+    lat, y, logits = _two_clusters(rng)
+    # pool: two typical points of each class and two far outliers (direction changed too, so
+    # that cosine distance sees them as well)
+    pool_lat = np.array([[10.1, -0.2], [0.2, 10.1], [9.7, 0.2], [-0.2, 9.9],
+                         [-40.0, 35.0], [30.0, -45.0]])
+    pool_logits = np.array([[5, 0], [0, 5], [5, 0], [0, 5], [5, 0], [0, 5]], dtype=float)
+    latents = np.concatenate([lat, pool_lat])
+    all_logits = np.concatenate([logits, pool_logits])
+    n_lab = len(lat)
+    ctx = context_factory(all_logits, latents, np.arange(n_lab), y)
+    s = WeibullStrategy(distance=distance, assign=assign)
+    chosen = s.select(ctx, 2)
+    assert set(chosen) == {n_lab + 4, n_lab + 5}
+    # the full ranking puts the typical points last: the DAL-OSR sign bug would invert this
+    full = s.select(ctx, 6)
+    assert set(full[:2]) == {n_lab + 4, n_lab + 5}
+
+
+def test_weibull_uses_only_correctly_classified_labelled_samples(context_factory):
+    rng = np.random.default_rng(1)
+    lat, y, logits = _two_clusters(rng)
+    # a misclassified labelled sample far away would inflate class 0's tail if it were used
+    lat = np.concatenate([lat, [[100.0, 100.0]]])
+    y = np.append(y, 0)
+    logits = np.concatenate([logits, [[0.0, 5.0]]])
+    s = WeibullStrategy()
+    means, tails = s.fit(torch.tensor(lat, dtype=torch.float32), y, logits.argmax(1), 2)
+    assert np.allclose(means[0].numpy(), lat[:30].mean(0), atol=1e-5)
+    assert tails[0] is not None and tails[0].small_score < 10
+
+
+def test_weibull_class_without_correct_samples_uses_pooled_fit(context_factory):
+    rng = np.random.default_rng(2)
+    lat, y, logits = _two_clusters(rng)
+    logits[y == 1] = [5, 0]  # every class-1 sample misclassified: class 1 has no mean
+    s = WeibullStrategy()
+    means, tails = s.fit(torch.tensor(lat, dtype=torch.float32), y, logits.argmax(1), 2)
+    assert torch.isnan(means[1]).all() and tails[1] is not None
+    ctx = context_factory(np.concatenate([logits, [[0, 5.0], [5, 0]]]),
+                          np.concatenate([lat, [[0.0, 10.0], [10.1, 0.1]]]), np.arange(60), y)
+    # a pool sample predicted as the class with no model is queried first
+    assert s.select(ctx, 1)[0] == 60
+
+
+def test_weibull_options_are_validated():
+    with pytest.raises(ValueError):
+        WeibullStrategy(distance="manhattan")
+    with pytest.raises(ValueError):
+        WeibullStrategy(assign="random")
+    with pytest.raises(ValueError):
+        WeibullStrategy(tail_frac=0)
+    s = build_strategy("weibull", distance="cosine", tail_frac=0.2)
+    assert s.distance == "cosine" and s.tail_frac == 0.2
