@@ -164,7 +164,7 @@ def run_experiment(
         raise DalbtError(f"{store.directory} already holds this run (id {run.id}, "
                          f"{run.status}); pass --resume to continue it or choose another --out")
     if run is None:
-        run = store.create_run({**cfg.key_dict(), "device": cfg.train.device}, splits.initial)
+        run = store.create_run(cfg.to_dict(), splits.initial, key=key)
     elif not np.array_equal(run.initial, splits.initial):
         raise DalbtError(f"run {run.id} in {store.directory} was started from another initial "
                          "set than this dataset gives now; the data files changed")

@@ -160,9 +160,16 @@ class Store:
                                  "status FROM runs ORDER BY id").fetchall()
         return [self._run(r) for r in rows]
 
-    def create_run(self, config: dict[str, Any], initial: np.ndarray) -> RunRecord:
-        """Insert a new run (status 'running')."""
-        key = config_key(config)
+    def create_run(self, config: dict[str, Any], initial: np.ndarray, key: str | None = None
+                   ) -> RunRecord:
+        """Insert a new run (status 'running').
+
+        Args:
+            config: The full config to keep (needs dataset, strategy, seed).
+            initial: The initial labelled dataset indices.
+            key: Identity of the run (default: hash of ``config``).
+        """
+        key = key or config_key(config)
         with self.conn:
             self.conn.execute(
                 "INSERT INTO runs (key, dataset, strategy, seed, config, env, initial, status, "

@@ -1,0 +1,134 @@
+"""AL loop and store: determinism, shared initial sets, transactional rounds, resume."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dalbt.data import load_dataset
+from dalbt.errors import DalbtError
+from dalbt.loop import RunConfig, run_experiment
+from dalbt.store import Store
+from dalbt.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _cfg(strategy="weibull", seed=0, rounds=2, **kw):
+    return RunConfig(dataset="digits", strategy=strategy, initial=20, budget=10, rounds=rounds,
+                     seed=seed, val_size=100, projector_dims=(32, 32),
+                     train=TrainConfig(epochs=2, **kw))
+
+
+def _run(tmp_path, name, cfg, digits, **kw):
+    with Store(tmp_path / name) as store:
+        run = run_experiment(cfg, store, progress=False, data=digits, log=lambda s: None, **kw)
+        return run, store.rounds(run.id)
+
+
+def test_rounds_recorded_and_same_seed_same_queries(tmp_path, digits):
+    run, rounds = _run(tmp_path, "a", _cfg(), digits)
+    _, again = _run(tmp_path, "b", _cfg(), digits)
+    assert run.status == "finished"
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["n_labelled"] for r in rounds] == [20, 30, 40]
+    assert [len(r["queried"]) for r in rounds] == [10, 10, 0]
+    for r, s in zip(rounds, again, strict=True):
+        assert np.array_equal(r["queried"], s["queried"])
+        assert r["test_acc"] == s["test_acc"]
+    queried = np.concatenate([r["queried"] for r in rounds])
+    assert len(np.unique(queried)) == 20 and not set(queried) & set(run.initial)
+    assert all(0 <= r["test_acc"] <= 1 and r["t_train"] > 0 for r in rounds)
+    _, other = _run(tmp_path, "c", _cfg(seed=1), digits)
+    assert not np.array_equal(other[0]["queried"], rounds[0]["queried"])
+
+
+def test_strategies_of_a_seed_share_initial_set_and_first_model(tmp_path, digits):
+    runs = [_run(tmp_path, s, _cfg(s, rounds=1), digits) for s in ("weibull", "random")]
+    assert np.array_equal(runs[0][0].initial, runs[1][0].initial)
+    assert runs[0][1][0]["test_acc"] == runs[1][1][0]["test_acc"]
+    assert not np.array_equal(runs[0][1][0]["queried"], runs[1][1][0]["queried"])
+
+
+def test_validation_split_never_queried(tmp_path, digits):
+    from dalbt.data.pool import make_splits
+
+    run, rounds = _run(tmp_path, "v", _cfg("random", rounds=3), digits)
+    val = make_splits(digits.n_train, 100, 20, 0).validation
+    queried = np.concatenate([r["queried"] for r in rounds])
+    assert not set(queried) & set(val) and not set(run.initial) & set(val)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits, monkeypatch, warm):
+    _, full = _run(tmp_path, "full", _cfg(rounds=3, warm_start=warm), digits)
+    original = Store.record_round
+
+    def dying(self, run_id, round_, *a, **k):
+        if round_ == 2:
+            raise _Killed
+        return original(self, run_id, round_, *a, **k)
+
+    monkeypatch.setattr(Store, "record_round", dying)
+    with pytest.raises(_Killed):
+        _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits)
+    monkeypatch.setattr(Store, "record_round", original)
+    with Store(tmp_path / "cut") as store:
+        assert [r["round"] for r in store.rounds(store.runs()[0].id)] == [0, 1]
+    with pytest.raises(DalbtError, match="--resume"):
+        _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits)
+    run, resumed = _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits, resume=True)
+    assert run.status == "finished"
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed, strict=True):
+        assert np.array_equal(a["queried"], b["queried"])
+        assert a["test_acc"] == pytest.approx(b["test_acc"])
+    # resuming a finished run does nothing
+    _, again = _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits, resume=True)
+    assert len(again) == 4
+
+
+def test_killed_process_loses_at_most_the_current_round(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dalbt", "run", "--dataset", "digits", "--strategy", "random",
+           "--initial", "20", "--budget", "10", "--rounds", "12", "--epochs", "3",
+           "--val-size", "100", "--projector", "32-32", "--out", str(out), "--no-progress",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        seen += "round" in line
+        if seen >= 2 or time.time() > deadline:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    con = sqlite3.connect(out / "dalbt.sqlite")
+    done = [r[0] for r in con.execute("SELECT round FROM rounds ORDER BY round")]
+    con.close()
+    assert done[:2] == [0, 1] and done == list(range(len(done))) and len(done) < 13
+    res = subprocess.run(cmd[:cmd.index("--rounds") + 1] + ["4"] + cmd[cmd.index("--rounds") + 2:]
+                         + ["--resume"], capture_output=True, text=True, timeout=300)
+    # a different --rounds is a different run: it must not mix with the killed one
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    con = sqlite3.connect(out / "dalbt.sqlite")
+    per_run = con.execute("SELECT run_id, COUNT(*), COUNT(DISTINCT round) FROM rounds "
+                          "GROUP BY run_id ORDER BY run_id").fetchall()
+    status = [r[0] for r in con.execute("SELECT status FROM runs ORDER BY id")]
+    con.close()
+    assert per_run[0][1:] == (13, 13) and per_run[1][1:] == (5, 5)
+    assert status == ["finished", "finished"]

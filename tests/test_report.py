@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from dalbt.errors import DalbtError
+from dalbt.report import load_curves, table_rows, write_report
+from dalbt.store import Store
+
+
+def _fill(store, strategy, seed, accs, options=None):
+    cfg = {"dataset": "digits", "strategy": strategy, "seed": seed,
+           "strategy_options": options or {}}
+    run = store.create_run(cfg, np.arange(3))
+    for r, a in enumerate(accs):
+        store.record_round(run.id, r, {"n_labelled": 10 + 5 * r, "test_acc": a},
+                           np.array([100 + r]), finished=r == len(accs) - 1)
+
+
+def test_curves_and_table_from_known_values(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, "weibull", 0, [0.5, 0.6, 0.7])
+        _fill(store, "weibull", 1, [0.7, 0.8, 0.9])
+        _fill(store, "random", 0, [0.4, 0.5])  # unfinished: one round fewer
+        _fill(store, "weibull", 0, [0.1], options={"distance": "cosine"})
+        curves = {c.label: c for c in load_curves(store)}
+    w = curves["weibull"]
+    assert w.seeds == [0, 1] and w.n_labelled.tolist() == [10, 15, 20]
+    assert np.allclose(w.mean, [0.6, 0.7, 0.8])
+    assert np.allclose(w.std, [np.std([0.5, 0.7], ddof=1)] * 3)
+    assert "weibull(distance=cosine)" in curves
+    header, rows = table_rows(list(curves.values()))
+    col = header.index("weibull")
+    assert rows[0][col] == "60.00 ± 14.14"
+    assert rows[2][header.index("random")] == ""
+
+
+def test_write_report_files(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, "random", 0, [0.4, 0.5])
+    rep = write_report(tmp_path)
+    assert rep["png"].stat().st_size > 1000
+    assert rep["md"].read_text().startswith("| dataset | labelled | random |")
+    assert "50.00" in rep["table"]
+
+
+def test_empty_store_is_an_error(tmp_path):
+    Store(tmp_path).close()
+    with pytest.raises(DalbtError, match="no finished rounds"):
+        write_report(tmp_path)
