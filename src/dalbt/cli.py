@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: all cores)")
     r.add_argument("--resume", action="store_true",
                    help="continue unfinished runs of the same config in --out; skip finished")
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (they are shown only on a terminal anyway)")
 
     rep = sub.add_parser("report", help="learning-curve plot and tables from a directory")
     rep.add_argument("directory", help="experiment directory (the --out of 'dalbt run')")
@@ -171,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   weight_decay=args.weight_decay, gamma=args.gamma,
                                   lambd=args.lambd, warm_start=args.warm_start,
                                   eval_every=args.eval_every, device=device))
-            run_experiment(cfg, store, resume=args.resume, progress=not args.no_progress,
-                           data=data)
+            run_experiment(cfg, store, resume=args.resume, data=data,
+                           progress=not args.no_progress and sys.stderr.isatty())
     finally:
         store.close()
     rep = write_report(args.out)

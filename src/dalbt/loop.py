@@ -210,7 +210,8 @@ def run_experiment(
         t_score = t_select = 0.0
         if r < cfg.rounds:
             strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
-            sbar = tqdm(desc=f"round {r} score", unit="img", leave=False, disable=not progress)
+            sbar = tqdm(desc=f"round {r} score", unit="img", leave=False,
+                        disable=not progress or not strategy.requires)
 
             def scorer(idx: np.ndarray, sbar=sbar, model=model) -> Any:
                 sbar.total = (sbar.total or 0) + len(idx)
