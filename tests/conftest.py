@@ -4,7 +4,16 @@ import torch
 
 from dalbt.strategies import Outputs, QueryContext
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny batches gain nothing from more, and spinning threads slow the
+    suite badly when the machine's cores are busy with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 
 class ArrayScorer:

@@ -7,17 +7,6 @@ import torch
 
 from dalbt.data.augment import VIEW1, VIEW2, TwoViewAugment, ViewConfig, augment
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and spinning threads slow the
-    suite badly when the machine's cores are busy with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # Everything off: crop of the whole image, no flip, no colour ops.
 OFF = ViewConfig(
     blur_p=0.0, solarize_p=0.0, flip_p=0.0, jitter_p=0.0, gray_p=0.0, crop_scale=(1.0, 1.0)

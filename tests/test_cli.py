@@ -61,6 +61,8 @@ def test_run_then_report(tmp_path, capsys):
     (["run", *SMALL, "-O", "nokeyvalue"], "KEY=VALUE"),
     (["run", *SMALL, "--device", "cuda:7"], "--device"),
     (["run", *SMALL, "--gamma", "-1"], "--gamma"),
+    (["run", *SMALL, "--lr", "-1"], "--lr"),
+    (["run", *SMALL, "--weight-decay", "-0.1"], "--weight-decay"),
     (["report", "/nonexistent/dir"], "no dalbt results"),
 ])
 def test_bad_input_is_one_line_nonzero(capsys, argv, pattern):

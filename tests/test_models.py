@@ -7,17 +7,6 @@ from torch import nn
 from dalbt.errors import DalbtError
 from dalbt.models import MODELS, DALBTNet, build_model, list_models
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and spinning threads slow the
-    suite badly when the machine's cores are busy with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SHAPES = [(1, 8), (1, 28), (3, 32)]
 LATENT = {"lenet": 60, "vgg16": 512, "resnet18": 512}
 

@@ -6,9 +6,9 @@ from dalbt.report import load_curves, table_rows, write_report
 from dalbt.store import Store
 
 
-def _fill(store, strategy, seed, accs, options=None):
+def _fill(store, strategy, seed, accs, options=None, gamma=0.001):
     cfg = {"dataset": "digits", "strategy": strategy, "seed": seed,
-           "strategy_options": options or {}}
+           "strategy_options": options or {}, "train": {"gamma": gamma, "device": "cpu"}}
     run = store.create_run(cfg, np.arange(3))
     for r, a in enumerate(accs):
         store.record_round(run.id, r, {"n_labelled": 10 + 5 * r, "test_acc": a},
@@ -31,6 +31,18 @@ def test_curves_and_table_from_known_values(tmp_path):
     col = header.index("weibull")
     assert rows[0][col] == "60.00 ± 14.14"
     assert rows[2][header.index("random")] == ""
+
+
+def test_runs_with_other_settings_are_not_averaged_as_seeds(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, "random", 0, [0.4, 0.5])
+        _fill(store, "random", 1, [0.6, 0.7])
+        _fill(store, "random", 0, [0.1, 0.2], gamma=0.0)
+        _fill(store, "weibull", 0, [0.3, 0.3])
+        curves = {c.label: c for c in load_curves(store)}
+    assert set(curves) == {"random [gamma=0.001]", "random [gamma=0.0]", "weibull"}
+    assert curves["random [gamma=0.001]"].seeds == [0, 1]
+    assert np.allclose(curves["random [gamma=0.0]"].mean, [0.1, 0.2])
 
 
 def test_write_report_files(tmp_path):

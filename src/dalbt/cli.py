@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", default=None,
                    help="directory with the dataset files (else $DALBT_DATA, "
                         "/usr/share/datasets/<name>)")
+    r.add_argument("--download", action="store_true",
+                   help="fetch missing dataset files with torchvision (needs internet)")
     r.add_argument("--model", default="lenet", help="model name (see 'dalbt models')")
     r.add_argument("--strategy", default="weibull", help="strategy (see 'dalbt strategies')")
     r.add_argument("--strategy-option", "-O", action="append", type=_option, default=[],
@@ -155,10 +158,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"{', '.join(sorted(MODELS))}")
     options = dict(args.strategy_option)
     build_strategy(args.strategy, **options)
-    if args.gamma < 0:
-        raise DalbtError(f"--gamma must be >= 0, got {args.gamma}")
+    for flag, value in (("--gamma", args.gamma), ("--lambd", args.lambd),
+                        ("--weight-decay", args.weight_decay)):
+        if value < 0:
+            raise DalbtError(f"{flag} must be >= 0, got {value}")
+    if args.lr <= 0:
+        raise DalbtError(f"--lr must be positive, got {args.lr}")
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
+    data = load_dataset(args.dataset, args.data_root, download=args.download)
     store = Store(args.out)
     try:
         for seed in args.seed:
@@ -215,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except DalbtError as exc:
         print(f"dalbt: error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"dalbt: error: experiment database: {exc} (is another dalbt process using the "
+              "same --out? wait for it or use another directory)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dalbt: interrupted; finished rounds are saved: rerun with --resume to continue",

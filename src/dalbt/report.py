@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,25 +48,55 @@ def _label(strategy: str, options: dict) -> str:
     return strategy + "(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
 
 
+_NOT_PROTOCOL = ("seed", "device", "data_root", "progress")
+
+
+def _protocol(config: dict) -> dict[str, object]:
+    """A run's config flattened (``train.gamma`` -> ``gamma``) without seed and device."""
+    flat: dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and k != "strategy_options":
+            flat.update({kk: vv for kk, vv in v.items() if kk not in _NOT_PROTOCOL})
+        elif k not in _NOT_PROTOCOL:
+            flat[k] = v
+    return flat
+
+
 def load_curves(store: Store) -> list[Curve]:
-    """Group the store's runs by dataset and strategy (with options) into curves."""
-    groups: dict[tuple[str, str], list[tuple[int, list[dict]]]] = {}
+    """Group the store's runs into curves: runs that differ only in their seed form one curve.
+
+    Curves of one dataset and strategy that differ in other settings (gamma, epochs, ...) are
+    labelled with those settings, e.g. ``random [gamma=0.0]``.
+    """
+    groups: dict[str, list[tuple[int, list[dict]]]] = {}
+    protos: dict[str, dict] = {}
     for run in store.runs():
         rounds = store.rounds(run.id)
         if rounds:
-            label = _label(run.strategy, run.config.get("strategy_options", {}))
-            groups.setdefault((run.dataset, label), []).append((run.seed, rounds))
+            proto = _protocol(run.config)
+            key = json.dumps(proto, sort_keys=True, default=str)
+            protos[key] = proto
+            groups.setdefault(key, []).append((run.seed, rounds))
     curves = []
-    for (dataset, label), runs in sorted(groups.items()):
+    for key, runs in groups.items():
+        proto = protos[key]
+        base = _label(str(proto.get("strategy")), proto.get("strategy_options") or {})
+        siblings = [p for p in protos.values() if p.get("dataset") == proto.get("dataset")
+                    and p.get("strategy") == proto.get("strategy")
+                    and p.get("strategy_options") == proto.get("strategy_options")]
+        differ = sorted(k for k in proto if any(p.get(k) != proto[k] for p in siblings))
+        label = base + (" [" + ",".join(f"{k}={proto[k]}" for k in differ) + "]" if differ
+                        else "")
         length = max(len(r) for _, r in runs)
         longest = max(runs, key=lambda sr: len(sr[1]))[1]
         acc = np.full((len(runs), length), np.nan)
         for i, (_, rounds) in enumerate(runs):
             for rec in rounds:
                 acc[i, rec["round"]] = np.nan if rec["test_acc"] is None else rec["test_acc"]
-        curves.append(Curve(dataset=dataset, label=label, seeds=[s for s, _ in runs],
+        curves.append(Curve(dataset=str(proto.get("dataset")), label=label,
+                            seeds=[s for s, _ in runs],
                             n_labelled=np.array([r["n_labelled"] for r in longest]), acc=acc))
-    return curves
+    return sorted(curves, key=lambda c: (c.dataset, c.label))
 
 
 def table_rows(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:

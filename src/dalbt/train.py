@@ -56,8 +56,8 @@ class TrainResult:
     Attributes:
         val_acc: Validation accuracy of the selected model (NaN without validation split).
         best_epoch: Epoch (1-based) of the selected model.
-        train_ce: Mean cross-entropy of the last epoch.
-        train_bt: Mean Barlow Twins loss of the last epoch (0 when gamma = 0).
+        train_ce: Mean cross-entropy of the selected epoch.
+        train_bt: Mean Barlow Twins loss of the selected epoch (0 when gamma = 0).
         history: Per evaluated epoch: (epoch, val_acc).
     """
 
@@ -190,12 +190,10 @@ def train_round(
             y = y_train[idx].to(device)
             if use_bt and len(idx) >= 2:
                 v1, v2 = aug(x, augment_gen)
-                # One encoder pass over [x, view1, view2]: BN statistics are shared, as in a
-                # joint forward; the classifier sees only the undistorted x.
-                z = model.embed(torch.cat([x, v1, v2]))
-                zx, z1, z2 = z.split(len(idx))
-                loss, ce, bt = joint_loss(model.classifier(zx), y, model.projector(z1),
-                                          model.projector(z2), cfg.gamma, cfg.lambd)
+                # Separate passes, so batch-norm statistics of the classifier's input are those
+                # of undistorted images, and each view is normalised on its own (as Barlow Twins).
+                loss, ce, bt = joint_loss(model(x), y, model.project(v1), model.project(v2),
+                                          cfg.gamma, cfg.lambd)
             else:
                 loss, ce, bt = joint_loss(model(x), y, None, None, 0.0)
             opt.zero_grad(set_to_none=True)
@@ -211,12 +209,13 @@ def train_round(
             history.append((epoch, acc))
             metrics["val_acc"] = acc
             if acc > best_acc:
-                best_acc, best_epoch = acc, epoch
+                best_acc, best_epoch, best_losses = acc, epoch, (ce_mean, bt_mean)
                 best_state = copy.deepcopy(model.state_dict())
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     if best_state is not None:
         model.load_state_dict(best_state)
+        ce_mean, bt_mean = best_losses
     else:
         best_acc, best_epoch = float("nan"), cfg.epochs
     return TrainResult(val_acc=best_acc, best_epoch=best_epoch, train_ce=ce_mean,

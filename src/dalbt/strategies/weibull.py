@@ -141,8 +141,9 @@ class WeibullStrategy(Strategy):
             classifier's prediction, as OpenMax), ``nearest`` (the nearest class mean) or
             ``all`` (outlier to every class: the minimum outlier probability over classes).
         tail_frac: Fraction of each class's correct samples fitted (libMR tail size).
-        min_tail: Smallest tail size; a class with fewer than 2 distinct distances has no
-            model of its own and uses the Weibull fitted on all classes' distances pooled.
+        min_tail: Smallest tail size; a class with fewer correct samples (or whose tail
+            distances are all equal) has no model of its own and uses the Weibull fitted on
+            all classes' distances pooled.
 
     Samples are queried by decreasing outlier probability; probabilities that round to 1.0 are
     ordered by the exact log cumulative hazard, which is monotone in the probability.
@@ -196,7 +197,7 @@ class WeibullStrategy(Strategy):
     def _tail(self, d: np.ndarray) -> WeibullTail | None:
         size = max(self.min_tail, math.ceil(self.tail_frac * len(d)))
         top = np.sort(d)[::-1][:size]
-        if len(top) < 2 or np.ptp(top) == 0:
+        if len(top) < self.min_tail or np.ptp(top) == 0:
             return None
         return fit_high(d, size)
 
