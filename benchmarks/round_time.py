@@ -1,8 +1,9 @@
 """Time one Fashion-MNIST AL round, split into train / score pool / select.
 
-Runs the real loop (``run_experiment``) for round 0 of the paper's protocol (100 initial,
-budget 100, LeNet, 5,000 validation images) and reads the timings it stored, then measures
-raw pool-scoring throughput of LeNet (target: >= 15,000 images/s on 2 cores).
+Runs the real loop (``run_experiment`` with rounds=1) on the paper's protocol (100 initial,
+budget 100, LeNet, 5,000 validation images) and prints the timings it stored for round 0 (the
+round-1 model it also trains is not reported), then measures raw pool-scoring throughput of
+LeNet (target: >= 15,000 images/s on 2 cores).
 
 Usage: python benchmarks/round_time.py [--epochs 20] [--strategy weibull] [--threads 2]
 """
