@@ -46,3 +46,37 @@ def make_context(logits, latents, labelled, targets, unlabelled=None, seed=0, nu
 @pytest.fixture
 def context_factory():
     return make_context
+
+
+def make_real_context(labelled, unlabelled=None, seed=0, n=60, num_classes=3, dropout=0.5):
+    """A context over a small synthetic image set with a real (untrained) LeNet, so that every
+    capability a strategy may ask for (outputs, MC dropout, images, own training) exists."""
+    from dalbt.models import build_model
+    from dalbt.train import TrainConfig, infer, mc_dropout_probs
+
+    g = torch.Generator().manual_seed(1234)
+    targets = torch.arange(n) % num_classes
+    base = torch.rand(num_classes, 1, 8, 8, generator=g) * 255
+    noise = torch.rand(n, 1, 8, 8, generator=g) * 60
+    images = (base[targets] * 0.75 + noise).clamp(0, 255).to(torch.uint8)
+
+    def factory(s):
+        return build_model("lenet", 1, 8, num_classes, projector_dims=(16, 16),
+                           dropout=dropout, seed=s)
+
+    model = factory(0)
+    labelled = np.asarray(labelled, dtype=np.int64)
+    if unlabelled is None:
+        unlabelled = np.setdiff1d(np.arange(n), labelled)
+    return QueryContext(
+        unlabelled=np.asarray(unlabelled), labelled=labelled,
+        labelled_targets=targets[labelled].numpy(), num_classes=num_classes,
+        rng=np.random.default_rng(seed), scorer=lambda idx: infer(model, images, idx),
+        mc_scorer=lambda idx, t, gen: mc_dropout_probs(model, images, idx, t, gen),
+        images=images, train_config=TrainConfig(epochs=1, batch_size=16), device="cpu",
+        model_factory=factory)
+
+
+@pytest.fixture
+def real_context_factory():
+    return make_real_context

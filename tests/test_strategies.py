@@ -5,6 +5,14 @@ import pytest
 
 from dalbt.errors import DalbtError
 from dalbt.strategies import STRATEGIES, build_strategy, list_strategies, top_k
+from tests.conftest import make_real_context
+
+# Options that keep strategies with training of their own fast on the tiny contract problem.
+FAST: dict[str, dict] = {}
+
+
+def _build(name):
+    return build_strategy(name, **FAST.get(name, {}))
 
 
 def _problem(n=60, k=3, d=5, seed=0):
@@ -22,15 +30,14 @@ def name(request):
 
 
 def _ctx(context_factory, labelled, unlabelled, seed=0, n=60):
-    logits, latents, y = _problem(n)
-    return context_factory(logits, latents, labelled, y[labelled], unlabelled=unlabelled,
-                           seed=seed)
+    """A context with every capability (real tiny model, images, MC dropout, training)."""
+    return make_real_context(labelled, unlabelled=unlabelled, seed=seed, n=n)
 
 
 def test_contract_unique_subset_exact_size(context_factory, name):
     labelled = np.arange(0, 60, 4)
     unlabelled = np.setdiff1d(np.arange(60), labelled)[::-1]  # order must not matter
-    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 7)
+    got = _build(name).select(_ctx(context_factory, labelled, unlabelled), 7)
     assert got.dtype == np.int64 and len(got) == 7
     assert len(set(got.tolist())) == 7
     assert set(got.tolist()) <= set(unlabelled.tolist())
@@ -39,27 +46,27 @@ def test_contract_unique_subset_exact_size(context_factory, name):
 def test_contract_deterministic_under_seed(context_factory, name):
     labelled = np.arange(0, 60, 3)
     unlabelled = np.setdiff1d(np.arange(60), labelled)
-    a = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
-    b = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
+    a = _build(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
+    b = _build(name).select(_ctx(context_factory, labelled, unlabelled, seed=5), 10)
     assert np.array_equal(a, b)
 
 
 def test_contract_budget_larger_than_pool(context_factory, name):
     labelled = np.arange(0, 54)
     unlabelled = np.arange(54, 60)
-    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 50)
+    got = _build(name).select(_ctx(context_factory, labelled, unlabelled), 50)
     assert sorted(got.tolist()) == list(range(54, 60))
 
 
 def test_contract_pool_of_one(context_factory, name):
     labelled = np.arange(0, 59)
-    got = build_strategy(name).select(_ctx(context_factory, labelled, np.array([59])), 3)
+    got = _build(name).select(_ctx(context_factory, labelled, np.array([59])), 3)
     assert got.tolist() == [59]
 
 
 def test_contract_empty_pool_and_bad_budget(context_factory, name):
     labelled = np.arange(60)
-    s = build_strategy(name)
+    s = _build(name)
     assert len(s.select(_ctx(context_factory, labelled, np.array([], dtype=np.int64)), 3)) == 0
     with pytest.raises(ValueError):
         s.select(_ctx(context_factory, np.arange(30), np.arange(30, 60)), 0)
@@ -69,7 +76,7 @@ def test_contract_returns_dataset_indices_not_positions(context_factory, name):
     # pool indices far from 0..U-1: positions would fall outside the pool
     labelled = np.arange(0, 50)
     unlabelled = np.arange(50, 60)
-    got = build_strategy(name).select(_ctx(context_factory, labelled, unlabelled), 4)
+    got = _build(name).select(_ctx(context_factory, labelled, unlabelled), 4)
     assert got.min() >= 50
 
 

@@ -25,7 +25,7 @@ from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import QueryContext, build_strategy
-from dalbt.train import TrainConfig, accuracy, infer, train_round
+from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs, train_round
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
 # can be resumed on another device or with the data in another directory.
@@ -155,7 +155,7 @@ def run_experiment(
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
     validate(cfg, data)
-    build_strategy(cfg.strategy, **cfg.strategy_options)  # fail early on bad options
+    strategy = build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early on bad options
     val_size = resolve_val_size(cfg, data.n_train)
     splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed)
     key = config_key(cfg.key_dict())
@@ -181,13 +181,16 @@ def run_experiment(
         log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {start}")
 
     device = torch.device(cfg.train.device)
+
+    def new_model(seed: int) -> torch.nn.Module:
+        return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
+                           latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
+                           dropout=strategy.train_dropout, seed=seed).to(device)
+
     model = None
     for r in range(start, cfg.rounds + 1):
         if model is None or not cfg.train.warm_start:
-            model = build_model(cfg.model, data.channels, data.image_size, data.num_classes,
-                                latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
-                                seed=rngs.int_seed(cfg.seed, rngs.INIT,
-                                                   0 if cfg.train.warm_start else r)).to(device)
+            model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0 if cfg.train.warm_start else r))
             prev = _checkpoint_path(store.directory, run.id, r - 1)
             if cfg.train.warm_start and r > 0:
                 if not prev.exists():
@@ -209,7 +212,6 @@ def run_experiment(
         queried = np.empty(0, dtype=np.int64)
         t_score = t_select = 0.0
         if r < cfg.rounds:
-            strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
             sbar = tqdm(desc=f"round {r} score", unit="img", leave=False,
                         disable=not progress or not strategy.requires)
 
@@ -221,8 +223,12 @@ def run_experiment(
                                labelled_targets=data.y_train[labelled].numpy(),
                                num_classes=data.num_classes,
                                rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r), scorer=scorer,
-                               round=r)
+                               round=r, images=data.x_train, train_config=cfg.train,
+                               device=str(device), model_factory=new_model,
+                               mc_scorer=lambda idx, t, g, model=model: mc_dropout_probs(
+                                   model, data.x_train, idx, t, g))
             t0 = time.perf_counter()
+            strategy.prepare(ctx)
             ctx.prefetch(strategy.requires)
             t_score = time.perf_counter() - t0
             sbar.close()

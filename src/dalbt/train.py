@@ -124,6 +124,42 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
 
 
 @torch.inference_mode()
+def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samples: int,
+                     generator: torch.Generator, batch_size: int = INFERENCE_BATCH) -> Tensor:
+    """MC-dropout class probabilities with dropout on the latent before the classifier.
+
+    The encoder runs once per image; ``samples`` Bernoulli masks (inverted dropout, rate
+    ``model.dropout.p``) are drawn from ``generator`` and applied to z before the classifier.
+
+    Args:
+        model: A DALBTNet built with ``dropout > 0``.
+        images: All training images, (N, C, H, W) uint8.
+        indices: Dataset indices, (M,).
+        samples: Number of dropout samples T.
+        generator: CPU generator of the masks.
+        batch_size: Images per forward pass.
+
+    Returns:
+        (M, T, K) float32 probabilities on the CPU.
+    """
+    p = float(getattr(getattr(model, "dropout", None), "p", 0.0))
+    if p <= 0:
+        raise ValueError("MC dropout needs a model built with dropout > 0")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for chunk in torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64)).split(batch_size):
+        z = model.embed(to_float(images[chunk], device))
+        keep = torch.rand((samples, *z.shape), generator=generator).ge_(p).to(device)
+        logits = model.classifier(z.unsqueeze(0) * keep / (1.0 - p))  # (T, B, K)
+        out.append(torch.softmax(logits.float(), dim=-1).permute(1, 0, 2).cpu())
+    model.train(was_training)
+    k = model.classifier.out_features
+    return torch.cat(out) if out else torch.empty(0, samples, k)
+
+
+@torch.inference_mode()
 def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
              batch_size: int = INFERENCE_BATCH) -> float:
     """Top-1 accuracy on (N, C, H, W) uint8 images and (N,) targets; NaN when N = 0."""

@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from dalbt.errors import DalbtError
+from dalbt.strategies import (
+    badge,
+    bayesian,
+    coreset,
+    dalosr,
+    ensemble,
+    random,
+    uncertainty,
+    vaal,
+    waal,
+    weibull,
+)
 from dalbt.strategies.base import (
     LABELLED_OUTPUTS,
     POOL_OUTPUTS,
@@ -13,11 +25,11 @@ from dalbt.strategies.base import (
     Strategy,
     top_k,
 )
-from dalbt.strategies.random import RandomStrategy
-from dalbt.strategies.weibull import WeibullStrategy
 
+# Every strategy module lists its classes in STRATEGY_CLASSES.
+_MODULES = (random, weibull, uncertainty, bayesian, coreset, badge, ensemble, vaal, waal, dalosr)
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomStrategy, WeibullStrategy)
+    cls.name: cls for module in _MODULES for cls in module.STRATEGY_CLASSES
 }
 
 

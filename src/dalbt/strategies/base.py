@@ -47,6 +47,8 @@ class Outputs:
 
 
 Scorer = Callable[[np.ndarray], Outputs]
+# (indices (N,), samples T, generator) -> MC-dropout class probabilities (N, T, K)
+McScorer = Callable[[np.ndarray, int, torch.Generator], Tensor]
 
 
 @dataclass
@@ -61,6 +63,15 @@ class QueryContext:
         rng: This query's numpy Generator (derived from the run seed and the round).
         scorer: Maps dataset indices to :class:`Outputs` of the current model.
         round: The AL round that is querying.
+        mc_scorer: MC-dropout probabilities of the current model (needs a model trained with
+            dropout: see ``Strategy.train_dropout``).
+        images: All training images, (N, C, H, W) uint8, for strategies that train models of
+            their own (VAAL, ensembles, ...). Index it with dataset indices.
+        train_config: The run's training recipe (a ``dalbt.train.TrainConfig``), for
+            strategies that train models of their own with the same recipe.
+        model_factory: ``model_factory(seed) -> DALBTNet``: a fresh model of the run's kind
+            (architecture, dropout), initialised from ``seed``, on ``device``.
+        device: torch device of the run.
     """
 
     unlabelled: np.ndarray
@@ -70,6 +81,11 @@ class QueryContext:
     rng: np.random.Generator
     scorer: Scorer | None = None
     round: int = 0
+    mc_scorer: McScorer | None = None
+    images: Tensor | None = None
+    train_config: Any = None
+    model_factory: Callable[[int], Any] | None = None
+    device: str = "cpu"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +111,31 @@ class QueryContext:
         """Model outputs on the labelled set, in the order of ``labelled``."""
         return self._outputs(LABELLED_OUTPUTS, self.labelled)
 
+    def mc_probs(self, samples: int) -> Tensor:
+        """MC-dropout probabilities on the unlabelled pool, (U, T, K), computed once per T.
+
+        The dropout masks come from this query's generator, so they are reproducible.
+        """
+        key = f"mc_probs:{samples}"
+        if key not in self._cache:
+            if self.mc_scorer is None:
+                raise RuntimeError("this context has no MC-dropout scorer")
+            self._cache[key] = self.mc_scorer(self.unlabelled, samples, self.torch_generator())
+        return self._cache[key]
+
+    def torch_generator(self) -> torch.Generator:
+        """A CPU torch.Generator seeded from this query's rng (a new stream at each call)."""
+        g = torch.Generator()
+        g.manual_seed(int(self.rng.integers(0, 2**63 - 1)))
+        return g
+
+    def require(self, what: str) -> Any:
+        """``getattr(self, what)``, failing clearly when the loop did not provide it."""
+        value = getattr(self, what)
+        if value is None:
+            raise RuntimeError(f"this context has no {what}")
+        return value
+
     def prefetch(self, names: frozenset[str]) -> None:
         """Compute the named quantities now (so that the loop can time scoring apart)."""
         for name in sorted(names):
@@ -110,6 +151,13 @@ class Strategy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Dropout on the latent before the classifier that the run's models are trained with
+    # (MC-dropout strategies need > 0; everything else trains the plain DALBT model).
+    train_dropout: float = 0.0
+
+    def prepare(self, ctx: QueryContext) -> None:
+        """Hook run before scoring each round: strategies that train models of their own
+        (VAAL, ensembles, DAL-OSR, ...) do it here. Its time counts as scoring time."""
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         """Choose up to ``budget`` unlabelled samples.

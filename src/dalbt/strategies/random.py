@@ -15,3 +15,6 @@ class RandomStrategy(Strategy):
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         return ctx.rng.choice(ctx.unlabelled, size=n, replace=False)
+
+
+STRATEGY_CLASSES = (RandomStrategy,)

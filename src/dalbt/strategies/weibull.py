@@ -240,3 +240,6 @@ class WeibullStrategy(Strategy):
                                 ctx.num_classes)
         scores = self.log_hazards(pool.latents, pool.predictions, means, tails)
         return top_k(scores, ctx.unlabelled, n)
+
+
+STRATEGY_CLASSES = (WeibullStrategy,)

@@ -1,0 +1,3 @@
+"""Strategies of this family (filled in by its implementation)."""
+
+STRATEGY_CLASSES: tuple = ()
