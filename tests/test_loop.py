@@ -134,3 +134,16 @@ def test_killed_process_loses_at_most_the_current_round(tmp_path):
     con.close()
     assert per_run[0][1:] == (13, 13) and per_run[1][1:] == (5, 5)
     assert status == ["finished", "finished"]
+
+
+@pytest.mark.parametrize("name", sorted(__import__("dalbt.strategies").strategies.STRATEGIES))
+def test_every_strategy_runs_a_round_through_the_loop(tmp_path, digits, name):
+    from tests.test_strategies import FAST
+
+    cfg = RunConfig(dataset="digits", strategy=name, strategy_options=FAST.get(name, {}),
+                    initial=20, budget=10, rounds=1, seed=0, val_size=100,
+                    projector_dims=(32, 32), train=TrainConfig(epochs=1))
+    run, rounds = _run(tmp_path, name, cfg, digits)
+    assert run.status == "finished" and len(rounds) == 2
+    assert len(rounds[0]["queried"]) == 10
+    assert not set(rounds[0]["queried"]) & set(run.initial)
