@@ -8,7 +8,12 @@ from dalbt.strategies import STRATEGIES, build_strategy, list_strategies, top_k
 from tests.conftest import make_real_context
 
 # Options that keep strategies with training of their own fast on the tiny contract problem.
-FAST: dict[str, dict] = {}
+FAST: dict[str, dict] = {
+    "ensemble-varratio": {"members": 2, "epochs": 1},
+    "dal-osr": {"epochs": 1},
+    "vaal": {"steps": 5, "batch": 16, "width": 4, "disc_hidden": 16},
+    "waal": {"steps": 20},
+}
 
 
 def _build(name):
