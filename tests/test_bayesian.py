@@ -181,7 +181,8 @@ def test_options_and_training_dropout():
         with pytest.raises(DalbtError, match="bad options"):
             build_strategy("batchbald", **bad)
     bb = build_strategy("batchbald", num_samples=500)
-    assert bb.max_exact_configs == 500 and bb.max_pool is None
+    assert bb.max_exact_configs == 500 and bb.max_pool == 5000
+    assert build_strategy("batchbald", max_pool=None).max_pool is None
 
 
 def test_wrong_mc_shape_and_missing_scorer_fail_clearly():

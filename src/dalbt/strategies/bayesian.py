@@ -200,14 +200,16 @@ class BatchBaldStrategy(_McDropoutStrategy):
         num_samples: Number of sampled label configurations M.
         max_exact_configs: Largest number of configurations enumerated exactly (default
             ``num_samples``).
-        max_pool: Keep only this many top-BALD candidates (None: the whole pool).
+        max_pool: Keep only this many top-BALD candidates (None: the whole pool). The
+            default 5,000 keeps a budget-100 Fashion-MNIST query near half a minute on 2 CPU
+            cores; the whole 55,000 pool would take about ten times longer.
     """
 
     name = "batchbald"
     description = "BatchBALD: greedily maximise the batch's joint MC-dropout mutual information"
 
     def __init__(self, samples: int = 20, dropout: float = 0.5, num_samples: int = 1000,
-                 max_exact_configs: int | None = None, max_pool: int | None = None) -> None:
+                 max_exact_configs: int | None = None, max_pool: int | None = 5000) -> None:
         super().__init__(samples=samples, dropout=dropout)
         for what, value in (("num_samples", num_samples), ("max_exact_configs", max_exact_configs),
                             ("max_pool", max_pool)):
