@@ -203,7 +203,9 @@ class BadgeStrategy(Strategy):
     largest gradient norm and the next ones are D^2-sampled from ``ctx.rng``. The embeddings
     are never built (factorised distances, see :func:`factorised_sq_dists`); the default lazy
     seeding samples from the same distribution with far fewer distance computations
-    (:func:`kmeans_pp`). When all remaining samples coincide with a centre (e.g. all confident)
+    (:func:`kmeans_pp`). Deviations: the bias gradient (the ``a`` block of the 1) is part of the
+    embedding, whereas the reference code embeds the weight gradient only; when all remaining
+    samples coincide with a centre (e.g. all confident), where the reference code would loop,
     the rest of the batch is uniform.
 
     Args:

@@ -66,6 +66,7 @@ def _full_greedy(pool: Tensor, pool_sq: Tensor, cent: Tensor, cent_sq: Tensor, m
         cent[n_init + t], cent_sq[n_init + t] = s, pool_sq[i]
         # (x - mu).s = x.s - mu.s
         d2 = torch.addmv(pool_sq, pool, s, alpha=-2.0).add_(pool_sq[i] + 2.0 * (mu @ s))
+        d2.clamp_min_(0.0)
         np.minimum(md2, d2.numpy(), out=md2)
         md2[i] = -np.inf  # never picked twice
     return picks
@@ -112,7 +113,8 @@ def _lazy_greedy(pool: Tensor, pool_sq: Tensor, cent: Tensor, cent_sq: Tensor, m
                 d2 = torch.addmm(cent_sq[None, lo:c], pool.index_select(0, rows) - mu,
                                  cent[lo:c].T, alpha=-2.0)
                 d2 += pool_sq.index_select(0, rows)[:, None]
-                bound[hot_idx[todo]] = np.minimum(b[todo], d2.min(dim=1).values.numpy())
+                d2 = d2.amin(dim=1).clamp_min_(0.0).numpy()
+                bound[hot_idx[todo]] = np.minimum(b[todo], d2)
                 seen[hot_idx[todo]] = c
                 continue
             if best > tau or hot_size >= u:
@@ -130,7 +132,7 @@ def _lazy_greedy(pool: Tensor, pool_sq: Tensor, cent: Tensor, cent_sq: Tensor, m
 
 def k_center_greedy(pool: Tensor, centres: Tensor, n: int, chunk: int = DEFAULT_CHUNK,
                     rng: np.random.Generator | None = None, lazy: bool = True,
-                    batch: int = 256, hot: int = 4096) -> np.ndarray:
+                    batch: int = 64, hot: int = 4096) -> np.ndarray:
     """Greedy k-centre: repeatedly pick the pool point farthest from all centres so far.
 
     Starts from every pool point's squared distance to its nearest initial centre, computed
@@ -138,7 +140,12 @@ def k_center_greedy(pool: Tensor, centres: Tensor, n: int, chunk: int = DEFAULT_
     with one (U, D) matvec per pick (the textbook algorithm). ``lazy=True`` (default) gives the
     same picks (exact: it only skips work that cannot change them; float32 rounding aside)
     while refreshing only the points near the top of the min-distance order, against the
-    centres added since their last refresh, as small matrix products.
+    centres added since their last refresh, as small matrix products. Squared distances use
+    ``||x||^2 + ||c||^2 - 2 x.c`` in float32 with precomputed norms, relative to the pool mean
+    (which keeps the expansion accurate for latents far from the origin).
+
+    Cost: the initial (U, L) distances, O(U L D) as chunked matrix products, dominate; memory
+    is O(U) plus a (chunk, L) block, and no copy of ``pool`` is made.
 
     Args:
         pool: Candidate points, (U, D); converted to float32 (no copy when already float32
