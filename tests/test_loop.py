@@ -147,3 +147,15 @@ def test_every_strategy_runs_a_round_through_the_loop(tmp_path, digits, name):
     assert run.status == "finished" and len(rounds) == 2
     assert len(rounds[0]["queried"]) == 10
     assert not set(rounds[0]["queried"]) & set(run.initial)
+
+
+def test_dropout_trained_strategy_is_reproducible_and_leaves_global_rng(tmp_path, digits):
+    import torch
+
+    state = torch.get_rng_state()
+    _, a = _run(tmp_path, "mc1", _cfg("bald", rounds=1), digits)
+    torch.manual_seed(123)  # a different global state must not change the run
+    _, b = _run(tmp_path, "mc2", _cfg("bald", rounds=1), digits)
+    assert np.array_equal(a[0]["queried"], b[0]["queried"])
+    assert a[1]["test_acc"] == b[1]["test_acc"]
+    torch.set_rng_state(state)

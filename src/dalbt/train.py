@@ -190,7 +190,9 @@ def train_round(
     """Train ``model`` in place on the labelled set and keep the best validation epoch.
 
     Each step: CE on the undistorted labelled batch plus ``gamma`` times the Barlow Twins loss
-    of the projections of two augmented views of the same batch (paper Eq. 2).
+    of the projections of two augmented views of the same batch (paper Eq. 2). Layers that draw
+    from torch's global RNG (dropout) see a fork of it seeded from ``shuffle_gen``, so training
+    is reproducible and the caller's global RNG state is left as it was.
 
     Args:
         model: DALBTNet on ``cfg.device``.
@@ -199,13 +201,33 @@ def train_round(
         labelled: Labelled dataset indices, (L,).
         validation: Validation dataset indices, (V,); model selection uses only these.
         cfg: The recipe.
-        shuffle_gen: Generator of the mini-batch order.
+        shuffle_gen: Generator of the mini-batch order (and of the dropout seed).
         augment_gen: Generator of the augmentations.
         on_epoch: Called after each epoch with (epoch, metrics dict).
 
     Returns:
         :class:`TrainResult`; ``model`` holds the selected weights on return.
     """
+    seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
+    device = torch.device(cfg.device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return _train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
+                            augment_gen, on_epoch)
+
+
+def _train_round(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    labelled: np.ndarray,
+    validation: np.ndarray,
+    cfg: TrainConfig,
+    shuffle_gen: torch.Generator,
+    augment_gen: torch.Generator,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
     device = torch.device(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     aug = TwoViewAugment()
