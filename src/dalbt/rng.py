@@ -7,6 +7,9 @@ stream unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -38,3 +41,21 @@ def torch_generator(seed: int, stream: int, *key: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int_seed(seed, stream, *key))
     return g
+
+
+@contextmanager
+def isolated_torch_rng(seed: int, device: str | torch.device) -> Iterator[None]:
+    """Run a block under torch's global generators seeded with ``seed`` and restore them after.
+
+    For modules that draw from the global generators during training (dropout), so that the
+    training is reproducible from the query rng and the caller's random state is left untouched.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield

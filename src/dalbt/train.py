@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dalbt.data.augment import TwoViewAugment
 from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, joint_loss
+from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import Outputs
 
 INFERENCE_BATCH = 2048
@@ -209,10 +210,7 @@ def train_round(
         :class:`TrainResult`; ``model`` holds the selected weights on return.
     """
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
-    device = torch.device(cfg.device)
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    with isolated_torch_rng(seed, cfg.device):
         return _train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
                             augment_gen, on_epoch)
 

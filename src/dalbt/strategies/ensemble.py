@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import QueryContext, Strategy
-
-
-@contextmanager
-def isolated_torch_rng(seed: int, device: str | torch.device) -> Iterator[None]:
-    """Run a block under torch's global generators seeded with ``seed`` and restore them after.
-
-    For modules that draw from the global generators during training (dropout), so that the
-    training is reproducible from the query rng and the caller's random state is left untouched.
-    """
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def variation_ratio(votes: np.ndarray | Tensor, num_classes: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import QueryContext, Strategy, top_k
 from dalbt.train import to_float
 
@@ -226,9 +227,7 @@ class VAALStrategy(Strategy):
         device = torch.device(ctx.device)
         _, c, h, w = images.shape
         seed = int(ctx.rng.integers(0, 2**63 - 1))
-        with torch.random.fork_rng(devices=[]):
-            # Only the CPU generator: the weights are created on the CPU (as build_model does).
-            torch.default_generator.manual_seed(seed)
+        with isolated_torch_rng(seed, "cpu"):  # weights are created on the CPU
             vae = ConvVAE(c, h, w, self.latent, self.width)
             disc = make_discriminator(self.latent, self.disc_hidden, self.disc_layers)
         vae, disc = vae.to(device), disc.to(device)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy, top_k
 
 UNCERTAINTIES = ("mixed", "worst", "l2", "l1")
@@ -183,8 +184,7 @@ class WAALStrategy(Strategy):
         Returns:
             The trained critic, in eval mode, on the latents' device.
         """
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        with isolated_torch_rng(seed, "cpu"):  # weights are created on the CPU
             critic = make_critic(z_lab.shape[1], self.hidden)
         critic = critic.to(z_lab.device)
         opt = torch.optim.Adam(critic.parameters(), lr=self.lr)
