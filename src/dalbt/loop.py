@@ -25,7 +25,7 @@ from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import QueryContext, build_strategy
-from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs, train_round
+from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
 # can be resumed on another device or with the data in another directory.
@@ -201,10 +201,12 @@ def run_experiment(
         bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
                    disable=not progress)
         t0 = time.perf_counter()
-        res = train_round(model, data.x_train, data.y_train, labelled, splits.validation,
-                          cfg.train, rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
-                          rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
-                          on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)))
+        res = strategy.train_model(
+            model, data.x_train, data.y_train, labelled, splits.validation, cfg.train,
+            rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
+            rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
+            on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)),
+            unlabelled=pool.unlabelled)
         bar.close()
         t_train = time.perf_counter() - t0
         test_acc = accuracy(model, data.x_test, data.y_test)
@@ -223,7 +225,8 @@ def run_experiment(
                                labelled_targets=data.y_train[labelled].numpy(),
                                num_classes=data.num_classes,
                                rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r), scorer=scorer,
-                               round=r, images=data.x_train, train_config=cfg.train,
+                               round=r, total_rounds=cfg.rounds, images=data.x_train,
+                               train_config=cfg.train,
                                device=str(device), model_factory=new_model,
                                mc_scorer=lambda idx, t, g, model=model: mc_dropout_probs(
                                    model, data.x_train, idx, t, g))

@@ -187,6 +187,7 @@ def train_round(
     shuffle_gen: torch.Generator,
     augment_gen: torch.Generator,
     on_epoch: Callable[[int, dict], None] | None = None,
+    unlabelled: np.ndarray | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the labelled set and keep the best validation epoch.
 
@@ -205,6 +206,8 @@ def train_round(
         shuffle_gen: Generator of the mini-batch order (and of the dropout seed).
         augment_gen: Generator of the augmentations.
         on_epoch: Called after each epoch with (epoch, metrics dict).
+        unlabelled: Pool indices; with ``cfg.ssl_unlabelled`` each step also adds the Barlow
+            Twins loss of an equally large batch of them (their labels are never read).
 
     Returns:
         :class:`TrainResult`; ``model`` holds the selected weights on return.
@@ -212,7 +215,7 @@ def train_round(
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
     with isolated_torch_rng(seed, cfg.device):
         return _train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
-                            augment_gen, on_epoch)
+                            augment_gen, on_epoch, unlabelled)
 
 
 def _train_round(
@@ -225,6 +228,7 @@ def _train_round(
     shuffle_gen: torch.Generator,
     augment_gen: torch.Generator,
     on_epoch: Callable[[int, dict], None] | None = None,
+    unlabelled: np.ndarray | None = None,
 ) -> TrainResult:
     device = torch.device(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -62,7 +62,8 @@ class QueryContext:
         num_classes: Number of classes K.
         rng: This query's numpy Generator (derived from the run seed and the round).
         scorer: Maps dataset indices to :class:`Outputs` of the current model.
-        round: The AL round that is querying.
+        round: The AL round that is querying (0 = the first query).
+        total_rounds: Number of query rounds of the run.
         mc_scorer: MC-dropout probabilities of the current model (needs a model trained with
             dropout: see ``Strategy.train_dropout``).
         images: All training images, (N, C, H, W) uint8, for strategies that train models of
@@ -81,6 +82,7 @@ class QueryContext:
     rng: np.random.Generator
     scorer: Scorer | None = None
     round: int = 0
+    total_rounds: int = 1
     mc_scorer: McScorer | None = None
     images: Tensor | None = None
     train_config: Any = None
@@ -158,6 +160,22 @@ class Strategy:
     def prepare(self, ctx: QueryContext) -> None:
         """Hook run before scoring each round: strategies that train models of their own
         (VAAL, ensembles, DAL-OSR, ...) do it here. Its time counts as scoring time."""
+
+    def train_model(self, model: Any, x_train: Tensor, y_train: Tensor, labelled: np.ndarray,
+                    validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
+                    augment_gen: torch.Generator, on_epoch: Callable | None = None,
+                    unlabelled: np.ndarray | None = None) -> Any:
+        """Hook that trains the run's model each round (default: :func:`dalbt.train.train_round`
+        with the same arguments). Strategies whose method trains the task model differently
+        (MoBYv2AL's joint contrastive training) override it; the loop only calls this hook.
+
+        ``y_train`` holds labels at ``labelled`` only; ``unlabelled`` are the pool's indices,
+        whose labels must never be read.
+        """
+        from dalbt.train import train_round
+
+        return train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
+                           augment_gen, on_epoch=on_epoch, unlabelled=unlabelled)
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         """Choose up to ``budget`` unlabelled samples.
