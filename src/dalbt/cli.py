@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--val-size", type=_non_negative, default=None,
                    help="validation images held out for model selection "
                         "(default: min(5000, 10%% of train))")
+    r.add_argument("--ssl-pool", action="store_true",
+                   help="semi-supervised: Barlow Twins loss also on unlabelled pool images")
+    r.add_argument("--pretrain-epochs", type=_non_negative, default=0,
+                   help="Barlow Twins pre-training epochs on the whole pool before round 0; "
+                        "each round fine-tunes from it")
+    r.add_argument("--pretrain-batch", type=_positive, default=256)
+    r.add_argument("--unknown-classes", type=lambda t: [c for c in t.split(",") if c],
+                   default=[], metavar="A,B,...",
+                   help="open-set pool: these classes (names or indices) stay in the pool "
+                        "unlabelled, as out-of-distribution images")
+    r.add_argument("--mix", default=None, metavar="NAME:COUNT,...",
+                   help="cross-dataset pool: add COUNT images of dataset NAME as "
+                        "out-of-distribution, e.g. svhn:5000,kmnist:5000")
+    r.add_argument("--ood-policy", choices=["return", "discard"], default="return",
+                   help="a queried out-of-distribution image costs budget, gets no label and "
+                        "goes back to the pool (return, the paper) or is set aside (discard)")
     r.add_argument("--eval-every", type=_positive, default=1,
                    help="validate every N epochs")
     r.add_argument("--latent-dim", type=_positive, default=None)
@@ -174,11 +190,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 strategy_options=options, initial=args.initial, budget=args.budget,
                 rounds=args.rounds, seed=seed, val_size=args.val_size,
                 latent_dim=args.latent_dim, projector_dims=args.projector,
-                data_root=args.data_root,
+                data_root=args.data_root, unknown_classes=args.unknown_classes, mix=args.mix,
+                ood_policy=args.ood_policy,
                 train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, gamma=args.gamma,
                                   lambd=args.lambd, warm_start=args.warm_start,
-                                  eval_every=args.eval_every, device=device))
+                                  eval_every=args.eval_every, device=device,
+                                  ssl_unlabelled=args.ssl_pool,
+                                  pretrain_epochs=args.pretrain_epochs,
+                                  pretrain_batch=args.pretrain_batch))
             run_experiment(cfg, store, resume=args.resume, data=data,
                            progress=not args.no_progress and sys.stderr.isatty())
     finally:

@@ -25,7 +25,7 @@ from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import QueryContext, build_strategy
-from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs
+from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs, pretrain_barlow
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
 # can be resumed on another device or with the data in another directory.
@@ -50,6 +50,12 @@ class RunConfig:
         projector_dims: Barlow Twins projector widths.
         train: Training recipe.
         data_root: Where to look for dataset files.
+        unknown_classes: Open-set pool: these classes (names or indices) stay in the pool as
+            out-of-distribution images without labels; test accuracy is on the known classes.
+        mix: Cross-dataset pool, e.g. ``"svhn:5000,kmnist:5000"``: images of other datasets
+            (resized, channel-matched) added to the pool as out-of-distribution.
+        ood_policy: What happens to a queried out-of-distribution image (it costs budget and
+            gets no label): ``return`` to the pool (the paper) or ``discard`` it.
     """
 
     dataset: str = "digits"
@@ -65,6 +71,9 @@ class RunConfig:
     projector_dims: tuple[int, ...] = (256, 256, 256)
     train: TrainConfig = field(default_factory=TrainConfig)
     data_root: str | None = None
+    unknown_classes: list[str] = field(default_factory=list)
+    mix: str | None = None
+    ood_policy: str = "return"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,16 +113,42 @@ def validate(cfg: RunConfig, data: ImageDataset) -> None:
         raise DalbtError(f"--epochs must be positive, got {cfg.train.epochs}")
     if cfg.train.batch_size < 2:
         raise DalbtError(f"--batch-size must be at least 2, got {cfg.train.batch_size}")
-    if (data.y_train < 0).any():
+    if cfg.ood_policy not in ("return", "discard"):
+        raise DalbtError(f"--ood-policy must be 'return' or 'discard', got {cfg.ood_policy!r}")
+    if cfg.train.ssl_unlabelled and cfg.train.gamma <= 0:
+        raise DalbtError("--ssl-pool adds the Barlow Twins loss on pool images: it needs "
+                         "--gamma > 0")
+    if cfg.train.pretrain_epochs < 0 or cfg.train.pretrain_batch < 2:
+        raise DalbtError("--pretrain-epochs must be >= 0 and --pretrain-batch >= 2")
+    ood = data.ood.numpy() if data.ood is not None else np.zeros(data.n_train, dtype=bool)
+    if (data.y_train.numpy()[~ood] < 0).any():
         raise DalbtError(f"dataset {data.name!r} has unlabelled training images; a simulated "
                          "oracle needs every label (use the labelling workflow instead)")
-    val = resolve_val_size(cfg, data.n_train)
+    val = resolve_val_size(cfg, int((~ood).sum()))
     pool = data.n_train - val
     need = cfg.initial + cfg.budget * cfg.rounds
     if need > pool:
         raise DalbtError(f"initial + budget * rounds = {need} exceeds the pool of {pool} images "
                          f"({data.n_train} train - {val} validation); lower --initial, --budget "
                          "or --rounds")
+
+
+def apply_scenario(cfg: RunConfig, data: ImageDataset) -> ImageDataset:
+    """The dataset as the run sees it: open-set classes and mixed-in datasets applied."""
+    from dalbt.data.mixing import make_open_set, mix_in, parse_mix
+
+    if cfg.unknown_classes:
+        data = make_open_set(data, cfg.unknown_classes)
+    if cfg.mix:
+        for i, (name, count) in enumerate(parse_mix(cfg.mix)):
+            other = load_dataset(name, cfg.data_root)
+            data = mix_in(data, other, count, rngs.int_seed(cfg.seed, rngs.MIX, i))
+    return data
+
+
+def ood_mask(data: ImageDataset) -> np.ndarray:
+    """(N,) bool: which training images are out of distribution."""
+    return data.ood.numpy() if data.ood is not None else np.zeros(data.n_train, dtype=bool)
 
 
 def _checkpoint_path(directory: Path, run_id: int, round_: int) -> Path:
@@ -125,6 +160,30 @@ def _save_checkpoint(path: Path, model: torch.nn.Module) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
+
+
+def _pretrained_state(cfg: RunConfig, directory: Path, run_id: int, data: ImageDataset,
+                      images: np.ndarray, new_model: Callable[[int], torch.nn.Module],
+                      progress: bool, log: Callable[[str], None]) -> dict:
+    """Barlow Twins pre-training on the whole pool (every training image outside the
+    validation split), once per run; the weights are kept in the experiment directory."""
+    path = directory / "checkpoints" / f"run-{run_id}-pretrained.pt"
+    if path.exists():
+        return torch.load(path, map_location=cfg.train.device)
+    model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
+    bar = tqdm(total=cfg.train.pretrain_epochs, desc="pre-train", unit="ep", leave=False,
+               disable=not progress)
+    t0 = time.perf_counter()
+    losses = pretrain_barlow(model, data.x_train, images, cfg.train,
+                             rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 1),
+                             rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 2),
+                             on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)))
+    bar.close()
+    log(f"[{cfg.strategy} seed {cfg.seed}] Barlow Twins pre-training on {len(images)} images: "
+        f"{cfg.train.pretrain_epochs} epochs, loss {losses[0]:.1f} -> {losses[-1]:.1f}, "
+        f"{time.perf_counter() - t0:.1f}s")
+    _save_checkpoint(path, model)
+    return model.state_dict()
 
 
 def run_experiment(
@@ -154,10 +213,14 @@ def run_experiment(
     """
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
+    data = apply_scenario(cfg, data)
     validate(cfg, data)
     strategy = build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early on bad options
-    val_size = resolve_val_size(cfg, data.n_train)
-    splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed)
+    ood = ood_mask(data)
+    in_dist = np.flatnonzero(~ood)
+    val_size = resolve_val_size(cfg, len(in_dist))
+    splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed,
+                         candidates=in_dist if ood.any() else None)
     key = config_key(cfg.key_dict())
     run = store.find_run(key)
     if run is not None and not resume:
@@ -174,8 +237,18 @@ def run_experiment(
         return run
 
     pool = Pool.from_splits(data.n_train, splits)
+
+    def oracle(queried: np.ndarray, round_: int) -> int:
+        """Label the in-distribution queries; OOD ones cost budget, get no label and go back
+        to the pool or are set aside. Returns how many were out of distribution."""
+        out = queried[ood[queried]]
+        pool.label(queried[~ood[queried]], round_)
+        if cfg.ood_policy == "discard":
+            pool.set_aside(out)
+        return len(out)
+
     for rec in done:
-        pool.label(rec["queried"], rec["round"] + 1)
+        oracle(rec["queried"], rec["round"] + 1)
     start = len(done)
     if start:
         log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {start}")
@@ -187,10 +260,18 @@ def run_experiment(
                            latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
                            dropout=strategy.train_dropout, seed=seed).to(device)
 
+    pretrained = None
+    if cfg.train.pretrain_epochs > 0:
+        everything_but_validation = np.setdiff1d(np.arange(data.n_train), splits.validation)
+        pretrained = _pretrained_state(cfg, store.directory, run.id, data,
+                                       everything_but_validation, new_model, progress, log)
+
     model = None
     for r in range(start, cfg.rounds + 1):
         if model is None or not cfg.train.warm_start:
             model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0 if cfg.train.warm_start else r))
+            if pretrained is not None:
+                model.load_state_dict(pretrained)
             prev = _checkpoint_path(store.directory, run.id, r - 1)
             if cfg.train.warm_start and r > 0:
                 if not prev.exists():
@@ -244,12 +325,14 @@ def run_experiment(
                    "best_epoch": res.best_epoch, "train_ce": res.train_ce,
                    "train_bt": res.train_bt, "t_train": t_train, "t_score": t_score,
                    "t_select": t_select}
+        metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
         store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
         if queried.size:
-            pool.label(queried, r + 1)
+            oracle(queried, r + 1)
         if cfg.train.warm_start and r > 0:
             _checkpoint_path(store.directory, run.id, r - 1).unlink(missing_ok=True)
+        ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
         log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
             f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
-            f"score {t_score:.1f}s  select {t_select:.2f}s")
+            f"score {t_score:.1f}s  select {t_select:.2f}s{ood_note}")
     return store.find_run(key) or run

@@ -18,6 +18,8 @@ INIT = 1  # model initialisation, per round
 SHUFFLE = 2  # mini-batch order, per round
 AUGMENT = 3  # augmentation parameters, per round
 QUERY = 4  # a strategy's own randomness, per round
+MIX = 5  # which images of another dataset are mixed into the pool
+PRETRAIN = 6  # Barlow Twins pre-training on the pool (model init, order, augmentation)
 
 
 def seed_sequence(seed: int, stream: int, *key: int) -> np.random.SeedSequence:

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     t_train REAL,
     t_score REAL,
     t_select REAL,
+    n_ood INTEGER,
     queried TEXT NOT NULL,
     created TEXT NOT NULL,
     PRIMARY KEY (run_id, round)
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 """
 
 ROUND_FIELDS = ("n_labelled", "test_acc", "val_acc", "best_epoch", "train_ce", "train_bt",
-                "t_train", "t_score", "t_select")
+                "t_train", "t_score", "t_select", "n_ood")
 
 
 def _now() -> str:
@@ -128,6 +129,9 @@ class Store:
             self.conn.execute("PRAGMA foreign_keys=ON")
             with self.conn:
                 self.conn.executescript(_SCHEMA)
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(rounds)")}
+                if "n_ood" not in columns:  # databases written before the mixed-pool scenario
+                    self.conn.execute("ALTER TABLE rounds ADD COLUMN n_ood INTEGER")
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                                   (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:

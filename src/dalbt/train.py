@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dalbt.data.augment import TwoViewAugment
-from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, joint_loss
+from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, barlow_twins_loss, joint_loss
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import Outputs
 
@@ -34,6 +34,11 @@ class TrainConfig:
         warm_start: Continue from the previous round's model instead of re-initialising.
         eval_every: Evaluate on the validation split every this many epochs (and at the end).
         device: torch device string.
+        ssl_unlabelled: Semi-supervised DALBT: each step's Barlow Twins term covers the labelled
+            batch and an equally large batch of unlabelled pool images.
+        pretrain_epochs: Barlow Twins pre-training epochs on the whole pool before round 0;
+            every round then fine-tunes from the pre-trained weights (0: off).
+        pretrain_batch: Batch size of the pre-training.
     """
 
     epochs: int = 20
@@ -45,6 +50,9 @@ class TrainConfig:
     warm_start: bool = False
     eval_every: int = 1
     device: str = "cpu"
+    ssl_unlabelled: bool = False
+    pretrain_epochs: int = 0
+    pretrain_batch: int = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +130,49 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
         logits=torch.cat(logits) if logits else torch.empty(0, k),
         latents=torch.cat(latents) if latents else torch.empty(0, d),
     )
+
+
+def pretrain_barlow(model: nn.Module, x_train: Tensor, indices: np.ndarray, cfg: TrainConfig,
+                    shuffle_gen: torch.Generator, augment_gen: torch.Generator,
+                    on_epoch: Callable[[int, dict], None] | None = None) -> list[float]:
+    """Barlow Twins pre-training of encoder + projector on unlabelled images (no labels).
+
+    Args:
+        model: DALBTNet on ``cfg.device`` (trained in place; the classifier is untouched).
+        x_train: All training images, (N, C, H, W) uint8.
+        indices: Dataset indices to pre-train on, (P,).
+        cfg: ``pretrain_epochs``, ``pretrain_batch``, ``lr``, ``weight_decay``, ``lambd``.
+        shuffle_gen: Generator of the batch order.
+        augment_gen: Generator of the augmentations.
+        on_epoch: Called after each epoch with (epoch, {"bt": mean loss}).
+
+    Returns:
+        Mean Barlow Twins loss per epoch.
+    """
+    device = torch.device(cfg.device)
+    params = [*model.encoder.parameters(), *model.projector.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aug = TwoViewAugment()
+    idx_all = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    losses = []
+    seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
+    with isolated_torch_rng(seed, cfg.device):
+        model.train()
+        for epoch in range(1, cfg.pretrain_epochs + 1):
+            total, steps = 0.0, 0
+            for pos in batches(len(idx_all), cfg.pretrain_batch, shuffle_gen,
+                               drop_singleton=True):
+                v1, v2 = aug(to_float(x_train[idx_all[pos]], device), augment_gen)
+                loss = barlow_twins_loss(model.project(v1), model.project(v2), cfg.lambd)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+            losses.append(total / max(steps, 1))
+            if on_epoch is not None:
+                on_epoch(epoch, {"bt": losses[-1]})
+    return losses
 
 
 @torch.inference_mode()
@@ -235,6 +286,9 @@ def _train_round(
     aug = TwoViewAugment()
     use_bt = cfg.gamma > 0
     lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
+    pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
+                                      dtype=np.int64))
+    ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
     x_val = x_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
     y_val = y_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
     best_acc, best_epoch, best_state = -math.inf, 0, None
@@ -249,7 +303,11 @@ def _train_round(
             x = to_float(x_train[idx], device)
             y = y_train[idx].to(device)
             if use_bt and len(idx) >= 2:
-                v1, v2 = aug(x, augment_gen)
+                xv = x
+                if ssl_pool:  # pool images join the views only: their labels are never read
+                    u = pool[torch.randint(len(pool), (len(idx),), generator=shuffle_gen)]
+                    xv = torch.cat([x, to_float(x_train[u], device)])
+                v1, v2 = aug(xv, augment_gen)
                 # Separate passes, so batch-norm statistics of the classifier's input are those
                 # of undistorted images, and each view is normalised on its own (as Barlow Twins).
                 loss, ce, bt = joint_loss(model(x), y, model.project(v1), model.project(v2),

@@ -49,6 +49,8 @@ class ImageDataset:
         x_test: Test images ``(M, C, H, W)``, uint8 (``M`` may be 0).
         y_test: Test labels ``(M,)``, int64.
         classes: Class names; label ``k`` is ``classes[k]``.
+        ood: Optional ``(N,)`` bool mask over ``x_train``; ``True`` marks an out-of-distribution
+            image (label ``-1``). ``None`` when the pool holds no OOD images.
     """
 
     name: str
@@ -57,6 +59,7 @@ class ImageDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str] = field(default_factory=list)
+    ood: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train),
@@ -70,6 +73,10 @@ class ImageDataset:
         if self.x_test.shape[0] and self.x_test.shape[1:] != self.x_train.shape[1:]:
             raise ValueError(f"train images {tuple(self.x_train.shape[1:])} and test images "
                              f"{tuple(self.x_test.shape[1:])} differ in shape")
+        if self.ood is not None and (self.ood.dtype != torch.bool
+                                     or self.ood.shape != (self.x_train.shape[0],)):
+            raise ValueError(f"ood must be bool ({self.x_train.shape[0]},), got {self.ood.dtype} "
+                             f"{tuple(self.ood.shape)}")
 
     @property
     def num_classes(self) -> int:

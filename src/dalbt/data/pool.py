@@ -84,6 +84,13 @@ class Pool:
             raise ValueError("can only label distinct indices of the unlabelled pool")
         self.state[idx] = round_
 
+    def set_aside(self, indices: np.ndarray) -> None:
+        """Take unlabelled ``indices`` out of the pool for good (e.g. out-of-distribution)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if (self.state[idx] != UNLABELLED).any():
+            raise ValueError("can only set aside indices of the unlabelled pool")
+        self.state[idx] = HELD_OUT
+
     @property
     def labelled(self) -> np.ndarray:
         """Labelled dataset indices, ascending, (L,)."""
