@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from dalbt.data.augment import TwoViewAugment
 from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, barlow_twins_loss, joint_loss
+from dalbt.outputs import Outputs
 from dalbt.rng import isolated_torch_rng
-from dalbt.strategies.base import Outputs
 
 INFERENCE_BATCH = 2048
 

@@ -15,35 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.outputs import Outputs
+
 # Names of quantities a strategy may declare in ``Strategy.requires``; the loop prefetches them
 # (timed as "score") before calling ``select`` (timed as "select").
 POOL_OUTPUTS = "pool_outputs"
 LABELLED_OUTPUTS = "labelled_outputs"
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """Model outputs for a set of dataset indices.
-
-    Attributes:
-        indices: Dataset indices, (N,) int64.
-        logits: Classifier logits, (N, K) float32.
-        latents: Encoder outputs z, (N, D) float32.
-    """
-
-    indices: np.ndarray
-    logits: Tensor
-    latents: Tensor
-
-    @property
-    def probs(self) -> Tensor:
-        """Softmax probabilities, (N, K)."""
-        return torch.softmax(self.logits, dim=1)
-
-    @property
-    def predictions(self) -> Tensor:
-        """Predicted classes, (N,) int64."""
-        return self.logits.argmax(dim=1)
 
 
 Scorer = Callable[[np.ndarray], Outputs]
