@@ -13,6 +13,8 @@ FAST: dict[str, dict] = {
     "dal-osr": {"epochs": 1},
     "vaal": {"steps": 5, "batch": 16, "width": 4, "disc_hidden": 16},
     "waal": {"steps": 20},
+    "mobyv2al": {"hidden_dim": 32, "proj_dim": 16, "queue_size": 64},
+    "pt4al": {"pretext_epochs": 1, "batch": 32},
 }
 
 

@@ -11,6 +11,8 @@ from dalbt.strategies import (
     coreset,
     dalosr,
     ensemble,
+    mobyv2al,
+    pt4al,
     random,
     uncertainty,
     vaal,
@@ -27,7 +29,8 @@ from dalbt.strategies.base import (
 )
 
 # Every strategy module lists its classes in STRATEGY_CLASSES.
-_MODULES = (random, weibull, uncertainty, bayesian, coreset, badge, ensemble, vaal, waal, dalosr)
+_MODULES = (random, weibull, uncertainty, bayesian, coreset, badge, ensemble, vaal, waal, dalosr,
+            pt4al, mobyv2al)
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for module in _MODULES for cls in module.STRATEGY_CLASSES
 }
