@@ -101,3 +101,18 @@ def test_pretraining_lowers_barlow_loss_and_is_reused_on_resume(tmp_path, digits
         store.conn.commit()
     _, again = _run(tmp_path, "pre", cfg, digits, resume=True)
     assert again[1]["test_acc"] == pre[1]["test_acc"]
+
+
+def test_cross_dataset_pool_from_real_format_files(tmp_path, digits):
+    from tests.test_data_formats import make_idx_set
+
+    make_idx_set(tmp_path / "data" / "KMNIST" / "raw", gz=True, n_train=40, n_test=3)
+    cfg = _cfg(rounds=2, mix="kmnist:30")
+    cfg.data_root = str(tmp_path / "data")
+    data = apply_scenario(cfg, digits)
+    assert data.n_train == digits.n_train + 30 and int(data.ood.sum()) == 30
+    assert data.x_train.shape[1:] == digits.x_train.shape[1:]  # resized to 8x8, one channel
+    run, rounds = _run(tmp_path, "mix", cfg, digits)
+    ood = data.ood.numpy()
+    assert all(r["n_ood"] == int(ood[r["queried"]].sum()) for r in rounds[:-1])
+    assert not ood[run.initial].any()
