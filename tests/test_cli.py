@@ -64,6 +64,11 @@ def test_run_then_report(tmp_path, capsys):
     (["run", *SMALL, "--lr", "-1"], "--lr"),
     (["run", *SMALL, "--weight-decay", "-0.1"], "--weight-decay"),
     (["report", "/nonexistent/dir"], "no dalbt results"),
+    (["run", *SMALL, "--unknown-classes", "42"], "42"),
+    (["run", *SMALL, "--mix", "nope:5"], "nope"),
+    (["run", *SMALL, "--mix", "kmnist"], "kmnist"),
+    (["run", *SMALL, "--ssl-pool", "--gamma", "0"], "--gamma"),
+    (["run", *SMALL, "--ood-policy", "keep"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_nonzero(capsys, argv, pattern):
     import torch
