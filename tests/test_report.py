@@ -52,6 +52,9 @@ def test_write_report_files(tmp_path):
     assert rep["png"].stat().st_size > 1000
     assert rep["md"].read_text().startswith("| dataset | labelled | random |")
     assert "50.00" in rep["table"]
+    rows = rep["rounds"].read_text().splitlines()
+    assert rows[0].startswith("run,dataset,strategy,seed,round,n_labelled,test_acc")
+    assert len(rows) == 3 and rows[1].split(",")[4] == "0" and rows[2].endswith(",1")
 
 
 def test_empty_store_is_an_error(tmp_path):

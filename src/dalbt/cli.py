@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rep = write_report(args.out)
     print()
     print(rep["table"])
-    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}")
+    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}, {rep['rounds']}")
     return 0
 
 
@@ -215,7 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rep = write_report(args.directory, args.out)
     print(rep["table"])
-    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}")
+    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}, {rep['rounds']}")
     return 0
 
 

@@ -155,7 +155,8 @@ def plot_curves(curves: list[Curve], path: Path) -> None:
 
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> dict[str, Path | str]:
-    """Write ``learning_curve.png``, ``results.csv`` and ``results.md`` for a directory.
+    """Write ``learning_curve.png``, ``results.csv``, ``results.md`` and ``rounds.csv`` (every
+    stored round with its timings and out-of-distribution count) for a directory.
 
     Args:
         directory: Experiment directory holding the store.
@@ -167,6 +168,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
     directory = Path(directory)
     with Store(directory, create=False) as store:
         curves = load_curves(store)
+        round_rows = [(run, rec) for run in store.runs() for rec in store.rounds(run.id)]
     if not curves:
         raise DalbtError(f"no finished rounds in {directory}; run 'dalbt run --out "
                          f"{directory}' first")
@@ -184,7 +186,18 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
                 for r, n in enumerate(c.n_labelled):
                     if not np.isnan(c.acc[i, r]):
                         w.writerow([c.dataset, c.label, seed, r, int(n), f"{c.acc[i, r]:.6f}"])
+    rounds_csv = out_dir / "rounds.csv"
+    with rounds_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        fields = ["n_labelled", "test_acc", "val_acc", "best_epoch", "train_ce", "train_bt",
+                  "t_train", "t_score", "t_select", "n_ood"]
+        w.writerow(["run", "dataset", "strategy", "seed", "round", *fields, "n_queried"])
+        for run, rec in round_rows:
+            w.writerow([run.id, run.dataset, run.strategy, run.seed, rec["round"],
+                        *("" if rec[k] is None else rec[k] for k in fields),
+                        len(rec["queried"])])
     md = out_dir / "results.md"
     md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
                   + "".join("| " + " | ".join(r) + " |\n" for r in rows))
-    return {"png": png, "csv": csv_path, "md": md, "table": format_table(header, rows)}
+    return {"png": png, "csv": csv_path, "md": md, "rounds": rounds_csv,
+            "table": format_table(header, rows)}
