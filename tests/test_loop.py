@@ -158,4 +158,8 @@ def test_dropout_trained_strategy_is_reproducible_and_leaves_global_rng(tmp_path
     _, b = _run(tmp_path, "mc2", _cfg("bald", rounds=1), digits)
     assert np.array_equal(a[0]["queried"], b[0]["queried"])
     assert a[1]["test_acc"] == b[1]["test_acc"]
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    _run(tmp_path, "mc3", _cfg("bald", rounds=1), digits)
+    assert torch.equal(before, torch.get_rng_state())
     torch.set_rng_state(state)

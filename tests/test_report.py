@@ -50,7 +50,7 @@ def test_write_report_files(tmp_path):
         _fill(store, "random", 0, [0.4, 0.5])
     rep = write_report(tmp_path)
     assert rep["png"].stat().st_size > 1000
-    assert rep["md"].read_text().startswith("| dataset | labelled | random |")
+    assert rep["md"].read_text().startswith("| dataset | bought | random |")
     assert "50.00" in rep["table"]
     rows = rep["rounds"].read_text().splitlines()
     assert rows[0].startswith("run,dataset,strategy,seed,round,n_labelled,test_acc")
@@ -61,3 +61,21 @@ def test_empty_store_is_an_error(tmp_path):
     Store(tmp_path).close()
     with pytest.raises(DalbtError, match="no finished rounds"):
         write_report(tmp_path)
+
+
+def test_ood_fraction_per_round_and_budget_axis(tmp_path):
+    with Store(tmp_path) as store:
+        for seed, oods in ((0, [10, 30]), (1, [20, 50])):
+            cfg = {"dataset": "d", "strategy": "weibull", "seed": seed, "strategy_options": {},
+                   "initial": 100, "budget": 100}
+            run = store.create_run(cfg, np.arange(3))
+            for r, n_ood in enumerate(oods):
+                store.record_round(run.id, r, {"n_labelled": 100 + 50 * r, "test_acc": 0.5,
+                                               "n_ood": n_ood}, np.arange(100))
+        (curve,) = load_curves(store)
+    assert curve.n_labelled.tolist() == [100, 200]  # labels bought, not labelled
+    assert np.allclose(np.nanmean(curve.ood, axis=0), [0.15, 0.40])
+    rep = write_report(tmp_path)
+    rows = (tmp_path / "ood.csv").read_text().splitlines()
+    assert rows[1:] == ["d,weibull,0,0.1500,2", "d,weibull,1,0.4000,2"]
+    assert rep["png"].exists()

@@ -45,9 +45,6 @@ def test_open_set_queries_cost_budget_without_labels(tmp_path, digits, policy):
     # labelled counts grow by the in-distribution queries only
     for prev, nxt in zip(rounds, rounds[1:], strict=False):
         assert nxt["n_labelled"] == prev["n_labelled"] + len(prev["queried"]) - prev["n_ood"]
-    ood_queried = np.concatenate([q[ood[q]] for q in queried])
-    if policy == "discard":
-        assert len(np.unique(ood_queried)) == len(ood_queried)  # never asked twice
     # the test split holds known classes only
     assert int(data.y_test.max()) == 7 and len(data.y_test) < len(digits.y_test)
 
@@ -116,3 +113,82 @@ def test_cross_dataset_pool_from_real_format_files(tmp_path, digits):
     ood = data.ood.numpy()
     assert all(r["n_ood"] == int(ood[r["queried"]].sum()) for r in rounds[:-1])
     assert not ood[run.initial].any()
+
+
+class _OodFirst:
+    """A strategy that always asks for one fixed image first (then the lowest indices)."""
+
+    name = "ood-first"
+    description = "test strategy"
+
+    def __init__(self, target: int = 0):
+        from dalbt.strategies.random import RandomStrategy
+
+        self.target = target
+        self.base = RandomStrategy()
+
+    def __getattr__(self, item):
+        return getattr(self.base, item)
+
+    def select(self, ctx, budget):
+        rest = [i for i in ctx.unlabelled[:budget + 1] if i != self.target]
+        head = [self.target] if self.target in set(ctx.unlabelled) else []
+        return np.array(head + rest, dtype=np.int64)[:budget]
+
+
+@pytest.mark.parametrize("policy", ["return", "discard"])
+def test_returned_ood_images_can_be_asked_again_discarded_ones_cannot(tmp_path, digits,
+                                                                      monkeypatch, policy):
+    import dalbt.loop
+    import dalbt.strategies
+
+    cfg = _cfg("random", rounds=3, unknown_classes=["9"], ood_policy=policy)
+    target = int(np.flatnonzero(apply_scenario(cfg, digits).ood.numpy())[0])
+    cfg.strategy_options = {"target": target}
+    monkeypatch.setitem(dalbt.strategies.STRATEGIES, "random", _OodFirst)
+    monkeypatch.setattr(dalbt.loop, "build_strategy",
+                        lambda name, **o: _OodFirst(**o))
+    _, rounds = _run(tmp_path, policy, cfg, digits)
+    asked = [int(target in r["queried"]) for r in rounds[:-1]]
+    assert asked == ([1, 1, 1] if policy == "return" else [1, 0, 0])
+    assert all(r["n_ood"] >= a for r, a in zip(rounds, asked, strict=False))
+
+
+def test_training_never_sees_pool_labels(tmp_path, digits, monkeypatch):
+    from dalbt.strategies.base import Strategy
+
+    seen = []
+    original = Strategy.train_model
+
+    def spy(self, model, x, y, labelled, validation, *a, unlabelled=None, **k):
+        seen.append((y.clone(), labelled.copy(), validation.copy(), unlabelled.copy()))
+        return original(self, model, x, y, labelled, validation, *a, unlabelled=unlabelled, **k)
+
+    monkeypatch.setattr(Strategy, "train_model", spy)
+    _run(tmp_path, "spy", _cfg("entropy", rounds=2), digits)
+    assert len(seen) == 3
+    for y, labelled, validation, unlabelled in seen:
+        assert (y[torch.as_tensor(unlabelled)] == -1).all()
+        assert torch.equal(y[torch.as_tensor(labelled)], digits.y_train[torch.as_tensor(labelled)])
+        assert (y[torch.as_tensor(validation)] >= 0).all()
+
+
+@pytest.mark.parametrize("policy", ["return", "discard"])
+def test_ood_run_resumes_to_the_same_queries(tmp_path, digits, monkeypatch, policy):
+    cfg = _cfg("entropy", rounds=3, unknown_classes=["8", "9"], ood_policy=policy)
+    _, full = _run(tmp_path, "full", cfg, digits)
+    original = Store.record_round
+
+    def dying(self, run_id, round_, *a, **k):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return original(self, run_id, round_, *a, **k)
+
+    monkeypatch.setattr(Store, "record_round", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", cfg, digits)
+    monkeypatch.setattr(Store, "record_round", original)
+    _, resumed = _run(tmp_path, "cut", cfg, digits, resume=True)
+    for a, b in zip(full, resumed, strict=True):
+        assert np.array_equal(a["queried"], b["queried"]) and a["n_ood"] == b["n_ood"]
+        assert a["n_labelled"] == b["n_labelled"]

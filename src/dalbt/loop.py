@@ -260,11 +260,11 @@ def run_experiment(
                            latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
                            dropout=strategy.train_dropout, seed=seed).to(device)
 
+    outside_validation = np.setdiff1d(np.arange(data.n_train), splits.validation)
     pretrained = None
     if cfg.train.pretrain_epochs > 0:
-        everything_but_validation = np.setdiff1d(np.arange(data.n_train), splits.validation)
-        pretrained = _pretrained_state(cfg, store.directory, run.id, data,
-                                       everything_but_validation, new_model, progress, log)
+        pretrained = _pretrained_state(cfg, store.directory, run.id, data, outside_validation,
+                                       new_model, progress, log)
 
     model = None
     for r in range(start, cfg.rounds + 1):
@@ -282,8 +282,12 @@ def run_experiment(
         bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
                    disable=not progress)
         t0 = time.perf_counter()
+        # Training sees the labels the oracle gave and the validation labels; nothing else.
+        visible = torch.full_like(data.y_train, -1)
+        seen = torch.as_tensor(np.concatenate([labelled, splits.validation]))
+        visible[seen] = data.y_train[seen]
         res = strategy.train_model(
-            model, data.x_train, data.y_train, labelled, splits.validation, cfg.train,
+            model, data.x_train, visible, labelled, splits.validation, cfg.train,
             rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
             rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
             on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)),
@@ -309,6 +313,7 @@ def run_experiment(
                                round=r, total_rounds=cfg.rounds, images=data.x_train,
                                train_config=cfg.train,
                                device=str(device), model_factory=new_model,
+                               candidates=outside_validation,
                                mc_scorer=lambda idx, t, g, model=model: mc_dropout_probs(
                                    model, data.x_train, idx, t, g))
             t0 = time.perf_counter()

@@ -21,8 +21,12 @@ class Curve:
         dataset: Dataset name.
         label: Strategy name, with its options when it has any.
         seeds: Seeds of the runs, (S,).
-        n_labelled: Labelled-set size per round, (R,).
+        n_labelled: Labels bought by each round, ``initial + budget * round``, (R,). Without
+            out-of-distribution images this is the labelled-set size; with them, queried OOD
+            images are paid for but give no label, so the labelled set is smaller.
         acc: Test accuracy, (S, R); NaN where a run has not reached that round.
+        ood: Fraction of each round's queries that were out of distribution, (S, R); NaN
+            where not recorded.
     """
 
     dataset: str
@@ -30,6 +34,7 @@ class Curve:
     seeds: list[int]
     n_labelled: np.ndarray
     acc: np.ndarray
+    ood: np.ndarray | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -90,18 +95,25 @@ def load_curves(store: Store) -> list[Curve]:
         length = max(len(r) for _, r in runs)
         longest = max(runs, key=lambda sr: len(sr[1]))[1]
         acc = np.full((len(runs), length), np.nan)
+        ood = np.full((len(runs), length), np.nan)
         for i, (_, rounds) in enumerate(runs):
             for rec in rounds:
                 acc[i, rec["round"]] = np.nan if rec["test_acc"] is None else rec["test_acc"]
+                if rec.get("n_ood") is not None and len(rec["queried"]):
+                    ood[i, rec["round"]] = rec["n_ood"] / len(rec["queried"])
+        if "initial" in proto and "budget" in proto:
+            bought = int(proto["initial"]) + int(proto["budget"]) * np.arange(length)
+        else:
+            bought = np.array([r["n_labelled"] for r in longest])
         curves.append(Curve(dataset=str(proto.get("dataset")), label=label,
-                            seeds=[s for s, _ in runs],
-                            n_labelled=np.array([r["n_labelled"] for r in longest]), acc=acc))
+                            seeds=[s for s, _ in runs], n_labelled=bought, acc=acc,
+                            ood=None if np.isnan(ood).all() else ood))
     return sorted(curves, key=lambda c: (c.dataset, c.label))
 
 
 def table_rows(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
     """A round x strategy table of mean ± std test accuracy (%)."""
-    header = ["dataset", "labelled"] + [c.label for c in curves]
+    header = ["dataset", "bought"] + [c.label for c in curves]
     rows = []
     for dataset in sorted({c.dataset for c in curves}):
         cs = [c for c in curves if c.dataset == dataset]
@@ -145,7 +157,7 @@ def plot_curves(curves: list[Curve], path: Path) -> None:
             if len(c.seeds) > 1:
                 ax.fill_between(c.n_labelled, m - s, m + s, alpha=0.2)
         ax.set_title(dataset)
-        ax.set_xlabel("labelled images")
+        ax.set_xlabel("labels bought (initial + budget x round)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -196,6 +208,18 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
             w.writerow([run.id, run.dataset, run.strategy, run.seed, rec["round"],
                         *("" if rec[k] is None else rec[k] for k in fields),
                         len(rec["queried"])])
+    ood_curves = [c for c in curves if c.ood is not None]
+    if ood_curves:
+        ood_csv = out_dir / "ood.csv"
+        with ood_csv.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["dataset", "strategy", "round", "mean_ood_fraction", "seeds"])
+            for c in ood_curves:
+                for r in range(c.ood.shape[1]):
+                    col = c.ood[:, r]
+                    if not np.isnan(col).all():
+                        w.writerow([c.dataset, c.label, r, f"{np.nanmean(col):.4f}",
+                                    int((~np.isnan(col)).sum())])
     md = out_dir / "results.md"
     md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
                   + "".join("| " + " | ".join(r) + " |\n" for r in rows))

@@ -50,6 +50,8 @@ class QueryContext:
         model_factory: ``model_factory(seed) -> DALBTNet``: a fresh model of the run's kind
             (architecture, dropout), initialised from ``seed``, on ``device``.
         device: torch device of the run.
+        candidates: Every dataset index that can ever be in the pool or labelled (all training
+            images outside the validation split), fixed for the whole run.
     """
 
     unlabelled: np.ndarray
@@ -65,6 +67,7 @@ class QueryContext:
     train_config: Any = None
     model_factory: Callable[[int], Any] | None = None
     device: str = "cpu"
+    candidates: np.ndarray | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

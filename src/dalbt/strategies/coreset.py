@@ -18,6 +18,9 @@ from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, 
 DEFAULT_CHUNK = 16384
 
 
+BLOCK_ELEMENTS = 1 << 24  # at most 64 MiB of float32 distances at once, whatever L is
+
+
 def _shifted_sq_norms(x: Tensor, mu: Tensor, chunk: int) -> Tensor:
     """``||x_i - mu||^2`` of (N, D) ``x`` in chunks of rows, (N,) float32."""
     out = torch.empty(len(x), dtype=torch.float32)
@@ -45,6 +48,7 @@ def _nearest(pool: Tensor, pool_sq: Tensor, cent: Tensor, cent_sq: Tensor, mu: T
     """
     u = len(pool)
     min_d2 = torch.empty(u, dtype=torch.float32)
+    chunk = max(1, min(chunk, BLOCK_ELEMENTS // max(len(cent), 1)))  # bound the (chunk, C) block
     for start in range(0, u, chunk):
         stop = min(start + chunk, u)
         # ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c (x, c relative to mu)

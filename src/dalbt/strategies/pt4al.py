@@ -274,6 +274,10 @@ class PT4ALStrategy(Strategy):
 
     @staticmethod
     def _candidates(ctx: QueryContext) -> np.ndarray:
+        # The loop passes every index outside the validation split; it does not change across
+        # rounds (images set aside or labelled since stay in it and are skipped in batches).
+        if ctx.candidates is not None:
+            return np.asarray(ctx.candidates, dtype=np.int64)
         return np.union1d(ctx.unlabelled, ctx.labelled)
 
     def _state_key(self, ctx: QueryContext, candidates: np.ndarray) -> tuple:
