@@ -77,6 +77,47 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
+class BestOnValidation:
+    """Model selection on the validation split: keeps the weights of the best epoch.
+
+    Args:
+        x_val: Validation images, (V, C, H, W) uint8.
+        y_val: Their labels, (V,).
+        cfg: ``eval_every`` and ``epochs`` decide when to evaluate.
+    """
+
+    def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig) -> None:
+        self.x_val, self.y_val, self.cfg = x_val, y_val, cfg
+        self.best_acc, self.best_epoch, self.best_state = -math.inf, 0, None
+        self.best_losses = (float("nan"), float("nan"))
+        self.history: list[tuple[int, float]] = []
+
+    def end_epoch(self, model: nn.Module, epoch: int, losses: tuple[float, float],
+                  metrics: dict) -> None:
+        """Evaluate when due (adds ``val_acc`` to ``metrics``) and keep the best weights."""
+        cfg = self.cfg
+        if not len(self.y_val) or (epoch % cfg.eval_every and epoch != cfg.epochs):
+            return
+        acc = accuracy(model, self.x_val, self.y_val)
+        self.history.append((epoch, acc))
+        metrics["val_acc"] = acc
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch, self.best_losses = acc, epoch, losses
+            self.best_state = copy.deepcopy(model.state_dict())
+
+    def result(self, model: nn.Module, last_losses: tuple[float, float]) -> TrainResult:
+        """Load the selected weights into ``model`` and describe them (the last epoch when
+        there is no validation split)."""
+        if self.best_state is None:
+            return TrainResult(val_acc=float("nan"), best_epoch=self.cfg.epochs,
+                               train_ce=last_losses[0], train_bt=last_losses[1],
+                               history=self.history)
+        model.load_state_dict(self.best_state)
+        return TrainResult(val_acc=self.best_acc, best_epoch=self.best_epoch,
+                           train_ce=self.best_losses[0], train_bt=self.best_losses[1],
+                           history=self.history)
+
+
 def to_float(x: Tensor, device: torch.device | str) -> Tensor:
     """uint8 images (B, C, H, W) -> float in [0, 1] on ``device``."""
     return x.to(device, non_blocking=True).float().div_(255.0)
@@ -289,10 +330,8 @@ def _train_round(
     pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
                                       dtype=np.int64))
     ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
-    x_val = x_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
-    y_val = y_train[torch.as_tensor(np.asarray(validation, dtype=np.int64))]
-    best_acc, best_epoch, best_state = -math.inf, 0, None
-    history: list[tuple[int, float]] = []
+    val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
+    selector = BestOnValidation(x_train[val], y_train[val], cfg)
     ce_mean = bt_mean = float("nan")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -322,19 +361,7 @@ def _train_round(
             steps += 1
         ce_mean, bt_mean = ce_sum / max(steps, 1), bt_sum / max(steps, 1)
         metrics = {"ce": ce_mean, "bt": bt_mean}
-        if len(validation) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            acc = accuracy(model, x_val, y_val)
-            history.append((epoch, acc))
-            metrics["val_acc"] = acc
-            if acc > best_acc:
-                best_acc, best_epoch, best_losses = acc, epoch, (ce_mean, bt_mean)
-                best_state = copy.deepcopy(model.state_dict())
+        selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        ce_mean, bt_mean = best_losses
-    else:
-        best_acc, best_epoch = float("nan"), cfg.epochs
-    return TrainResult(val_acc=best_acc, best_epoch=best_epoch, train_ce=ce_mean,
-                       train_bt=bt_mean, history=history)
+    return selector.result(model, (ce_mean, bt_mean))

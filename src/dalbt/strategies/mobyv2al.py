@@ -247,7 +247,7 @@ class MoBYv2ALStrategy(Strategy):
                validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                augment_gen: torch.Generator, on_epoch: Callable | None,
                unlabelled: np.ndarray | None) -> Any:
-        from dalbt.train import TrainResult, accuracy, batches, to_float
+        from dalbt.train import BestOnValidation, batches, to_float
 
         device = torch.device(cfg.device)
         learner = self.make_learner(model)
@@ -260,12 +260,9 @@ class MoBYv2ALStrategy(Strategy):
         use_unl = self.unlabelled_weight > 0 and len(pool) > 0
         cycler = _Cycler(len(pool), shuffle_gen) if use_unl else None
         val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
-        x_val, y_val = x_train[val], y_train[val]
+        selector = BestOnValidation(x_train[val], y_train[val], cfg)
         total_steps = max(1, cfg.epochs * _n_batches(len(lab), cfg.batch_size))
         step = 0
-        best_acc, best_epoch, best_state = -math.inf, 0, None
-        best_losses = (float("nan"), float("nan"))
-        history: list[tuple[int, float]] = []
         ce_mean = con_mean = float("nan")
         for epoch in range(1, cfg.epochs + 1):
             model.train()
@@ -301,22 +298,10 @@ class MoBYv2ALStrategy(Strategy):
             ce_mean = ce_sum / n_steps if n_steps else float("nan")
             con_mean = con_sum / n_con if n_con else 0.0
             metrics = {"ce": ce_mean, "moby": con_mean}
-            if len(val) and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                acc = accuracy(model, x_val, y_val)
-                history.append((epoch, acc))
-                metrics["val_acc"] = acc
-                if acc > best_acc:
-                    best_acc, best_epoch, best_losses = acc, epoch, (ce_mean, con_mean)
-                    best_state = copy.deepcopy(model.state_dict())
+            selector.end_epoch(model, epoch, (ce_mean, con_mean), metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-        if best_state is not None:
-            model.load_state_dict(best_state)
-            ce_mean, con_mean = best_losses
-        else:
-            best_acc, best_epoch = float("nan"), cfg.epochs
-        return TrainResult(val_acc=best_acc, best_epoch=best_epoch, train_ce=ce_mean,
-                           train_bt=con_mean, history=history)
+        return selector.result(model, (ce_mean, con_mean))
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         pool = ctx.pool_outputs().latents
