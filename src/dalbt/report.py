@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ class Curve:
         acc: Test accuracy, (S, R); NaN where a run has not reached that round.
         ood: Fraction of each round's queries that were out of distribution, (S, R); NaN
             where not recorded.
+        times: Mean seconds per round of ``t_train``, ``t_score`` and ``t_select`` over every
+            round of every seed (NaN where never recorded).
     """
 
     dataset: str
@@ -35,6 +38,7 @@ class Curve:
     n_labelled: np.ndarray
     acc: np.ndarray
     ood: np.ndarray | None = None
+    times: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
@@ -45,6 +49,194 @@ class Curve:
         if self.acc.shape[0] < 2:
             return np.zeros(self.acc.shape[1])
         return np.nanstd(self.acc, axis=0, ddof=1)
+
+    @property
+    def ci95(self) -> np.ndarray:
+        """Half-width of the 95 % Student-t interval of the mean per round, (R,) (NaN below 2
+        seeds)."""
+        return ci95_halfwidth(self.acc)
+
+    @property
+    def complete(self) -> int:
+        """Number of leading rounds that every seed has reached."""
+        done = ~np.isnan(self.acc).any(axis=0)
+        return int(np.argmin(done)) if not done.all() else len(done)
+
+    @property
+    def aubc_per_seed(self) -> np.ndarray:
+        """AUBC of each seed over the rounds that every seed has reached, (S,)."""
+        r = self.complete
+        if r == 0:
+            return np.full(self.acc.shape[0], np.nan)
+        return np.array([aubc(self.n_labelled[:r], a[:r]) for a in self.acc])
+
+
+FULL_DATA = "full-data"
+TIME_FIELDS = ("t_train", "t_score", "t_select")
+
+
+def ci95_halfwidth(acc: np.ndarray) -> np.ndarray:
+    """Half-width of the 95 % confidence interval of the mean over seeds, per round.
+
+    Uses Student's t: ``t.ppf(0.975, n - 1) * std / sqrt(n)`` with the sample std (ddof=1) and
+    n the number of seeds with a value in that round.
+
+    Args:
+        acc: Values, (S, R); NaN where missing.
+
+    Returns:
+        Half-widths, (R,); NaN where fewer than two seeds have a value.
+    """
+    from scipy.stats import t
+
+    acc = np.atleast_2d(np.asarray(acc, dtype=float))
+    n = (~np.isnan(acc)).sum(axis=0)
+    out = np.full(acc.shape[1], np.nan)
+    ok = n >= 2
+    if ok.any():
+        std = np.nanstd(acc[:, ok], axis=0, ddof=1)
+        out[ok] = t.ppf(0.975, n[ok] - 1) * std / np.sqrt(n[ok])
+    return out
+
+
+def aubc(x: np.ndarray | list[float], y: np.ndarray | list[float]) -> float:
+    """Normalised area under the budget curve.
+
+    The trapezoidal area under accuracy ``y`` against labels bought ``x``, divided by the
+    x-range, so it lies in [0, 1] for accuracies in [0, 1] and equals the accuracy of a flat
+    curve. A single point gives its own value.
+
+    Args:
+        x: Labels bought per round, increasing, (R,).
+        y: Accuracy per round, (R,).
+
+    Returns:
+        The normalised area.
+
+    Raises:
+        ValueError: Empty, mismatched, non-increasing or non-finite input.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"aubc needs two equal-length non-empty 1-d arrays, got {x.shape} "
+                         f"and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("aubc needs finite values")
+    if len(x) == 1:
+        return float(y[0])
+    if (np.diff(x) <= 0).any():
+        raise ValueError("aubc needs strictly increasing x")
+    area = float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))
+    return area / float(x[-1] - x[0])
+
+
+def labels_to_reach(x: np.ndarray | list[float], mean: np.ndarray | list[float],
+                    ceiling: float, percent: float) -> int | None:
+    """The fewest labels bought at which the mean accuracy reaches a share of the ceiling.
+
+    Args:
+        x: Labels bought per round, (R,).
+        mean: Mean accuracy per round, (R,); NaN rounds are skipped.
+        ceiling: Full-data accuracy.
+        percent: Target share of the ceiling, in percent (e.g. 90).
+
+    Returns:
+        The smallest ``x`` with ``mean >= percent / 100 * ceiling``, or None if never reached.
+    """
+    x, mean = np.asarray(x), np.asarray(mean, dtype=float)
+    with np.errstate(invalid="ignore"):
+        hit = np.flatnonzero(mean >= percent / 100 * ceiling)
+    return int(x[hit].min()) if len(hit) else None
+
+
+def paired_wins(a: np.ndarray, b: np.ndarray, alpha: float = 0.05) -> tuple[int, int]:
+    """Rounds in which A is significantly better than B (paired t-test over seeds).
+
+    Per round, a two-sided paired t-test (``scipy.stats.ttest_rel``) over the seeds with a
+    value in both; a win is ``p < alpha`` with a positive mean difference. Rounds with fewer
+    than two such seeds are not compared; rounds with no difference at all are no win.
+
+    Args:
+        a: Accuracy of A, (S, R), rows paired with ``b``'s (same seed).
+        b: Accuracy of B, (S, R).
+        alpha: Significance level.
+
+    Returns:
+        ``(wins, rounds compared)``.
+    """
+    from scipy.stats import ttest_rel
+
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired_wins needs the same seeds, got {a.shape[0]} and {b.shape[0]}")
+    wins = compared = 0
+    for r in range(min(a.shape[1], b.shape[1])):
+        ok = ~(np.isnan(a[:, r]) | np.isnan(b[:, r]))
+        if ok.sum() < 2:
+            continue
+        compared += 1
+        diff = a[ok, r] - b[ok, r]
+        if not np.any(diff):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = ttest_rel(a[ok, r], b[ok, r]).pvalue
+        if np.isfinite(p) and p < alpha and diff.mean() > 0:
+            wins += 1
+    return wins, compared
+
+
+@dataclass
+class Matrix:
+    """Pairwise comparison of the curves of one dataset and budget axis.
+
+    Attributes:
+        dataset: Dataset name.
+        labels: Curve labels, rows and columns.
+        wins: ``wins[i][j]`` = (rounds where i is significantly better than j, rounds
+            compared), or None where the pair shares fewer than two seeds (and on the diagonal).
+    """
+
+    dataset: str
+    labels: list[str]
+    wins: list[list[tuple[int, int] | None]]
+
+
+def pairwise_matrices(curves: list[Curve], alpha: float = 0.05) -> list[Matrix]:
+    """Paired t-test win counts between every two curves of a dataset.
+
+    Curves are compared when they share the dataset and the labels bought per round (same
+    initial size and budget), round by round over the seeds they share (at least two).
+
+    Args:
+        curves: Curves from :func:`load_curves`.
+        alpha: Significance level.
+
+    Returns:
+        One matrix per (dataset, budget axis) with at least two curves.
+    """
+    groups: dict[tuple[str, tuple[int, ...]], list[Curve]] = {}
+    for c in curves:
+        groups.setdefault((c.dataset, tuple(int(n) for n in c.n_labelled[:2])), []).append(c)
+    out = []
+    for (dataset, _), cs in sorted(groups.items()):
+        if len(cs) < 2:
+            continue
+        wins: list[list[tuple[int, int] | None]] = []
+        for ca in cs:
+            row: list[tuple[int, int] | None] = []
+            for cb in cs:
+                common = sorted(set(ca.seeds) & set(cb.seeds))
+                if ca is cb or len(common) < 2:
+                    row.append(None)
+                    continue
+                ia = [ca.seeds.index(s) for s in common]
+                ib = [cb.seeds.index(s) for s in common]
+                r = min(ca.acc.shape[1], cb.acc.shape[1])
+                row.append(paired_wins(ca.acc[ia, :r], cb.acc[ib, :r], alpha))
+            wins.append(row)
+        out.append(Matrix(dataset=dataset, labels=[c.label for c in cs], wins=wins))
+    return out
 
 
 def _label(strategy: str, options: dict) -> str:
@@ -71,13 +263,14 @@ def load_curves(store: Store) -> list[Curve]:
     """Group the store's runs into curves: runs that differ only in their seed form one curve.
 
     Curves of one dataset and strategy that differ in other settings (gamma, epochs, ...) are
-    labelled with those settings, e.g. ``random [gamma=0.0]``.
+    labelled with those settings, e.g. ``random [gamma=0.0]``. Full-data reference runs
+    (strategy ``full-data``) are left out; :func:`load_ceilings` reads them.
     """
     groups: dict[str, list[tuple[int, list[dict]]]] = {}
     protos: dict[str, dict] = {}
     for run in store.runs():
         rounds = store.rounds(run.id)
-        if rounds:
+        if rounds and run.strategy != FULL_DATA:
             proto = _protocol(run.config)
             key = json.dumps(proto, sort_keys=True, default=str)
             protos[key] = proto
@@ -105,10 +298,137 @@ def load_curves(store: Store) -> list[Curve]:
             bought = int(proto["initial"]) + int(proto["budget"]) * np.arange(length)
         else:
             bought = np.array([r["n_labelled"] for r in longest])
+        times = {}
+        for k in TIME_FIELDS:
+            vals = [rec[k] for _, rounds in runs for rec in rounds if rec[k] is not None]
+            times[k] = float(np.mean(vals)) if vals else float("nan")
         curves.append(Curve(dataset=str(proto.get("dataset")), label=label,
                             seeds=[s for s, _ in runs], n_labelled=bought, acc=acc,
-                            ood=None if np.isnan(ood).all() else ood))
+                            ood=None if np.isnan(ood).all() else ood, times=times))
     return sorted(curves, key=lambda c: (c.dataset, c.label))
+
+
+def load_ceilings(store: Store) -> dict[str, float]:
+    """Full-data accuracy per dataset: the mean final test accuracy of its ``full-data`` runs.
+
+    Args:
+        store: The experiment store.
+
+    Returns:
+        Dataset name -> ceiling accuracy, for datasets with a finished full-data round.
+    """
+    accs: dict[str, list[float]] = {}
+    for run in store.runs():
+        if run.strategy != FULL_DATA:
+            continue
+        done = [r["test_acc"] for r in store.rounds(run.id) if r["test_acc"] is not None]
+        if done:
+            accs.setdefault(run.dataset, []).append(float(done[-1]))
+    return {d: float(np.mean(v)) for d, v in accs.items()}
+
+
+REACH = (90.0, 95.0)
+SUMMARY_FIELDS = ["dataset", "strategy", "seeds", "rounds", "aubc_mean", "aubc_std",
+                  "final_bought", "final_acc_mean", "final_acc_ci95",
+                  *(f"labels_to_{x:g}pct" for x in REACH), *TIME_FIELDS]
+
+
+def summary_records(curves: list[Curve], ceilings: dict[str, float],
+                    reach: tuple[float, ...] = REACH) -> list[dict[str, object]]:
+    """One record of summary statistics per curve.
+
+    AUBC and the final accuracy use the rounds that every seed has reached, so unfinished
+    seeds do not shorten or bias the others. Labels to reach X % of the full-data accuracy use
+    the mean curve over all seeds; they are None without a full-data run for the dataset or
+    when the curve never gets there.
+
+    Args:
+        curves: Curves from :func:`load_curves`.
+        ceilings: Full-data accuracy per dataset (:func:`load_ceilings`).
+        reach: Target shares of the ceiling, in percent.
+
+    Returns:
+        Records keyed like ``SUMMARY_FIELDS`` (floats are fractions, NaN where undefined).
+    """
+    out = []
+    for c in curves:
+        r = c.complete
+        per_seed = c.aubc_per_seed
+        rec: dict[str, object] = {
+            "dataset": c.dataset, "strategy": c.label, "seeds": len(c.seeds), "rounds": r,
+            "aubc_mean": float(np.mean(per_seed)) if r else float("nan"),
+            "aubc_std": float(np.std(per_seed, ddof=1)) if r and len(per_seed) > 1
+            else float("nan"),
+            "final_bought": int(c.n_labelled[r - 1]) if r else None,
+            "final_acc_mean": float(c.mean[r - 1]) if r else float("nan"),
+            "final_acc_ci95": float(c.ci95[r - 1]) if r else float("nan"),
+        }
+        ceiling = ceilings.get(c.dataset)
+        for x in reach:
+            rec[f"labels_to_{x:g}pct"] = (None if ceiling is None
+                                          else labels_to_reach(c.n_labelled, c.mean, ceiling, x))
+        rec.update({k: c.times.get(k, float("nan")) for k in TIME_FIELDS})
+        out.append(rec)
+    return out
+
+
+def _pm(m: float, h: float, scale: float, digits: int) -> str:
+    if np.isnan(m):
+        return ""
+    return f"{m * scale:.{digits}f}" + ("" if np.isnan(h) else f" ± {h * scale:.{digits}f}")
+
+
+def summary_table(records: list[dict[str, object]], ceilings: dict[str, float]
+                  ) -> tuple[list[str], list[list[str]]]:
+    """Human-readable summary table (accuracies in %, AUBC in [0, 1], seconds per round)."""
+    header = ["dataset", "strategy", "seeds", "AUBC", "final acc (% ± 95% CI)",
+              *(f"labels to {x:g}% full" for x in REACH),
+              "train s/round", "score s/round", "select s/round"]
+    rows = []
+    for rec in records:
+        ceiling = ceilings.get(str(rec["dataset"]))
+        reach = ["" if ceiling is None else "not reached" if rec[f"labels_to_{x:g}pct"] is None
+                 else str(rec[f"labels_to_{x:g}pct"]) for x in REACH]
+        num = {k: float("nan") if v is None else v for k, v in rec.items()
+               if isinstance(v, float | int | type(None))}
+        final = _pm(num["final_acc_mean"], num["final_acc_ci95"], 100, 2)
+        if final and rec["final_bought"] is not None:
+            final += f" @ {rec['final_bought']}"
+        rows.append([str(rec["dataset"]), str(rec["strategy"]), str(rec["seeds"]),
+                     _pm(num["aubc_mean"], num["aubc_std"], 1, 3),
+                     final, *reach,
+                     *("" if np.isnan(num[k]) else f"{num[k]:.2f}" for k in TIME_FIELDS)])
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    return ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+            + "".join("| " + " | ".join(r) + " |\n" for r in rows))
+
+
+def summary_markdown(records: list[dict[str, object]], ceilings: dict[str, float],
+                     matrices: list[Matrix], alpha: float = 0.05) -> str:
+    """``summary.md``: a summary table per dataset, then the pairwise comparison matrices."""
+    header, rows = summary_table(records, ceilings)
+    parts = ["# Summary\n",
+             "AUBC: area under accuracy vs labels bought, divided by the range of labels bought "
+             "(mean ± std over seeds). Final accuracy: mean ± 95 % Student-t interval, at the "
+             "last round every seed reached. Seconds: mean per round.\n"]
+    for dataset in sorted({str(r["dataset"]) for r in records}):
+        parts.append(f"## {dataset}\n")
+        if dataset in ceilings:
+            parts.append(f"Full-data accuracy: {ceilings[dataset] * 100:.2f} %\n")
+        parts.append(_md_table(header, [r for r in rows if r[0] == dataset]))
+        for m in (m for m in matrices if m.dataset == dataset):
+            parts.append(f"### Pairwise comparison ({dataset})\n")
+            parts.append(f"Rounds where the row strategy is significantly better than the "
+                         f"column strategy (paired t-test over shared seeds, two-sided, "
+                         f"alpha {alpha:g}) / rounds compared; blank: fewer than 2 shared "
+                         f"seeds.\n")
+            cells = [[a] + ["" if w is None else f"{w[0]}/{w[1]}" for w in row]
+                     for a, row in zip(m.labels, m.wins, strict=True)]
+            parts.append(_md_table(["A \\ B", *m.labels], cells))
+    return "\n".join(parts)
 
 
 def table_rows(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
@@ -141,8 +461,16 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def plot_curves(curves: list[Curve], path: Path) -> None:
-    """Test accuracy vs labelled images, mean line and ± std band per strategy."""
+def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | None = None,
+                svg: Path | None = None) -> None:
+    """Test accuracy vs labels bought: mean line and 95 % confidence band per strategy.
+
+    Args:
+        curves: Curves to draw, one panel per dataset.
+        path: PNG to write.
+        ceilings: Full-data accuracy per dataset, drawn as a dashed horizontal line.
+        svg: Also write the figure as SVG here.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,34 +480,47 @@ def plot_curves(curves: list[Curve], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for c in (c for c in curves if c.dataset == dataset):
-            m, s = c.mean * 100, c.std * 100
-            ax.plot(c.n_labelled, m, marker="o", ms=3, label=f"{c.label} (n={len(c.seeds)})")
-            if len(c.seeds) > 1:
-                ax.fill_between(c.n_labelled, m - s, m + s, alpha=0.2)
+            m, h = c.mean * 100, c.ci95 * 100
+            (line,) = ax.plot(c.n_labelled, m, marker="o", ms=3,
+                              label=f"{c.label} (n={len(c.seeds)})")
+            if not np.isnan(h).all():
+                ax.fill_between(c.n_labelled, m - h, m + h, alpha=0.2, color=line.get_color())
+        if ceilings and dataset in ceilings:
+            ax.axhline(ceilings[dataset] * 100, color="black", ls="--", lw=1,
+                       label=f"full data ({ceilings[dataset] * 100:.1f} %)")
         ax.set_title(dataset)
         ax.set_xlabel("labels bought (initial + budget x round)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), mean and 95 % CI")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if svg is not None:
+        fig.savefig(svg)
     plt.close(fig)
 
 
 def write_report(directory: str | Path, out: str | Path | None = None) -> dict[str, Path | str]:
-    """Write ``learning_curve.png``, ``results.csv``, ``results.md`` and ``rounds.csv`` (every
-    stored round with its timings and out-of-distribution count) for a directory.
+    """Write the report of a directory.
+
+    Files: ``learning_curve.png`` / ``.svg`` (mean and 95 % interval), ``results.csv``,
+    ``results.md``, ``rounds.csv`` (every stored round with its timings and
+    out-of-distribution count), ``ood.csv`` (mixed pools), ``summary.md`` (AUBC, final accuracy,
+    labels to reach 90 / 95 % of the full-data accuracy, seconds per round, pairwise
+    comparison matrix) and ``summary.csv``.
 
     Args:
         directory: Experiment directory holding the store.
         out: Where the files go (default: the experiment directory).
 
     Returns:
-        Paths of the files and the plain-text table under ``"table"``.
+        Paths of the files (``png``, ``svg``, ``csv``, ``md``, ``rounds``, ``summary``,
+        ``summary_csv``) and the plain-text tables under ``"table"``.
     """
     directory = Path(directory)
     with Store(directory, create=False) as store:
         curves = load_curves(store)
+        ceilings = load_ceilings(store)
         round_rows = [(run, rec) for run in store.runs() for rec in store.rounds(run.id)]
     if not curves:
         raise DalbtError(f"no finished rounds in {directory}; run 'dalbt run --out "
@@ -187,8 +528,8 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
     out_dir = Path(out) if out else directory
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(curves)
-    png = out_dir / "learning_curve.png"
-    plot_curves(curves, png)
+    png, svg = out_dir / "learning_curve.png", out_dir / "learning_curve.svg"
+    plot_curves(curves, png, ceilings, svg)
     csv_path = out_dir / "results.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -221,7 +562,24 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
                         w.writerow([c.dataset, c.label, r, f"{np.nanmean(col):.4f}",
                                     int((~np.isnan(col)).sum())])
     md = out_dir / "results.md"
-    md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-                  + "".join("| " + " | ".join(r) + " |\n" for r in rows))
-    return {"png": png, "csv": csv_path, "md": md, "rounds": rounds_csv,
-            "table": format_table(header, rows)}
+    md.write_text(_md_table(header, rows))
+    records = summary_records(curves, ceilings)
+    matrices = pairwise_matrices(curves)
+    summary = out_dir / "summary.md"
+    summary.write_text(summary_markdown(records, ceilings, matrices))
+    summary_csv = out_dir / "summary.csv"
+    with summary_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_FIELDS)
+        for rec in records:
+            w.writerow([_csv_value(rec[k]) for k in SUMMARY_FIELDS])
+    s_header, s_rows = summary_table(records, ceilings)
+    return {"png": png, "svg": svg, "csv": csv_path, "md": md, "rounds": rounds_csv,
+            "summary": summary, "summary_csv": summary_csv,
+            "table": format_table(header, rows) + "\n\n" + format_table(s_header, s_rows)}
+
+
+def _csv_value(v: object) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.6f}" if isinstance(v, float) else str(v)
