@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("directory", help="experiment directory (the --out of 'dalbt run')")
     rep.add_argument("--out", default=None, help="where to write (default: the directory)")
 
+    b = sub.add_parser("bench", help="run a benchmark grid (strategies x seeds x settings)",
+                       description="Run every unfinished run of a bench config or preset into "
+                                   "one experiment directory (resumable).")
+    b.add_argument("config", nargs="?", default=None, help="bench config file (YAML)")
+    b.add_argument("--preset", default=None, help="a shipped preset instead of CONFIG")
+    b.add_argument("--list-presets", action="store_true", help="list the shipped presets")
+    b.add_argument("--out", default=None,
+                   help="experiment directory (default: runs/<bench name>)")
+    b.add_argument("--jobs", type=_positive, default=1,
+                   help="parallel worker processes (each gets cores / jobs torch threads)")
+    b.add_argument("--full-data", action="store_true",
+                   help="also train the full-data reference run (the accuracy ceiling)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print the runs and their status; run nothing")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--data-root", default=None, help="directory with the dataset files")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     sub.add_parser("datasets", help="list the datasets")
     sub.add_parser("strategies", help="list the query strategies")
     sub.add_parser("models", help="list the models")
@@ -206,7 +224,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     rep = write_report(args.out)
     print()
     print(rep["table"])
-    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}, {rep['rounds']}")
+    print(f"\nplot: {rep['png']} (and {rep['svg'].name})\ntables: {rep['md']}, {rep['csv']}, "
+          f"{rep['rounds']}\nsummary: {rep['summary']}, {rep['summary_csv']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dalbt import bench
+
+    if args.list_presets:
+        if args.config or args.preset:
+            raise DalbtError("--list-presets takes no CONFIG or --preset")
+        print(_listing(bench.list_presets()))
+        return 0
+    if (args.config is None) == (args.preset is None):
+        raise DalbtError("give a bench CONFIG file or --preset NAME (one of them; see "
+                         "'dalbt bench --list-presets')")
+    cfg = bench.load_preset(args.preset) if args.preset else bench.load_config(args.config)
+    out = args.out or os.path.join("runs", cfg.name)
+    device = resolve_device(args.device)
+    bench.run_bench(cfg, out, jobs=args.jobs, full_data=args.full_data, dry_run=args.dry_run,
+                    device=device, data_root=args.data_root,
+                    progress=not args.no_progress and sys.stderr.isatty())
+    if not args.dry_run:
+        print(f"results in {out}; write the report with 'dalbt report {out}'")
     return 0
 
 
@@ -215,7 +256,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rep = write_report(args.directory, args.out)
     print(rep["table"])
-    print(f"\nplot: {rep['png']}\ntables: {rep['md']}, {rep['csv']}, {rep['rounds']}")
+    print(f"\nplot: {rep['png']} (and {rep['svg'].name})\ntables: {rep['md']}, {rep['csv']}, "
+          f"{rep['rounds']}\nsummary: {rep['summary']}, {rep['summary_csv']}")
     return 0
 
 
@@ -225,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "datasets":

@@ -1,0 +1,768 @@
+"""Benchmark runner: a grid of strategies x seeds (x settings) over one AL protocol.
+
+A bench config (YAML) names the protocol (any :class:`~dalbt.loop.RunConfig` or
+:class:`~dalbt.train.TrainConfig` field, flat), the ``strategies`` (a name, or a mapping with
+``name``, ``options``, ``train`` overrides and ``label``), the ``seeds`` and an optional
+``grid`` of settings crossed with strategies x seeds::
+
+    dataset: digits
+    initial: 30
+    budget: 30
+    rounds: 5
+    epochs: 50
+    val_size: 200
+    strategies:
+      - random
+      - {name: random, train: {ssl_unlabelled: true}}
+      - {name: weibull, options: {distance: cosine}, label: weibull-cos}
+    seeds: [0, 1]
+    grid:
+      gamma: [0.001, 0]
+
+Every run goes through :func:`dalbt.loop.run_experiment` with ``resume=True``: runs of a seed
+share the initial labelled set, finished runs are skipped and interrupted ones continue, so a
+bench can be stopped and restarted at will. Runs can execute in parallel worker processes that
+write to the same experiment store (SQLite in WAL mode; each run writes only its own rows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import numpy as np
+
+from dalbt.errors import DalbtError
+from dalbt.loop import RunConfig
+from dalbt.store import config_key
+from dalbt.train import TrainConfig
+
+FULL_DATA = "full-data"
+MANIFEST = "bench.json"
+
+# RunConfig fields a bench sets per run itself, never from the protocol.
+_PER_RUN = ("strategy", "strategy_options", "seed", "train")
+_RUN_TYPES = get_type_hints(RunConfig)
+_TRAIN_TYPES = get_type_hints(TrainConfig)
+RUN_SETTINGS = tuple(f.name for f in fields(RunConfig) if f.name not in _PER_RUN)
+TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))
+SETTINGS = RUN_SETTINGS + TRAIN_SETTINGS
+_META = ("name", "description")
+TOP_LEVEL = (*_META, "strategies", "seeds", "grid", *SETTINGS)
+_STRATEGY_KEYS = ("name", "options", "train", "label")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy entry of a bench.
+
+    Attributes:
+        name: Registered strategy name.
+        options: Keyword options of the strategy.
+        train: Training-recipe overrides for this strategy (TrainConfig fields).
+        label: Name of the entry in progress lines and the manifest.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass
+class BenchConfig:
+    """A parsed, validated bench.
+
+    Attributes:
+        name: Bench name (preset name or config file stem).
+        description: One line for listings.
+        settings: Protocol settings shared by every run (RunConfig and TrainConfig fields).
+        strategies: The strategy entries.
+        seeds: The seeds; each strategy runs once per seed (and grid point).
+        grid: Settings crossed with strategies x seeds, name -> values.
+    """
+
+    name: str
+    description: str
+    settings: dict[str, Any]
+    strategies: list[StrategySpec]
+    seeds: list[int]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of an expanded bench.
+
+    Attributes:
+        label: Strategy label, with the grid point when the bench has a grid.
+        config: The run's config.
+        key: The run's identity in the store (as :func:`dalbt.loop.run_experiment` computes it).
+        full_data: A full-data reference run rather than an AL run.
+    """
+
+    label: str
+    config: RunConfig
+    key: str
+    full_data: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(fits, value converted to ``tp``); YAML 1.1 reads ``1e-3`` as a string: accept it."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False, value
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        out = []
+        for item in value:
+            ok, v = _coerce(item, args[0]) if args else (True, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _setting(key: str, value: Any, where: str) -> Any:
+    """Check one protocol setting against its field type; return it converted."""
+    tp = _RUN_TYPES.get(key) or _TRAIN_TYPES[key]
+    if key == "unknown_classes" and isinstance(value, list):  # names or class indices
+        value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    ok, converted = _coerce(value, tp)
+    if not ok:
+        raise DalbtError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+    return converted
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in mapping if k not in allowed]
+    if unknown:
+        raise DalbtError(f"{where}: unknown key {unknown[0]!r}; allowed keys: "
+                         f"{', '.join(allowed)}")
+
+
+def _strategy_label(spec: StrategySpec) -> str:
+    label = spec.name
+    if spec.options:
+        label += "(" + ",".join(f"{k}={v}" for k, v in sorted(spec.options.items())) + ")"
+    for k, v in sorted(spec.train.items()):
+        label += "+ssl" if k == "ssl_unlabelled" and v is True else f"+{k}={v}"
+    return label
+
+
+def _parse_strategy(item: Any, i: int, source: str) -> StrategySpec:
+    from dalbt.strategies import build_strategy
+
+    where = f"{source}: strategies[{i}]"
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict):
+        raise DalbtError(f"{where} must be a strategy name or a mapping with 'name', got "
+                         f"{item!r}")
+    _check_keys(item, _STRATEGY_KEYS, where)
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise DalbtError(f"{where} needs a 'name' (a strategy name), got {name!r}")
+    options = item.get("options") or {}
+    train = item.get("train") or {}
+    for key, value in (("options", options), ("train", train)):
+        if not isinstance(value, dict):
+            raise DalbtError(f"{where}: {key} must be a mapping, got {value!r}")
+    _check_keys(train, TRAIN_SETTINGS, f"{where}.train")
+    train = {k: _setting(k, v, f"{where}.train") for k, v in train.items()}
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    try:
+        build_strategy(name, **options)
+    except DalbtError as exc:
+        raise DalbtError(f"{where}: {exc}") from None
+    label = item.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise DalbtError(f"{where}: label must be a non-empty string, got {label!r}")
+    spec = StrategySpec(name=name, options=options, train=train)
+    return StrategySpec(name=name, options=options, train=train,
+                        label=label.strip() if label else _strategy_label(spec))
+
+
+def parse_config(raw: Any, source: str = "bench config", name: str = "bench") -> BenchConfig:
+    """Validate a bench config mapping (as read from YAML).
+
+    Args:
+        raw: The mapping.
+        source: What to call it in error messages (the file or preset).
+        name: Bench name when the mapping has none.
+
+    Returns:
+        The :class:`BenchConfig`.
+
+    Raises:
+        DalbtError: Unknown keys, unknown strategy, dataset or model, bad types or values.
+    """
+    from dalbt.data import DATASETS
+    from dalbt.models import MODELS
+
+    if not isinstance(raw, dict):
+        raise DalbtError(f"{source}: expected a mapping of settings, got "
+                         f"{type(raw).__name__}")
+    _check_keys(raw, TOP_LEVEL, source)
+    settings = {k: _setting(k, v, source) for k, v in raw.items() if k in SETTINGS}
+    dataset = str(settings.get("dataset", RunConfig.dataset)).lower().replace("_", "-")
+    if dataset not in DATASETS:
+        raise DalbtError(f"{source}: unknown dataset {dataset!r}; known datasets: "
+                         f"{', '.join(DATASETS)}")
+    settings["dataset"] = dataset
+    model = settings.get("model", RunConfig.model)
+    if model not in MODELS:
+        raise DalbtError(f"{source}: unknown model {model!r}; known models: "
+                         f"{', '.join(sorted(MODELS))}")
+    if "projector_dims" in settings:
+        dims = settings["projector_dims"]
+        if not dims or min(dims) <= 0:
+            raise DalbtError(f"{source}: projector_dims must be positive widths, got {dims!r}")
+        settings["projector_dims"] = tuple(dims)
+    if settings.get("mix"):
+        from dalbt.data.mixing import parse_mix
+
+        try:
+            parse_mix(settings["mix"])
+        except (ValueError, DalbtError) as exc:
+            raise DalbtError(f"{source}: bad mix {settings['mix']!r}: {exc}") from None
+
+    items = raw.get("strategies")
+    if not isinstance(items, list) or not items:
+        raise DalbtError(f"{source}: 'strategies' must be a non-empty list of strategy names "
+                         "or mappings")
+    strategies = [_parse_strategy(item, i, source) for i, item in enumerate(items)]
+    labels = [s.label for s in strategies]
+    dup = next((lb for lb in labels if labels.count(lb) > 1), None)
+    if dup is not None:
+        raise DalbtError(f"{source}: two strategies are labelled {dup!r}; give one a distinct "
+                         "'label'")
+
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                       for s in seeds)):
+        raise DalbtError(f"{source}: 'seeds' must be a non-empty list of integers >= 0, got "
+                         f"{seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise DalbtError(f"{source}: 'seeds' lists a seed twice: {seeds!r}")
+
+    grid_raw = raw.get("grid") or {}
+    if not isinstance(grid_raw, dict):
+        raise DalbtError(f"{source}: 'grid' must be a mapping of setting -> list of values")
+    grid: dict[str, list[Any]] = {}
+    for key, values in grid_raw.items():
+        if key not in SETTINGS:
+            raise DalbtError(f"{source}: grid: unknown setting {key!r}; the grid can vary: "
+                             f"{', '.join(SETTINGS)}")
+        if key in ("dataset", "model"):
+            raise DalbtError(f"{source}: grid: {key} cannot vary within a bench; write one "
+                             "bench per dataset and model")
+        if not isinstance(values, list) or not values:
+            raise DalbtError(f"{source}: grid: {key} must be a non-empty list of values")
+        grid[key] = [_setting(key, v, f"{source}: grid") for v in values]
+        for spec in strategies:
+            if key in spec.train:
+                raise DalbtError(f"{source}: strategy {spec.label!r} sets train.{key}, which "
+                                 "the grid varies; set it in one place")
+    bench = BenchConfig(name=str(raw.get("name") or name),
+                        description=str(raw.get("description") or ""),
+                        settings=settings, strategies=strategies, seeds=list(seeds), grid=grid)
+    for run in expand(bench)[0]:  # protocol checks that need no data
+        _check_protocol(run.config, f"{source} ({run.label})")
+    return bench
+
+
+def _check_protocol(cfg: RunConfig, where: str) -> None:
+    for name, value in (("initial", cfg.initial), ("budget", cfg.budget),
+                        ("epochs", cfg.train.epochs), ("batch_size", cfg.train.batch_size),
+                        ("eval_every", cfg.train.eval_every),
+                        ("pretrain_batch", cfg.train.pretrain_batch)):
+        if value <= 0:
+            raise DalbtError(f"{where}: {name} must be positive, got {value}")
+    for name, value in (("rounds", cfg.rounds), ("gamma", cfg.train.gamma),
+                        ("lambd", cfg.train.lambd), ("weight_decay", cfg.train.weight_decay),
+                        ("pretrain_epochs", cfg.train.pretrain_epochs)):
+        if value < 0:
+            raise DalbtError(f"{where}: {name} must be >= 0, got {value}")
+    if cfg.train.lr <= 0:
+        raise DalbtError(f"{where}: lr must be positive, got {cfg.train.lr}")
+    if cfg.val_size is not None and cfg.val_size < 0:
+        raise DalbtError(f"{where}: val_size must be >= 0, got {cfg.val_size}")
+    if cfg.ood_policy not in ("return", "discard"):
+        raise DalbtError(f"{where}: ood_policy must be 'return' or 'discard', got "
+                         f"{cfg.ood_policy!r}")
+
+
+def load_config(path: str | os.PathLike) -> BenchConfig:
+    """Read and validate a bench config file (YAML).
+
+    Raises:
+        DalbtError: Missing or unreadable file, bad YAML, or an invalid config.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DalbtError(f"cannot read bench config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DalbtError(f"{path}: not valid YAML{at}: "
+                         f"{getattr(exc, 'problem', None) or exc}") from None
+    return parse_config(raw, str(path), name=path.stem)
+
+
+def _presets_dir() -> Any:
+    return resources.files("dalbt").joinpath("presets")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with dalbt."""
+    return sorted(p.name[:-5] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> BenchConfig:
+    """Read and validate a shipped preset.
+
+    Raises:
+        DalbtError: Unknown preset.
+    """
+    import yaml
+
+    names = preset_names()
+    if name not in names:
+        raise DalbtError(f"unknown preset {name!r}; presets: {', '.join(names)} "
+                         "(see 'dalbt bench --list-presets')")
+    raw = yaml.safe_load(_presets_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+    return parse_config(raw, f"preset {name}", name=name)
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, description) of every shipped preset."""
+    return [(name, load_preset(name).description) for name in preset_names()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+
+
+def _run_config(settings: dict[str, Any], spec: StrategySpec, seed: int) -> RunConfig:
+    run = {k: v for k, v in settings.items() if k in RUN_SETTINGS}
+    train = {k: v for k, v in settings.items() if k in TRAIN_SETTINGS}
+    train.update(spec.train)
+    if "projector_dims" in run:
+        run["projector_dims"] = tuple(run["projector_dims"])
+    return RunConfig(strategy=spec.name, strategy_options=dict(spec.options), seed=seed,
+                     train=TrainConfig(**train), **run)
+
+
+def _grid_points(bench: BenchConfig) -> list[dict[str, Any]]:
+    keys = list(bench.grid)
+    return [dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(bench.grid[k] for k in keys))]
+
+
+def _point_label(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in point.items())
+
+
+def expand(bench: BenchConfig, full_data: bool = False
+           ) -> tuple[list[PlannedRun], list[str]]:
+    """The bench's runs: strategies x seeds x grid points (and full-data references).
+
+    Combinations that cannot run (the SSL pool loss with ``gamma = 0``) are left out.
+
+    Args:
+        bench: The bench.
+        full_data: Add one full-data reference run per grid point (on the first seed).
+
+    Returns:
+        (runs, notes): the planned runs, grouped by seed so that each seed's initial set is
+        created once and reused; one line per left-out combination.
+    """
+    runs: list[PlannedRun] = []
+    notes: list[str] = []
+    points = _grid_points(bench)
+    for seed in bench.seeds:
+        for point in points:
+            settings = {**bench.settings, **point}
+            suffix = f" [{_point_label(point)}]" if point else ""
+            for spec in bench.strategies:
+                cfg = _run_config(settings, spec, seed)
+                label = spec.label + suffix
+                if cfg.train.ssl_unlabelled and cfg.train.gamma <= 0:
+                    if seed == bench.seeds[0]:
+                        notes.append(f"{label}: left out, the SSL pool loss needs gamma > 0")
+                    continue
+                runs.append(PlannedRun(label, cfg, config_key(cfg.key_dict())))
+    if full_data:
+        for point in points:
+            settings = {**bench.settings, **point, "rounds": 0}
+            cfg = _run_config(settings, StrategySpec(FULL_DATA), bench.seeds[0])
+            cfg.train.ssl_unlabelled = False
+            suffix = f" [{_point_label(point)}]" if point else ""
+            runs.append(PlannedRun(FULL_DATA + suffix, cfg, "", full_data=True))
+    return runs, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-data reference
+
+
+def full_data_config(cfg: RunConfig, data: Any) -> tuple[RunConfig, np.ndarray, np.ndarray]:
+    """The full-data run's config, its labelled indices and its validation split.
+
+    The labelled set is every in-distribution training image outside the seed's validation
+    split (the same split the AL runs of that seed use).
+    """
+    from dataclasses import replace
+
+    from dalbt.data.pool import make_splits
+    from dalbt.loop import ood_mask, resolve_val_size
+
+    ood = ood_mask(data)
+    in_dist = np.flatnonzero(~ood)
+    val_size = resolve_val_size(cfg, len(in_dist))
+    splits = make_splits(data.n_train, val_size, 1, cfg.seed,
+                         candidates=in_dist if ood.any() else None)
+    labelled = np.setdiff1d(in_dist, splits.validation)
+    full = replace(cfg, strategy=FULL_DATA, strategy_options={}, rounds=0,
+                   initial=len(labelled), budget=max(cfg.budget, 1))
+    return full, labelled, splits.validation
+
+
+def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
+                  log: Callable[[str], None] = print) -> Any:
+    """Train the protocol's model and recipe on the whole training set (minus validation).
+
+    Stored as a run with strategy ``full-data``, one round (round 0, no query); skipped when
+    the store already holds it finished. Barlow Twins pre-training is not applied.
+
+    Args:
+        cfg: The protocol (its strategy and rounds are ignored).
+        store: The experiment :class:`~dalbt.store.Store`.
+        data: The loaded dataset (loaded from ``cfg`` when None).
+        log: Where the one-line summary goes.
+
+    Returns:
+        The run's :class:`~dalbt.store.RunRecord`.
+    """
+    import torch
+
+    from dalbt import rng as rngs
+    from dalbt.data import load_dataset
+    from dalbt.loop import apply_scenario
+    from dalbt.models import build_model
+    from dalbt.train import accuracy, train_round
+
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root)
+    data = apply_scenario(cfg, data)
+    full, labelled, validation = full_data_config(cfg, data)
+    key = config_key(full.key_dict())
+    run = store.find_run(key)
+    if run is not None and run.status == "finished":
+        log(f"run {run.id} ({FULL_DATA}, seed {full.seed}) already finished")
+        return run
+    if run is None:
+        run = store.create_run(full.to_dict(), labelled, key=key)
+    device = torch.device(full.train.device)
+    model = build_model(full.model, data.channels, data.image_size, data.num_classes,
+                        latent_dim=full.latent_dim, projector_dims=full.projector_dims,
+                        seed=rngs.int_seed(full.seed, rngs.INIT, 0)).to(device)
+    visible = torch.full_like(data.y_train, -1)
+    seen = torch.as_tensor(np.concatenate([labelled, validation]))
+    visible[seen] = data.y_train[seen]
+    t0 = time.perf_counter()
+    res = train_round(model, data.x_train, visible, labelled, validation, full.train,
+                      rngs.torch_generator(full.seed, rngs.SHUFFLE, 0),
+                      rngs.torch_generator(full.seed, rngs.AUGMENT, 0))
+    t_train = time.perf_counter() - t0
+    test_acc = accuracy(model, data.x_test, data.y_test)
+    metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
+               "best_epoch": res.best_epoch, "train_ce": res.train_ce, "train_bt": res.train_bt,
+               "t_train": t_train, "t_score": 0.0, "t_select": 0.0}
+    store.record_round(run.id, 0, metrics, np.empty(0, dtype=np.int64), finished=True)
+    log(f"[{FULL_DATA} seed {full.seed}] labelled {len(labelled)}  val {res.val_acc:.4f}  "
+        f"test {test_acc:.4f}  train {t_train:.1f}s")
+    return store.find_run(key) or run
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+_DATA_CACHE: dict[tuple[str, str | None], Any] = {}
+
+
+def _dataset(name: str, root: str | None) -> Any:
+    from dalbt.data import load_dataset
+
+    if (name, root) not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one dataset per bench: keep at most one in memory
+        _DATA_CACHE[(name, root)] = load_dataset(name, root)
+    return _DATA_CACHE[(name, root)]
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute(task: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume, or skip) one planned run; the unit of work of a bench worker.
+
+    Args:
+        task: ``config`` (RunConfig dict), ``out`` (store directory), ``label``, ``full_data``.
+
+    Returns:
+        Summary: label, seed, n_labelled and test_acc of the last round, seconds.
+    """
+    from dalbt.loop import run_experiment
+    from dalbt.store import Store
+
+    cfg = RunConfig.from_dict(task["config"])
+    data = _dataset(cfg.dataset, cfg.data_root)
+    t0 = time.perf_counter()
+    with Store(task["out"]) as store:
+        if task["full_data"]:
+            run = run_full_data(cfg, store, data, log=lambda s: None)
+        else:
+            run = run_experiment(cfg, store, resume=True, progress=False, data=data,
+                                 log=lambda s: None)
+        rounds = store.rounds(run.id)
+    last = rounds[-1] if rounds else {}
+    return {"label": task["label"], "seed": cfg.seed, "run_id": run.id,
+            "n_labelled": last.get("n_labelled"), "test_acc": last.get("test_acc"),
+            "seconds": time.perf_counter() - t0}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _status(store: Any, run: PlannedRun, data_for_full: Callable[[], Any]) -> str:
+    """'finished', 'resume at round k' or 'new'."""
+    key = run.key
+    if run.full_data:
+        from dalbt.loop import apply_scenario
+
+        full, _, _ = full_data_config(run.config, apply_scenario(run.config, data_for_full()))
+        key = config_key(full.key_dict())
+    rec = store.find_run(key)
+    if rec is None:
+        return "new"
+    if rec.status == "finished":
+        return "finished"
+    return f"resume at round {len(store.rounds(rec.id))}"
+
+
+def _write_manifest(out: Path, bench: BenchConfig, runs: list[PlannedRun]) -> None:
+    """Record run key -> label in ``out/bench.json`` (merged with earlier benches)."""
+    path = out / MANIFEST
+    try:
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        manifest = {}
+    labels = manifest.setdefault("labels", {})
+    for run in runs:
+        if not run.full_data:
+            labels[run.key] = run.label
+    manifest.setdefault("benches", {})[bench.name] = {
+        "settings": {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in bench.settings.items()},
+        "grid": bench.grid, "seeds": bench.seeds,
+        "strategies": [s.label for s in bench.strategies]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def run_bench(
+    bench: BenchConfig,
+    out: str | os.PathLike,
+    jobs: int = 1,
+    full_data: bool = False,
+    dry_run: bool = False,
+    device: str | None = None,
+    data_root: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every run of a bench that is not finished yet.
+
+    Args:
+        bench: The bench.
+        out: Experiment directory (one store for all runs).
+        jobs: Parallel worker processes (1: run in this process).
+        full_data: Also train the full-data reference run(s).
+        dry_run: Only print the plan (label, seed, status of every run).
+        device: torch device of every run (None: the bench's setting).
+        data_root: Dataset directory of every run (None: the bench's setting).
+        progress: Show a progress bar (runs done / total, ETA) on stderr.
+        log: Where the plan and the one-line summary per finished run go.
+
+    Returns:
+        ``{"total", "finished_before", "ran", "left_out", "results"}``.
+
+    Raises:
+        DalbtError: A run failed (bad protocol for the data, ...).
+    """
+    from tqdm.auto import tqdm
+
+    from dalbt.loop import apply_scenario, validate
+    from dalbt.store import Store
+
+    if jobs < 1:
+        raise DalbtError(f"--jobs must be positive, got {jobs}")
+    runs, notes = expand(bench, full_data=full_data)
+    for run in runs:
+        if device is not None:
+            run.config.train.device = device
+        if data_root is not None:
+            run.config.data_root = data_root
+    out = Path(out)
+    data = _dataset(bench.settings["dataset"], runs[0].config.data_root)
+    checked: set[tuple] = set()
+    for run in runs:  # protocol against the data, once per scenario and pool size
+        cfg = run.config
+        sig = (tuple(cfg.unknown_classes), cfg.mix, cfg.val_size, cfg.initial, cfg.budget,
+               cfg.rounds, run.full_data)
+        if sig not in checked and not run.full_data:
+            checked.add(sig)
+            try:
+                validate(cfg, apply_scenario(cfg, data))
+            except DalbtError as exc:
+                raise DalbtError(f"bench {bench.name} ({run.label}): {exc}") from None
+    store = Store(out)  # creates the database (WAL) before any worker opens it
+    try:
+        status = [_status(store, run, lambda: data) for run in runs]
+    finally:
+        store.close()
+    todo = [run for run, st in zip(runs, status, strict=True) if st != "finished"]
+    for note in notes:
+        log(note)
+    n_seeds = len(bench.seeds)
+    log(f"bench {bench.name}: {len(runs)} runs ({len(bench.strategies)} strategies x {n_seeds} "
+        f"seeds{' x ' + str(len(_grid_points(bench))) + ' grid points' if bench.grid else ''}"
+        f"{' + full-data' if full_data else ''}) in {out}: {len(runs) - len(todo)} finished, "
+        f"{len(todo)} to run")
+    summary = {"total": len(runs), "finished_before": len(runs) - len(todo), "ran": 0,
+               "left_out": notes, "results": []}
+    if dry_run:
+        for run, st in zip(runs, status, strict=True):
+            log(f"  {run.label:<40s} seed {run.config.seed:<3d} {st}")
+        return summary
+    if not todo:
+        return summary
+    _write_manifest(out, bench, runs)
+    tasks = [{"config": run.config.to_dict(), "out": str(out), "label": run.label,
+              "full_data": run.full_data} for run in todo]
+    jobs = min(jobs, len(tasks))
+    bar = tqdm(total=len(tasks), desc=f"bench {bench.name}", unit="run", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def done(res: dict[str, Any]) -> None:
+        summary["ran"] += 1
+        summary["results"].append(res)
+        k = summary["ran"]
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / k * (len(tasks) - k)
+        acc = res["test_acc"]
+        acc_text = f"{acc:.4f}" if acc is not None else "n/a"
+        bar.update(1)
+        line = (f"[{k}/{len(tasks)}] {res['label']} seed {res['seed']}: test {acc_text} at "
+                f"{res['n_labelled']} labels, {res['seconds']:.1f}s (ETA {_fmt_time(eta)})")
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(line)
+
+    try:
+        if jobs == 1:
+            for task in tasks:
+                done(execute(task))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            threads = max(1, _cores() // jobs)
+            with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,)) as pool:
+                for res in pool.imap_unordered(execute, tasks):
+                    done(res)
+                pool.close()  # let workers exit cleanly (terminate() on exit would kill them)
+                pool.join()
+    finally:
+        bar.close()
+    return summary
