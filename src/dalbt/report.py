@@ -477,14 +477,28 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
     import matplotlib.pyplot as plt
 
     datasets = sorted({c.dataset for c in curves})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    most = max(sum(c.dataset == d for c in curves) for d in datasets)
+    # distinct colours and line styles for up to 40 curves; legend outside the axes
+    colours = plt.get_cmap("tab20").colors if most > 10 else plt.get_cmap("tab10").colors
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets) + 2.5, 5),
+                             squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        for c in (c for c in curves if c.dataset == dataset):
+        lows, highs = [], []
+        for i, c in enumerate(c for c in curves if c.dataset == dataset):
             m, h = c.mean * 100, c.ci95 * 100
-            (line,) = ax.plot(c.n_labelled, m, marker="o", ms=3,
-                              label=f"{c.label} (n={len(c.seeds)})")
-            if not np.isnan(h).all():
-                ax.fill_between(c.n_labelled, m - h, m + h, alpha=0.2, color=line.get_color())
+            colour, style = colours[i % len(colours)], styles[(i // len(colours)) % 4]
+            ax.plot(c.n_labelled, m, marker="o", ms=3, color=colour, ls=style,
+                    label=f"{c.label} (n={len(c.seeds)})")
+            lows.append(np.nanmin(m))
+            highs.append(np.nanmax(m))
+            # with two seeds the t quantile is 12.7: such a band says nothing and hides the rest
+            if len(c.seeds) >= 3 and not np.isnan(h).all():
+                ax.fill_between(c.n_labelled, m - h, m + h, alpha=0.12, color=colour, lw=0)
+        # the axis follows the means (and the ceiling): wide intervals of few seeds are clipped
+        top = max(highs + ([ceilings[dataset] * 100] if ceilings and dataset in ceilings
+                           else []))
+        ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, top + 3))
         if ceilings and dataset in ceilings:
             ax.axhline(ceilings[dataset] * 100, color="black", ls="--", lw=1,
                        label=f"full data ({ceilings[dataset] * 100:.1f} %)")
@@ -492,7 +506,7 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
         ax.set_xlabel("labels bought (initial + budget x round)")
         ax.set_ylabel("test accuracy (%), mean and 95 % CI")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     if svg is not None:
