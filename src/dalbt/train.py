@@ -306,62 +306,49 @@ def train_round(
     """
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
     with isolated_torch_rng(seed, cfg.device):
-        return _train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
-                            augment_gen, on_epoch, unlabelled)
+        device = torch.device(cfg.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        aug = TwoViewAugment()
+        use_bt = cfg.gamma > 0
+        lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
+        pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
+                                          dtype=np.int64))
+        ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
+        val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
+        selector = BestOnValidation(x_train[val], y_train[val], cfg)
+        ce_mean = bt_mean = float("nan")
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            ce_sum = bt_sum = 0.0
+            steps = 0
+            for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=use_bt):
+                idx = lab[pos]
+                x = to_float(x_train[idx], device)
+                y = y_train[idx].to(device)
+                if use_bt and len(idx) >= 2:
+                    xv = x
+                    if ssl_pool:  # pool images join the views only: their labels are never read
+                        u = pool[torch.randint(len(pool), (len(idx),), generator=shuffle_gen)]
+                        xv = torch.cat([x, to_float(x_train[u], device)])
+                    v1, v2 = aug(xv, augment_gen)
+                    # Separate passes, so batch-norm statistics of the classifier's input are
+                    # those of undistorted images, and each view is normalised on its own (as
+                    # Barlow Twins does).
+                    loss, ce, bt = joint_loss(model(x), y, model.project(v1), model.project(v2),
+                                              cfg.gamma, cfg.lambd)
+                else:
+                    loss, ce, bt = joint_loss(model(x), y, None, None, 0.0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ce_sum += float(ce.detach())
+                bt_sum += float(bt.detach())
+                steps += 1
+            ce_mean, bt_mean = ce_sum / max(steps, 1), bt_sum / max(steps, 1)
+            metrics = {"ce": ce_mean, "bt": bt_mean}
+            selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+        return selector.result(model, (ce_mean, bt_mean))
 
 
-def _train_round(
-    model: nn.Module,
-    x_train: Tensor,
-    y_train: Tensor,
-    labelled: np.ndarray,
-    validation: np.ndarray,
-    cfg: TrainConfig,
-    shuffle_gen: torch.Generator,
-    augment_gen: torch.Generator,
-    on_epoch: Callable[[int, dict], None] | None = None,
-    unlabelled: np.ndarray | None = None,
-) -> TrainResult:
-    device = torch.device(cfg.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    aug = TwoViewAugment()
-    use_bt = cfg.gamma > 0
-    lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
-    pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
-                                      dtype=np.int64))
-    ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
-    val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
-    selector = BestOnValidation(x_train[val], y_train[val], cfg)
-    ce_mean = bt_mean = float("nan")
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        ce_sum = bt_sum = 0.0
-        steps = 0
-        for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=use_bt):
-            idx = lab[pos]
-            x = to_float(x_train[idx], device)
-            y = y_train[idx].to(device)
-            if use_bt and len(idx) >= 2:
-                xv = x
-                if ssl_pool:  # pool images join the views only: their labels are never read
-                    u = pool[torch.randint(len(pool), (len(idx),), generator=shuffle_gen)]
-                    xv = torch.cat([x, to_float(x_train[u], device)])
-                v1, v2 = aug(xv, augment_gen)
-                # Separate passes, so batch-norm statistics of the classifier's input are those
-                # of undistorted images, and each view is normalised on its own (as Barlow Twins).
-                loss, ce, bt = joint_loss(model(x), y, model.project(v1), model.project(v2),
-                                          cfg.gamma, cfg.lambd)
-            else:
-                loss, ce, bt = joint_loss(model(x), y, None, None, 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ce_sum += float(ce.detach())
-            bt_sum += float(bt.detach())
-            steps += 1
-        ce_mean, bt_mean = ce_sum / max(steps, 1), bt_sum / max(steps, 1)
-        metrics = {"ce": ce_mean, "bt": bt_mean}
-        selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    return selector.result(model, (ce_mean, bt_mean))
