@@ -80,3 +80,27 @@ def make_real_context(labelled, unlabelled=None, seed=0, n=60, num_classes=3, dr
 @pytest.fixture
 def real_context_factory():
     return make_real_context
+
+
+class Killed(Exception):
+    """Stands for a process killed while a round is in progress."""
+
+
+def kill_at_round(monkeypatch, round_, run):
+    """Call ``run()`` with the store failing to record ``round_`` (as if killed then), and
+    restore the store afterwards."""
+    from dalbt.store import Store
+
+    original = Store.record_round
+
+    def dying(self, run_id, r, *a, **k):
+        if r == round_:
+            raise Killed
+        return original(self, run_id, r, *a, **k)
+
+    monkeypatch.setattr(Store, "record_round", dying)
+    try:
+        with pytest.raises(Killed):
+            run()
+    finally:
+        monkeypatch.setattr(Store, "record_round", original)

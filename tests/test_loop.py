@@ -15,6 +15,7 @@ from dalbt.errors import DalbtError
 from dalbt.loop import RunConfig, run_experiment
 from dalbt.store import Store
 from dalbt.train import TrainConfig
+from tests.conftest import kill_at_round
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +68,11 @@ def test_validation_split_never_queried(tmp_path, digits):
     assert not set(queried) & set(val) and not set(run.initial) & set(val)
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("warm", [False, True])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits, monkeypatch, warm):
     _, full = _run(tmp_path, "full", _cfg(rounds=3, warm_start=warm), digits)
-    original = Store.record_round
-
-    def dying(self, run_id, round_, *a, **k):
-        if round_ == 2:
-            raise _Killed
-        return original(self, run_id, round_, *a, **k)
-
-    monkeypatch.setattr(Store, "record_round", dying)
-    with pytest.raises(_Killed):
-        _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits)
-    monkeypatch.setattr(Store, "record_round", original)
+    kill_at_round(monkeypatch, 2,
+                  lambda: _run(tmp_path, "cut", _cfg(rounds=3, warm_start=warm), digits))
     with Store(tmp_path / "cut") as store:
         assert [r["round"] for r in store.rounds(store.runs()[0].id)] == [0, 1]
     with pytest.raises(DalbtError, match="--resume"):

@@ -10,6 +10,7 @@ from dalbt.loop import RunConfig, apply_scenario, run_experiment
 from dalbt.models import build_model
 from dalbt.store import Store
 from dalbt.train import TrainConfig, pretrain_barlow, train_round
+from tests.conftest import kill_at_round
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +178,7 @@ def test_training_never_sees_pool_labels(tmp_path, digits, monkeypatch):
 def test_ood_run_resumes_to_the_same_queries(tmp_path, digits, monkeypatch, policy):
     cfg = _cfg("entropy", rounds=3, unknown_classes=["8", "9"], ood_policy=policy)
     _, full = _run(tmp_path, "full", cfg, digits)
-    original = Store.record_round
-
-    def dying(self, run_id, round_, *a, **k):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return original(self, run_id, round_, *a, **k)
-
-    monkeypatch.setattr(Store, "record_round", dying)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "cut", cfg, digits)
-    monkeypatch.setattr(Store, "record_round", original)
+    kill_at_round(monkeypatch, 2, lambda: _run(tmp_path, "cut", cfg, digits))
     _, resumed = _run(tmp_path, "cut", cfg, digits, resume=True)
     for a, b in zip(full, resumed, strict=True):
         assert np.array_equal(a["queried"], b["queried"]) and a["n_ood"] == b["n_ood"]

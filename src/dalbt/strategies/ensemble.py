@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import QueryContext, Strategy
 
 
@@ -111,9 +110,9 @@ class EnsembleVarRatioStrategy(Strategy):
                                           dtype=torch.float64)
         for _ in range(self.members):
             model = factory(int(ctx.rng.integers(0, 2**63 - 1)))
-            with isolated_torch_rng(int(ctx.rng.integers(0, 2**63 - 1)), ctx.device):
-                train_round(model, images, y, ctx.labelled, no_validation, cfg,
-                            ctx.torch_generator(), ctx.torch_generator())
+            # train_round isolates torch's global RNG itself, seeded from the shuffle generator
+            train_round(model, images, y, ctx.labelled, no_validation, cfg,
+                        ctx.torch_generator(), ctx.torch_generator())
             out = infer(model, images, ctx.unlabelled)
             votes.append(out.predictions)
             prob_sum += out.probs.double()
