@@ -57,6 +57,21 @@ def test_write_report_files(tmp_path):
     assert len(rows) == 3 and rows[1].split(",")[4] == "0" and rows[2].endswith(",1")
 
 
+def test_report_only_keeps_matching_strategies(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, "random", 0, [0.4, 0.5])
+        _fill(store, "weibull", 0, [0.3, 0.6])
+        _fill(store, "weibull", 0, [0.2, 0.9], options={"balance": True})
+    rep = write_report(tmp_path, tmp_path / "w", only=["weibull*"])
+    header = rep["md"].read_text().splitlines()[0]
+    assert "weibull(balance=True)" in header and "| weibull |" in header
+    assert "random" not in header
+    rep = write_report(tmp_path, tmp_path / "r", only=["random", "weibull"])
+    assert "balance" not in rep["md"].read_text().splitlines()[0]
+    with pytest.raises(DalbtError, match="matches no strategy.*random, weibull"):
+        write_report(tmp_path, tmp_path / "x", only=["entropy"])
+
+
 def test_empty_store_is_an_error(tmp_path):
     Store(tmp_path).close()
     with pytest.raises(DalbtError, match="no finished rounds"):

@@ -131,3 +131,51 @@ def test_weibull_options_are_validated():
         WeibullStrategy(tail_frac=0)
     s = build_strategy("weibull", distance="cosine", tail_frac=0.2)
     assert s.distance == "cosine" and s.tail_frac == 0.2
+
+
+def test_top_k_balanced_takes_turns_over_groups():
+    from dalbt.strategies import top_k_balanced
+
+    scores = np.array([9.0, 8.0, 7.0, 1.0, 0.5, 6.0, np.nan])
+    groups = np.array([0, 0, 0, 1, 1, 2, 2])
+    idx = np.array([10, 11, 12, 13, 14, 15, 16])
+    # turn 1: best of each group by score (10, 15, 13); turn 2: 11, 14, 16 (NaN last); then 12
+    assert top_k_balanced(scores, groups, idx, 7).tolist() == [10, 15, 13, 11, 14, 16, 12]
+    assert top_k_balanced(scores, groups, idx, 2).tolist() == [10, 15]
+    # one group only: the plain ranking
+    assert top_k_balanced(scores[:3], groups[:3], idx[:3], 3).tolist() == [10, 11, 12]
+
+
+def _lopsided_pool(context_factory):
+    """Labelled clusters of two classes; the pool holds three far outliers predicted as class 0,
+    one mild outlier predicted as class 1 and typical points of both classes."""
+    rng = np.random.default_rng(3)
+    lat, y, logits = _two_clusters(rng)
+    pool_lat = np.array([[40.0, -30.0], [45.0, -35.0], [50.0, -25.0], [-3.0, 13.0],
+                         [10.1, -0.2], [0.2, 10.1]])
+    pool_logits = np.array([[5, 0], [5, 0], [5, 0], [0, 5], [5, 0], [0, 5]], dtype=float)
+    return len(lat), context_factory(np.concatenate([logits, pool_logits]),
+                                     np.concatenate([lat, pool_lat]), np.arange(len(lat)), y)
+
+
+def test_weibull_balance_spreads_the_batch_over_predicted_classes(context_factory):
+    n_lab, ctx = _lopsided_pool(context_factory)
+    far0 = {n_lab, n_lab + 1, n_lab + 2}
+    # the global ranking gives class 0's three far outliers the first three places
+    assert set(WeibullStrategy().select(ctx, 3)) == far0
+    # balanced, first turn: the most outlying of each predicted class (one far class-0 point and
+    # class 1's mild outlier); second turn: the next of each (another far one, a typical class 1)
+    got = WeibullStrategy(balance=True).select(ctx, 4)
+    assert n_lab + 3 in got[:2] and len(set(got[:2]) & far0) == 1
+    assert n_lab + 5 in got[2:] and len(set(got[2:]) & far0) == 1
+    assert build_strategy("weibull", balance=True).select(ctx, 4).tolist() == got.tolist()
+
+
+def test_weibull_inlier_direction_reverses_the_ranking(context_factory):
+    n_lab, ctx = _lopsided_pool(context_factory)
+    out = WeibullStrategy().select(ctx, 6)
+    inl = WeibullStrategy(direction="inlier").select(ctx, 6)
+    assert inl.tolist() == out[::-1].tolist()
+    assert set(inl[:2]) == {n_lab + 4, n_lab + 5}
+    with pytest.raises(ValueError):
+        WeibullStrategy(direction="up")

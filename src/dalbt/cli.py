@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="learning-curve plot and tables from a directory")
     rep.add_argument("directory", help="experiment directory (the --out of 'dalbt run')")
     rep.add_argument("--out", default=None, help="where to write (default: the directory)")
+    rep.add_argument("--only", action="append", default=None, metavar="PATTERN",
+                     help="keep only the strategies whose label matches this shell-style "
+                          "pattern (repeatable), e.g. --only 'weibull*' --only random")
 
     b = sub.add_parser("bench", help="run a benchmark grid (strategies x seeds x settings)",
                        description="Run every unfinished run of a bench config or preset into "
@@ -254,7 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from dalbt.report import write_report
 
-    rep = write_report(args.directory, args.out)
+    rep = write_report(args.directory, args.out, args.only)
     print(rep["table"])
     print(f"\nplot: {rep['png']} (and {rep['svg'].name})\ntables: {rep['md']}, {rep['csv']}, "
           f"{rep['rounds']}\nsummary: {rep['summary']}, {rep['summary_csv']}")

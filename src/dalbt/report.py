@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -514,7 +515,23 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
     plt.close(fig)
 
 
-def write_report(directory: str | Path, out: str | Path | None = None) -> dict[str, Path | str]:
+def select_curves(curves: list[Curve], only: list[str] | None) -> list[Curve]:
+    """The curves whose label matches any of the shell-style patterns (all if none given).
+
+    Raises:
+        DalbtError: If a pattern matches no curve (the message lists the labels).
+    """
+    if not only:
+        return curves
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(c.label, pattern) for c in curves):
+            labels = ", ".join(sorted({c.label for c in curves}))
+            raise DalbtError(f"--only {pattern!r} matches no strategy; the labels are: {labels}")
+    return [c for c in curves if any(fnmatch.fnmatchcase(c.label, p) for p in only)]
+
+
+def write_report(directory: str | Path, out: str | Path | None = None,
+                 only: list[str] | None = None) -> dict[str, Path | str]:
     """Write the report of a directory.
 
     Files: ``learning_curve.png`` / ``.svg`` (mean and 95 % interval), ``results.csv``,
@@ -526,6 +543,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
     Args:
         directory: Experiment directory holding the store.
         out: Where the files go (default: the experiment directory).
+        only: Shell-style patterns of curve labels to keep (e.g. ``weibull*``); default all.
 
     Returns:
         Paths of the files (``png``, ``svg``, ``csv``, ``md``, ``rounds``, ``summary``,
@@ -539,6 +557,7 @@ def write_report(directory: str | Path, out: str | Path | None = None) -> dict[s
     if not curves:
         raise DalbtError(f"no finished rounds in {directory}; run 'dalbt run --out "
                          f"{directory}' first")
+    curves = select_curves(curves, only)
     out_dir = Path(out) if out else directory
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(curves)

@@ -26,6 +26,7 @@ from dalbt.strategies.base import (
     QueryContext,
     Strategy,
     top_k,
+    top_k_balanced,
 )
 
 # Every strategy module lists its classes in STRATEGY_CLASSES.
@@ -66,4 +67,5 @@ __all__ = [
     "build_strategy",
     "list_strategies",
     "top_k",
+    "top_k_balanced",
 ]

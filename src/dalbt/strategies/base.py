@@ -206,3 +206,34 @@ def top_k(scores: np.ndarray | Tensor, indices: np.ndarray, k: int) -> np.ndarra
         s, indices = s[keep], indices[keep]
     order = np.lexsort((indices, -s))[:k]
     return indices[order]
+
+
+def top_k_balanced(scores: np.ndarray | Tensor, groups: np.ndarray | Tensor, indices: np.ndarray,
+                   k: int) -> np.ndarray:
+    """Dataset indices of ``k`` high scores taken round-robin over groups (e.g. predicted class).
+
+    The best of every group comes first (ordered by score), then the second best of every
+    group, and so on; a group that runs out simply drops out of later turns.
+
+    Args:
+        scores: One score per candidate, (N,); higher is queried first. NaN ranks last.
+        groups: Group of each candidate, (N,) integers.
+        indices: Dataset indices of the candidates, (N,).
+        k: How many to return (<= N).
+
+    Returns:
+        (k,) int64 dataset indices, in query order.
+    """
+    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
+    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    indices = np.asarray(indices, dtype=np.int64)
+    # rank of each candidate within its group (0 = best), from one sort by (group, -score, index)
+    order = np.lexsort((indices, -s, g))
+    g_sorted = g[order]
+    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - run_start
+    return indices[np.lexsort((indices, -s, rank))[:k]]
+

@@ -16,11 +16,19 @@ import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
-from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy, top_k
+from dalbt.strategies.base import (
+    LABELLED_OUTPUTS,
+    POOL_OUTPUTS,
+    QueryContext,
+    Strategy,
+    top_k,
+    top_k_balanced,
+)
 
 TRANSLATE_AMOUNT = 10000.0  # libMR's default shift of the tail before fitting
 DISTANCES = ("euclidean", "cosine", "eucos")
 ASSIGNMENTS = ("predicted", "nearest", "all")
+DIRECTIONS = ("outlier", "inlier")
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,11 @@ class WeibullStrategy(Strategy):
         min_tail: Smallest tail size; a class with fewer correct samples (or whose tail
             distances are all equal) has no model of its own and uses the Weibull fitted on
             all classes' distances pooled.
+        direction: ``outlier`` (default, the paper: highest outlier probability first) or
+            ``inlier`` (lowest first, what DAL-OSR's code does by its sign bug; an ablation).
+        balance: Take the batch round-robin over the assigned classes (the best-scoring sample
+            of every class, then the second best, ...) instead of one global ranking, so that
+            one class whose Weibull is tight cannot take the whole batch. Off in the paper.
 
     Samples are queried by decreasing outlier probability; probabilities that round to 1.0 are
     ordered by the exact log cumulative hazard, which is monotone in the probability.
@@ -165,17 +178,22 @@ class WeibullStrategy(Strategy):
     requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
 
     def __init__(self, distance: str = "euclidean", assign: str = "predicted",
-                 tail_frac: float = 0.5, min_tail: int = 3) -> None:
+                 tail_frac: float = 0.5, min_tail: int = 3, direction: str = "outlier",
+                 balance: bool = False) -> None:
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
         if assign not in ASSIGNMENTS:
             raise ValueError(f"unknown class assignment {assign!r}; choose one of {ASSIGNMENTS}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
         if not 0 < tail_frac <= 1:
             raise ValueError(f"tail_frac must be in (0, 1], got {tail_frac}")
         self.distance = distance
         self.assign = assign
         self.tail_frac = tail_frac
         self.min_tail = max(2, int(min_tail))
+        self.direction = direction
+        self.balance = bool(balance)
 
     def fit(self, latents: Tensor, targets: np.ndarray, predictions: np.ndarray, num_classes: int
             ) -> tuple[Tensor, list[WeibullTail | None]]:
@@ -213,7 +231,8 @@ class WeibullStrategy(Strategy):
         return fit_high(d, size)
 
     def log_hazards(self, z: Tensor, predictions: Tensor, means: Tensor,
-                    tails: list[WeibullTail | None]) -> np.ndarray:
+                    tails: list[WeibullTail | None], return_assigned: bool = False
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Outlier score of each sample as a log cumulative hazard (monotone in probability).
 
         Args:
@@ -221,15 +240,19 @@ class WeibullStrategy(Strategy):
             predictions: Predicted classes, (N,).
             means: Class means, (K, D).
             tails: Per-class tails.
+            return_assigned: Also return the class each sample was scored against.
 
         Returns:
             (N,) float64 scores; higher = more outlying. Where no class has a model the score is
             the raw distance to the assigned class mean (or +inf if no class has a mean).
+            With ``return_assigned``, a tuple (scores, assigned classes (N,)); for ``all`` the
+            assigned class is the one giving the minimum.
         """
         n, k = len(z), len(tails)
         valid = ~torch.isnan(means[:, 0])
         if not valid.any():
-            return np.full(n, np.inf)
+            out = np.full(n, np.inf)
+            return (out, predictions.numpy()) if return_assigned else out
         d = pairwise_distance(z, torch.nan_to_num(means), self.distance).numpy()
         d[:, ~valid.numpy()] = np.inf  # classes with no mean: infinitely far
         u = np.full((n, k), np.inf)
@@ -239,17 +262,25 @@ class WeibullStrategy(Strategy):
             elif valid[c]:
                 u[:, c] = d[:, c]
         if self.assign == "predicted":
-            return u[np.arange(n), predictions.numpy()]
-        if self.assign == "nearest":
-            return u[np.arange(n), d.argmin(axis=1)]
-        return u.min(axis=1)
+            assigned = predictions.numpy()
+        elif self.assign == "nearest":
+            assigned = d.argmin(axis=1)
+        else:
+            assigned = u.argmin(axis=1)
+        out = u[np.arange(n), assigned]
+        return (out, assigned) if return_assigned else out
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         lab = ctx.labelled_outputs()
         pool = ctx.pool_outputs()
         means, tails = self.fit(lab.latents, ctx.labelled_targets, lab.predictions.numpy(),
                                 ctx.num_classes)
-        scores = self.log_hazards(pool.latents, pool.predictions, means, tails)
+        scores, assigned = self.log_hazards(pool.latents, pool.predictions, means, tails,
+                                            return_assigned=True)
+        if self.direction == "inlier":
+            scores = -scores
+        if self.balance:
+            return top_k_balanced(scores, assigned, ctx.unlabelled, n)
         return top_k(scores, ctx.unlabelled, n)
 
 
