@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from dalbt.cli_label import COMMANDS, add_parsers, dispatch
 from dalbt.errors import DalbtError
 
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list the datasets")
     sub.add_parser("strategies", help="list the query strategies")
     sub.add_parser("models", help="list the models")
+    add_parsers(sub, _option, _positive, _non_negative)
     return p
 
 
@@ -274,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command in COMMANDS:
+            return dispatch(args)
         if args.command == "datasets":
             from dalbt.data import list_datasets
 

@@ -1,0 +1,138 @@
+"""Labelling sub-commands: ``init``, ``query``, ``serve``, ``export`` and ``import``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dalbt.errors import DalbtError
+
+COMMANDS = ("init", "query", "serve", "export", "import")
+
+
+def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None:
+    """Add the labelling sub-commands to the ``dalbt`` parser's sub-parsers."""
+    p = sub.add_parser("init", help="create a labelling project on a folder of images",
+                       description="Create a labelling project in DIR on the images under "
+                                   "--images. Images in a sub-folder named like a class start "
+                                   "labelled with it; --labels CSV (path,label) adds more.")
+    p.add_argument("directory", help="project directory (created)")
+    p.add_argument("--images", required=True, help="folder of the images (searched recursively)")
+    p.add_argument("--classes", default=None, help="class names, comma-separated: a,b,c")
+    p.add_argument("--classes-file", default=None, help="file with one class name per line")
+    p.add_argument("--labels", default=None, help="CSV of labels given beforehand: path,label")
+    p.add_argument("--strategy", default="weibull",
+                   help="query strategy (see 'dalbt strategies'; default weibull = DALBT)")
+    p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
+                   metavar="KEY=VALUE", help="strategy option (repeatable)")
+    p.add_argument("--model", default="lenet", help="encoder (see 'dalbt models')")
+    p.add_argument("--image-size", type=positive, default=None,
+                   help="side the images are resized to (default: most common size, max 64)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 (grayscale) or 3 (colour); default: 1 if every image is grayscale")
+    p.add_argument("--epochs", type=positive, default=50, help="training epochs per query")
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--gamma", type=float, default=0.001, help="Barlow Twins weight")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of labels held out to select the epoch and measure accuracy")
+    p.add_argument("--cold-start-epochs", type=non_negative, default=10,
+                   help="Barlow Twins epochs before the first query when nothing is labelled")
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--who", default=None, help="author recorded for the initial labels")
+
+    q = sub.add_parser("query", help="train on the labels so far and queue the next images")
+    q.add_argument("directory", help="project directory")
+    q.add_argument("--budget", type=positive, required=True, help="images to queue")
+    q.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    s = sub.add_parser("serve", help="label the queued images in a browser",
+                       description="Serve the labelling page of a project. Only loopback "
+                                   "addresses are open without a token; any other --host "
+                                   "needs --token (or DALBT_TOKEN), or one is generated.")
+    s.add_argument("directory", help="project directory")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
+                   help="access token the page must present (default: $DALBT_TOKEN)")
+    s.add_argument("--user", default=None, help="labeller name recorded with each label")
+    s.add_argument("--budget", type=positive, default=None,
+                   help="batch size of the page's 'train and queue' button (default: the "
+                        "size of the last batch, else 20)")
+    s.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+
+    e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
+    e.add_argument("directory", help="project directory")
+    e.add_argument("--format", choices=("csv", "labelstudio"), default="csv")
+    e.add_argument("--queue", action="store_true",
+                   help="export the pending queue (tasks to annotate) instead of the labels")
+    e.add_argument("--out", default=None, help="file to write (default: standard output)")
+
+    i = sub.add_parser("import", help="read labels from CSV or Label Studio JSON")
+    i.add_argument("directory", help="project directory")
+    i.add_argument("file", help="a .csv (path,label) or a Label Studio JSON export")
+    i.add_argument("--who", default=None, help="labeller recorded when the file names none")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one labelling sub-command; returns the exit code."""
+    from dalbt.project import Project, parse_classes
+
+    if args.command == "init":
+        from dalbt.train import TrainConfig
+
+        if not 0 <= args.val_fraction < 1:
+            raise DalbtError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        classes = parse_classes(args.classes, args.classes_file)
+        Project.init(args.directory, args.images, classes, labels_csv=args.labels,
+                     image_size=args.image_size, channels=args.channels, who=args.who,
+                     strategy=args.strategy, strategy_options=dict(args.strategy_option),
+                     model=args.model, seed=args.seed, val_fraction=args.val_fraction,
+                     cold_start_epochs=args.cold_start_epochs,
+                     train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                       gamma=args.gamma)).close()
+        print(f"next: 'dalbt query {args.directory} --budget 20', then "
+              f"'dalbt serve {args.directory}'")
+        return 0
+    if args.command == "query":
+        _threads(args.threads)
+        with Project(args.directory) as project:
+            res = project.query(args.budget, progress=not args.no_progress and sys.stderr.isatty())
+        print(f"queued {len(res.queued)} images in round {res.round}; label them with "
+              f"'dalbt serve {args.directory}'")
+        return 0
+    if args.command == "serve":
+        from dalbt.serve import serve
+
+        _threads(args.threads)
+        serve(Path(args.directory), host=args.host, port=args.port, token=args.token,
+              user=args.user, budget=args.budget)
+        return 0
+    if args.command == "export":
+        from dalbt.interchange import export_project
+
+        with Project(args.directory) as project:
+            text = export_project(project, args.format, queue=args.queue)
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "import":
+        from dalbt.interchange import import_file
+
+        with Project(args.directory) as project:
+            summary = import_file(project, Path(args.file), who=args.who)
+        print(summary)
+        return 0
+    raise DalbtError(f"unknown command {args.command}")

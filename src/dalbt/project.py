@@ -1,0 +1,853 @@
+"""A labelling project: a folder of the user's images, labels given by people, AL rounds.
+
+All state lives in ``DIR/project.sqlite`` (WAL mode): the images by relative path and SHA-256,
+every label ever given (append-only, with who and when; the latest one per image counts), the
+rounds (one per query, with the model's validation accuracy and a checkpoint) and the queue of
+images waiting for a label. Every label is its own transaction, so a crash or a killed server
+loses nothing that was acknowledged; a query writes its round and queue in one transaction at
+the end, so a killed query leaves no half-written batch and can simply be run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalbt import rng as rngs
+from dalbt.data.formats import IMAGE_EXTENSIONS
+from dalbt.errors import DalbtError
+from dalbt.train import TrainConfig
+
+DB_NAME = "project.sqlite"
+SCHEMA_VERSION = 1
+OOD = "ood"  # label kind of "none of these classes"
+CLASS = "class"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,          -- relative to the image root, POSIX separators
+    sha256 TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',  -- ok | unreadable | changed | missing
+    note TEXT,
+    added TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (    -- append-only history; the latest row per image counts
+    id INTEGER PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images(id),
+    label TEXT,                          -- class name; NULL when kind is 'ood'
+    kind TEXT NOT NULL,                  -- class | ood
+    who TEXT NOT NULL,
+    at TEXT NOT NULL,
+    source TEXT NOT NULL                 -- web | init | import:<file> | api
+);
+CREATE INDEX IF NOT EXISTS labels_by_image ON labels(image_id, id);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    method TEXT NOT NULL,                -- the strategy, or 'cold-start'
+    n_labelled INTEGER NOT NULL,         -- class labels the model was trained on (incl. val)
+    n_val INTEGER NOT NULL,
+    val_acc REAL,                        -- NULL without a validation split
+    checkpoint TEXT,
+    t_train REAL,
+    t_select REAL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    position INTEGER NOT NULL,
+    image_id INTEGER NOT NULL REFERENCES images(id),
+    predicted TEXT,                      -- the querying model's guess (never shown to labellers)
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending | done | skipped | unreadable
+    updated TEXT,
+    PRIMARY KEY (round, image_id)
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_user() -> str:
+    """The OS user name, used as ``who`` when none is given."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers)
+        return "unknown"
+
+
+@dataclass
+class ProjectConfig:
+    """Settings of a labelling project, fixed at ``dalbt init`` (stored in the database).
+
+    Attributes:
+        classes: Class names, in button order.
+        image_root: Absolute path of the image folder.
+        image_size: Side of the square the images are resized to for the model.
+        channels: 1 (grayscale) or 3 (RGB).
+        strategy: Query strategy (default DALBT's ``weibull``).
+        strategy_options: Its keyword options.
+        model: Encoder architecture.
+        seed: Root seed of every random stream.
+        val_fraction: Share of the labelled images held out for model selection and the
+            accuracy history (assigned by content hash, so an image keeps its role).
+        min_val: Fewer held-out images than this: no validation split (all labels train).
+        planned_rounds: Number of rounds strategies that plan ahead (PT4AL) assume.
+        cold_start_epochs: Barlow Twins epochs on all images before the first query when there
+            are no labels yet (the first batch is then k-centre on those features).
+        train: Training recipe of each round.
+    """
+
+    classes: list[str]
+    image_root: str
+    image_size: int
+    channels: int
+    strategy: str = "weibull"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "lenet"
+    seed: int = 0
+    val_fraction: float = 0.2
+    min_val: int = 10
+    planned_rounds: int = 10
+    cold_start_epochs: int = 10
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProjectConfig:
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One image waiting for (or given) a label in a round's batch."""
+
+    round: int
+    position: int
+    image_id: int
+    path: str
+    status: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What one ``query`` did."""
+
+    round: int
+    method: str
+    queued: list[int]
+    n_labelled: int
+    val_acc: float | None
+    skipped_images: list[tuple[str, str]]  # (path, reason) of images left out as unusable
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_images(root: Path) -> tuple[list[str], list[str]]:
+    """Image files under ``root`` (recursively), as POSIX paths relative to it.
+
+    Symbolic links are followed only when their target stays inside ``root``; hidden files
+    and folders are skipped.
+
+    Returns:
+        ``(paths, warnings)``: sorted relative paths and one message per file left out.
+    """
+    root_real = Path(os.path.realpath(root))
+    paths, warnings = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not _is_image(name):
+                continue
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if not is_inside(root_real, full):
+                warnings.append(f"{rel}: links outside the image folder, left out")
+                continue
+            if not full.is_file():
+                continue
+            paths.append(rel)
+    return sorted(paths), warnings
+
+
+def is_inside(root_real: Path, path: Path) -> bool:
+    """Whether ``path``, with every symbolic link resolved, lies inside ``root_real``."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([str(root_real), real]) == str(root_real)
+
+
+def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+    """Decode image bytes into a (C, size, size) uint8 array (EXIF orientation applied).
+
+    Raises:
+        Exception: Whatever PIL raises for a file it cannot read.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16"):
+            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _probe_images(root: Path, paths: Sequence[str], limit: int = 200) -> tuple[int, int]:
+    """Pick (image_size, channels) from the headers of up to ``limit`` images: the most common
+    size (capped at 64 pixels) and 1 channel if all are grayscale."""
+    from PIL import Image
+
+    sides: Counter[int] = Counter()
+    gray = True
+    for rel in paths[:limit]:
+        try:
+            with Image.open(root / rel) as img:
+                sides[max(img.size)] += 1
+                gray = gray and img.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except Exception:
+            continue
+    side = sides.most_common(1)[0][0] if sides else 32
+    return min(side, 64), 1 if gray else 3
+
+
+def parse_classes(classes: str | None, classes_file: str | os.PathLike | None) -> list[str]:
+    """Class names from ``a,b,c`` or a file with one name per line (blank lines ignored)."""
+    if classes and classes_file:
+        raise DalbtError("give the classes either with --classes or with --classes-file, not both")
+    if classes_file:
+        try:
+            names = Path(classes_file).read_text().splitlines()
+        except OSError as exc:
+            raise DalbtError(f"cannot read the classes file {classes_file}: {exc}") from exc
+    elif classes:
+        names = classes.split(",")
+    else:
+        return []
+    names = [n.strip() for n in names if n.strip()]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise DalbtError(f"class names must be unique; repeated: {', '.join(dup)}")
+    return names
+
+
+class Project:
+    """An open labelling project (see the module docstring).
+
+    Args:
+        directory: The project directory (made by :meth:`init`).
+
+    Raises:
+        DalbtError: If the directory holds no project.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        db = self.directory / DB_NAME
+        if not db.is_file():
+            raise DalbtError(f"{self.directory} is not a dalbt labelling project (no {DB_NAME}); "
+                             f"create one with 'dalbt init {self.directory} --images PATH "
+                             "--classes a,b,c'")
+        self.db = self._connect(db)
+        self.config = ProjectConfig.from_dict(json.loads(self._meta("config")))
+        self.root = Path(self.config.image_root)
+        self.root_real = Path(os.path.realpath(self.root))
+
+    # -- database --------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): all of it is committed or none."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _meta(self, key: str) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise DalbtError(f"{self.directory / DB_NAME} is damaged: no '{key}' entry")
+        return row[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Project:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- creation --------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, directory: str | os.PathLike, images: str | os.PathLike, classes: list[str],
+             labels_csv: str | os.PathLike | None = None, image_size: int | None = None,
+             channels: int | None = None, who: str | None = None,
+             log: Callable[[str], None] = print, **settings: Any) -> Project:
+        """Create a project on a folder of images.
+
+        Images in a sub-folder named like a class (``images/cat/x.png``) start labelled with
+        that class; ``labels_csv`` (columns ``path,label``, path relative to ``images``) labels
+        more. With no ``classes`` the class sub-folders' names are used.
+
+        Args:
+            directory: Where the project lives (created; must not hold a project yet).
+            images: The image folder.
+            classes: Class names (button order).
+            labels_csv: Optional CSV of labels given beforehand.
+            image_size: Model input side (default: the most common image size, at most 64).
+            channels: 1 or 3 (default: 1 if every image is grayscale).
+            who: Recorded as the author of the initial labels.
+            log: Where warnings go.
+            **settings: Other :class:`ProjectConfig` fields (``strategy``, ``seed``, ...) and
+                ``train`` (a :class:`TrainConfig` or dict).
+
+        Returns:
+            The open project.
+        """
+        directory = Path(directory)
+        root = Path(images).expanduser()
+        if not root.is_dir():
+            raise DalbtError(f"image folder {root} does not exist or is not a directory")
+        if (directory / DB_NAME).exists():
+            raise DalbtError(f"{directory} already holds a labelling project; open it with "
+                             f"'dalbt query {directory}' or 'dalbt serve {directory}'")
+        paths, warnings = scan_images(root)
+        for w in warnings:
+            log(f"warning: {w}")
+        if not paths:
+            raise DalbtError(f"no images found under {root} (looked for "
+                             f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)")
+        folder_label = {p: p.split("/")[0] for p in paths if "/" in p}
+        if not classes:
+            classes = sorted(set(folder_label.values()))
+            if not classes:
+                raise DalbtError("name the classes with --classes a,b,c or --classes-file FILE")
+        if len(classes) < 2:
+            raise DalbtError(f"a project needs at least 2 classes, got {classes}")
+        initial: dict[str, str] = {p: c for p, c in folder_label.items() if c in classes}
+        if labels_csv is not None:
+            initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
+        probed_size, probed_channels = _probe_images(root, paths)
+        train = settings.pop("train", None)
+        if isinstance(train, dict):
+            train = TrainConfig(**train)
+        cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
+                            image_size=int(image_size or probed_size),
+                            channels=int(channels or probed_channels),
+                            train=train or TrainConfig(), **settings)
+        if cfg.channels not in (1, 3):
+            raise DalbtError(f"channels must be 1 or 3, got {cfg.channels}")
+        from dalbt.strategies import build_strategy
+
+        build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early on bad options
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (DB_NAME + ".init")
+        tmp.unlink(missing_ok=True)
+        db = cls._connect(tmp)
+        db.executescript(SCHEMA)
+        now = _now()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT INTO meta VALUES (?, ?)",
+                       [("config", json.dumps(cfg.to_dict())),
+                        ("schema_version", str(SCHEMA_VERSION)), ("created", now)])
+        who = who or default_user()
+        from tqdm import tqdm
+
+        for rel in tqdm(paths, desc="hashing images", unit="img", disable=len(paths) < 2000):
+            digest = sha256_bytes((root / rel).read_bytes())
+            cur = db.execute("INSERT INTO images (path, sha256, added) VALUES (?, ?, ?)",
+                             (rel, digest, now))
+            if rel in initial:
+                db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                           "VALUES (?, ?, ?, ?, ?, 'init')",
+                           (cur.lastrowid, initial[rel], CLASS, who, now))
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        os.replace(tmp, directory / DB_NAME)
+        for suffix in ("-wal", "-shm"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+        log(f"project {directory}: {len(paths)} images, {len(initial)} labelled, classes "
+            f"{', '.join(classes)}; images resized to {cfg.image_size}x{cfg.image_size}, "
+            f"{cfg.channels} channel(s)")
+        return cls(directory)
+
+    # -- images ----------------------------------------------------------------------------
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.classes)
+
+    def image_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def image(self, image_id: int) -> tuple[str, str, str]:
+        """``(relative path, sha256, status)`` of an image.
+
+        Raises:
+            DalbtError: If there is no such image.
+        """
+        row = self.db.execute("SELECT path, sha256, status FROM images WHERE id = ?",
+                              (int(image_id),)).fetchone()
+        if row is None:
+            raise DalbtError(f"no image with id {image_id} in this project")
+        return row
+
+    def image_ids(self) -> dict[str, int]:
+        """Relative path -> image id of every image."""
+        return dict(self.db.execute("SELECT path, id FROM images"))
+
+    def safe_path(self, rel: str) -> Path:
+        """The file of a relative image path, refusing anything outside the image root.
+
+        Raises:
+            DalbtError: If the path (after resolving ``..`` and symbolic links) leaves the root.
+        """
+        if not rel or Path(rel).is_absolute() or "\\" in rel or "\x00" in rel:
+            raise DalbtError(f"image path {rel!r} is not a relative path inside the image folder")
+        full = self.root / rel
+        if not is_inside(self.root_real, full):
+            raise DalbtError(f"image path {rel!r} leads outside the image folder")
+        return full
+
+    def read_image(self, image_id: int) -> bytes:
+        """The bytes of an image, checked against its stored hash.
+
+        An image that changed, vanished or leads outside the root is marked (so later queries
+        leave it out) and reported.
+
+        Raises:
+            DalbtError: Naming the image and what is wrong with it.
+        """
+        rel, digest, _ = self.image(image_id)
+        try:
+            full = self.safe_path(rel)
+        except DalbtError as exc:
+            self.mark_image(image_id, "unreadable", str(exc))
+            raise
+        try:
+            data = full.read_bytes()
+        except OSError as exc:
+            self.mark_image(image_id, "missing", f"cannot read: {exc.strerror or exc}")
+            raise DalbtError(f"image {rel} cannot be read: {exc.strerror or exc}") from exc
+        if sha256_bytes(data) != digest:
+            self.mark_image(image_id, "changed", "the file changed on disk since it was added")
+            raise DalbtError(f"image {rel} changed on disk since it was added to the project; "
+                             "it is skipped")
+        return data
+
+    def mark_image(self, image_id: int, status: str, note: str) -> None:
+        """Record that an image is unusable (``unreadable``, ``changed`` or ``missing``); its
+        pending queue entries are closed as ``unreadable``."""
+        with self.transaction() as db:
+            db.execute("UPDATE images SET status = ?, note = ? WHERE id = ?",
+                       (status, note, int(image_id)))
+            db.execute("UPDATE queue SET status = 'unreadable', updated = ? "
+                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """``(path, status, note)`` of every image marked unusable."""
+        return self.db.execute("SELECT path, status, COALESCE(note, '') FROM images "
+                               "WHERE status != 'ok' ORDER BY path").fetchall()
+
+    # -- labels ----------------------------------------------------------------------------
+
+    def add_label(self, image_id: int, label: str | None, who: str | None = None,
+                  source: str = "api") -> None:
+        """Record a label (committed before returning); ``label=None`` means "none of these
+        classes" (out of distribution). Closes the image's pending queue entries.
+
+        Raises:
+            DalbtError: Unknown class or image.
+        """
+        if label is not None and label not in self.config.classes:
+            raise DalbtError(f"unknown class {label!r}; the classes are "
+                             f"{', '.join(self.config.classes)}")
+        self.image(image_id)
+        now = _now()
+        with self.transaction() as db:
+            db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (int(image_id), label, CLASS if label is not None else OOD,
+                        who or default_user(), now, source))
+            db.execute("UPDATE queue SET status = 'done', updated = ? "
+                       "WHERE image_id = ? AND status IN ('pending', 'skipped')",
+                       (now, int(image_id)))
+
+    def skip(self, image_id: int) -> None:
+        """Leave a queued image unlabelled for now (it goes back to the pool)."""
+        with self.transaction() as db:
+            db.execute("UPDATE queue SET status = 'skipped', updated = ? "
+                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+
+    def current_labels(self) -> dict[int, str | None]:
+        """Image id -> its latest label (``None`` for out of distribution)."""
+        rows = self.db.execute(
+            "SELECT l.image_id, l.label FROM labels l JOIN "
+            "(SELECT image_id, MAX(id) AS id FROM labels GROUP BY image_id) m ON l.id = m.id")
+        return dict(rows.fetchall())
+
+    def label_history(self) -> list[dict[str, Any]]:
+        """Every label ever given, oldest first."""
+        rows = self.db.execute(
+            "SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
+            "FROM labels l JOIN images i ON i.id = l.image_id ORDER BY l.id")
+        keys = ("id", "path", "sha256", "label", "kind", "who", "at", "source")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    # -- queue and rounds ------------------------------------------------------------------
+
+    def pending(self) -> list[QueueItem]:
+        """Queued images still waiting for a label, oldest round first, in query order."""
+        rows = self.db.execute(
+            "SELECT q.round, q.position, q.image_id, i.path, q.status FROM queue q "
+            "JOIN images i ON i.id = q.image_id WHERE q.status = 'pending' "
+            "ORDER BY q.round, q.position")
+        return [QueueItem(*r) for r in rows]
+
+    def queue(self, round_: int | None = None) -> list[QueueItem]:
+        """Every queue entry (of one round, or all), in query order."""
+        sql = ("SELECT q.round, q.position, q.image_id, i.path, q.status FROM queue q "
+               "JOIN images i ON i.id = q.image_id")
+        args: tuple = ()
+        if round_ is not None:
+            sql += " WHERE q.round = ?"
+            args = (int(round_),)
+        return [QueueItem(*r) for r in self.db.execute(sql + " ORDER BY q.round, q.position",
+                                                       args)]
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every round with its validation accuracy and ``batch_acc``: how often the model that
+        queried the batch predicted the label the person then gave (None until one is given)."""
+        rows = self.db.execute(
+            "SELECT round, method, n_labelled, n_val, val_acc, t_train, t_select, created "
+            "FROM rounds ORDER BY round").fetchall()
+        labels = self.current_labels()
+        out = []
+        for r in rows:
+            rec = dict(zip(("round", "method", "n_labelled", "n_val", "val_acc", "t_train",
+                            "t_select", "created"), r, strict=True))
+            q = self.db.execute("SELECT image_id, predicted, status FROM queue WHERE round = ?",
+                                (rec["round"],)).fetchall()
+            judged = [(p, labels.get(i)) for i, p, _ in q if p is not None
+                      and i in labels and labels[i] is not None]
+            rec["batch_size"] = len(q)
+            rec["batch_labelled"] = sum(1 for _, _, s in q if s == "done")
+            rec["batch_acc"] = (sum(p == y for p, y in judged) / len(judged)) if judged else None
+            out.append(rec)
+        return out
+
+    def progress(self) -> dict[str, Any]:
+        """Counts for the page: images, labels per class, pending, out-of-distribution."""
+        labels = self.current_labels()
+        per_class = Counter(v for v in labels.values() if v is not None)
+        return {"images": self.image_count(),
+                "labelled": sum(per_class.values()),
+                "ood": sum(1 for v in labels.values() if v is None),
+                "per_class": {c: per_class.get(c, 0) for c in self.config.classes},
+                "pending": len(self.pending()),
+                "problems": len(self.problems()),
+                "rounds": len(self.rounds())}
+
+    # -- querying --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _query_lock(self) -> Iterator[None]:
+        path = self.directory / "query.lock"
+        with open(path, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise DalbtError(f"another query is already running on {self.directory}; "
+                                 "wait for it to finish") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def query_running(self) -> bool:
+        """Whether some process holds the query lock right now."""
+        path = self.directory / "query.lock"
+        if not path.exists():
+            return False
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+    def _load_pixels(self, progress: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """Decode every usable image (through a cache keyed by content hash).
+
+        Returns:
+            ``(ids, x, problems)``: image ids (N,), uint8 pixels (N, C, S, S) and
+            ``(path, reason)`` of the images found unusable now (also marked in the database).
+        """
+        from tqdm import tqdm
+
+        cfg = self.config
+        rows = self.db.execute("SELECT id, path, sha256 FROM images WHERE status = 'ok' "
+                               "ORDER BY id").fetchall()
+        cache_path = self.directory / "cache" / f"pixels_{cfg.image_size}_{cfg.channels}.npz"
+        cached: dict[str, np.ndarray] = {}
+        if cache_path.exists():
+            try:
+                with np.load(cache_path) as z:
+                    cached = dict(zip(z["sha"].tolist(), z["x"], strict=True))
+            except Exception:  # a damaged cache is rebuilt
+                cached = {}
+        ids, xs, shas, problems = [], [], [], []
+        for image_id, rel, digest in tqdm(rows, desc="reading images", unit="img",
+                                          disable=not progress or len(rows) < 2000):
+            try:
+                data = self.read_image(image_id)  # checks the hash, marks problems
+                x = cached.get(digest)
+                if x is None:
+                    try:
+                        x = decode_image(data, cfg.image_size, cfg.channels)
+                    except Exception as exc:
+                        self.mark_image(image_id, "unreadable", f"cannot decode: {exc}")
+                        raise DalbtError(f"image {rel} cannot be decoded: {exc}") from exc
+            except DalbtError as exc:
+                problems.append((rel, str(exc)))
+                continue
+            ids.append(image_id)
+            xs.append(x)
+            shas.append(digest)
+        x = (np.stack(xs) if xs else
+             np.empty((0, cfg.channels, cfg.image_size, cfg.image_size), np.uint8))
+        if set(shas) != set(cached):
+            cache_path.parent.mkdir(exist_ok=True)
+            tmp = cache_path.with_suffix(".tmp.npz")
+            np.savez(tmp, sha=np.array(shas), x=x)
+            os.replace(tmp, cache_path)
+        return np.array(ids, dtype=np.int64), x, problems
+
+    def _is_validation(self, sha: str) -> bool:
+        """Stable role of a labelled image: held out when its seeded hash falls in the
+        ``val_fraction`` share."""
+        h = hashlib.sha256(f"{self.config.seed}:{sha}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64 < self.config.val_fraction
+
+    def query(self, budget: int, progress: bool = True,
+              log: Callable[[str], None] = print) -> QueryResult:
+        """Train on the labels so far and queue the next ``budget`` images.
+
+        With no class label yet this is a cold start: Barlow Twins features of all images
+        (``cold_start_epochs``), then greedy k-centre on them. Otherwise the project's strategy
+        runs on a model trained with the project's recipe; labelled images whose hash puts them
+        in the validation share select the epoch and give the round's accuracy.
+
+        Args:
+            budget: Images to queue (> 0; fewer if the pool is smaller).
+            progress: Show progress bars.
+            log: Where one-line summaries go.
+
+        Returns:
+            What was queued.
+
+        Raises:
+            DalbtError: Bad budget, another query running, or nothing left to label.
+        """
+        if budget <= 0:
+            raise DalbtError(f"--budget must be a positive number of images, got {budget}")
+        with self._query_lock():
+            return self._query(budget, progress, log)
+
+    def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
+        from dalbt.models import build_model
+        from dalbt.strategies import QueryContext, build_strategy
+        from dalbt.strategies.coreset import k_center_greedy
+        from dalbt.train import infer, mc_dropout_probs, pretrain_barlow
+
+        cfg = self.config
+        round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
+        ids, x_np, problems = self._load_pixels(progress)
+        for rel, why in problems:
+            log(f"warning: skipped {rel}: {why}")
+        labels = self.current_labels()
+        pending = {q.image_id for q in self.pending()}
+        sha = dict(self.db.execute("SELECT id, sha256 FROM images"))
+        index = {int(i): k for k, i in enumerate(ids)}
+        cls_index = {c: k for k, c in enumerate(cfg.classes)}
+        y = torch.full((len(ids),), -1, dtype=torch.int64)
+        lab_pos, val_pos = [], []
+        for image_id, label in labels.items():
+            if image_id in index and label is not None:
+                k = index[image_id]
+                y[k] = cls_index[label]
+                (val_pos if self._is_validation(sha[image_id]) else lab_pos).append(k)
+        if len(val_pos) < cfg.min_val:  # too few to select on: every label trains
+            lab_pos, val_pos = sorted(lab_pos + val_pos), []
+        lab_pos, val_pos = np.array(sorted(lab_pos), np.int64), np.array(sorted(val_pos), np.int64)
+        taken = {index[i] for i in labels if i in index} | {index[i] for i in pending
+                                                            if i in index}
+        cand = np.array([k for k in range(len(ids)) if k not in taken], dtype=np.int64)
+        if len(cand) == 0:
+            raise DalbtError("every usable image is labelled or already queued; nothing left "
+                             "to query")
+        if pending:
+            log(f"note: {len(pending)} queued images still wait for a label; they stay queued")
+        x = torch.from_numpy(x_np)
+        device = torch.device(cfg.train.device)
+        strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        n_cls = len(cfg.classes)
+
+        def new_model(seed: int, dropout: float = strategy.train_dropout) -> torch.nn.Module:
+            return build_model(cfg.model, cfg.channels, cfg.image_size, n_cls,
+                               dropout=dropout, seed=seed).to(device)
+
+        t0 = time.perf_counter()
+        val_acc = None
+        if len(lab_pos) == 0:
+            method = "cold-start"
+            model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, round_), 0.0)
+            pre_cfg = TrainConfig(**{**asdict(cfg.train),
+                                     "pretrain_epochs": cfg.cold_start_epochs})
+            if cfg.cold_start_epochs > 0:
+                pretrain_barlow(model, x, np.arange(len(ids)), pre_cfg,
+                                rngs.torch_generator(cfg.seed, rngs.PRETRAIN, round_),
+                                rngs.torch_generator(cfg.seed, rngs.AUGMENT, round_))
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = infer(model, x, cand)
+            first = rngs.numpy_rng(cfg.seed, rngs.QUERY, round_)
+            picks = k_center_greedy(out.latents, out.latents[:0], min(budget, len(cand)),
+                                    rng=first)
+            chosen = cand[picks]
+            predicted: list[str | None] = [None] * len(chosen)
+        else:
+            method = cfg.strategy
+            model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, round_))
+            res = strategy.train_model(
+                model, x, y, lab_pos, val_pos, cfg.train,
+                rngs.torch_generator(cfg.seed, rngs.SHUFFLE, round_),
+                rngs.torch_generator(cfg.seed, rngs.AUGMENT, round_), unlabelled=cand)
+            if len(val_pos):
+                val_acc = float(res.val_acc)
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outside_val = np.setdiff1d(np.arange(len(ids)), val_pos)
+            all_lab = np.sort(np.concatenate([lab_pos, val_pos]))
+            ctx = QueryContext(
+                unlabelled=cand, labelled=all_lab, labelled_targets=y[all_lab].numpy(),
+                num_classes=n_cls, rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, round_),
+                scorer=lambda idx: infer(model, x, idx), round=round_,
+                total_rounds=max(cfg.planned_rounds, round_ + 1), images=x,
+                train_config=cfg.train, device=str(device), model_factory=new_model,
+                candidates=outside_val,
+                mc_scorer=lambda idx, t, g: mc_dropout_probs(model, x, idx, t, g))
+            strategy.prepare(ctx)
+            ctx.prefetch(strategy.requires)
+            chosen = strategy.select(ctx, min(budget, len(cand)))
+            pred = infer(model, x, chosen).predictions.numpy()
+            predicted = [cfg.classes[int(p)] for p in pred]
+        t_select = time.perf_counter() - t0
+        ckpt_dir = self.directory / "checkpoints"
+        ckpt_dir.mkdir(exist_ok=True)
+        ckpt = ckpt_dir / f"round_{round_:03d}.pt"
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, ckpt)
+        queued = [int(ids[k]) for k in chosen]
+        now = _now()
+        n_labelled = int(len(lab_pos) + len(val_pos))
+        with self.transaction() as db:
+            db.execute("INSERT INTO rounds (round, method, n_labelled, n_val, val_acc, checkpoint,"
+                       " t_train, t_select, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_, method, n_labelled, int(len(val_pos)), val_acc,
+                        ckpt.relative_to(self.directory).as_posix(), t_train, t_select, now))
+            db.executemany("INSERT INTO queue (round, position, image_id, predicted, status, "
+                           "updated) VALUES (?, ?, ?, ?, 'pending', ?)",
+                           [(round_, p, i, predicted[p], now) for p, i in enumerate(queued)])
+        acc = "" if val_acc is None else f", validation accuracy {100 * val_acc:.1f} %"
+        log(f"round {round_} ({method}): trained on {n_labelled} labels{acc}; queued "
+            f"{len(queued)} images (train {t_train:.1f}s, select {t_select:.1f}s)")
+        return QueryResult(round=round_, method=method, queued=queued, n_labelled=n_labelled,
+                           val_acc=val_acc, skipped_images=problems)
+
+
+def _read_labels_csv(path: Path, paths: set[str], classes: list[str]) -> dict[str, str]:
+    """``path,label`` rows of a CSV (header optional) checked against the images and classes."""
+    import csv
+
+    if not path.is_file():
+        raise DalbtError(f"labels file {path} does not exist")
+    out: dict[str, str] = {}
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+                continue
+            if len(row) < 2:
+                raise DalbtError(f"{path}:{n}: expected 'path,label', got {','.join(row)!r}")
+            rel, label = row[0].strip().replace("\\", "/"), row[1].strip()
+            if rel not in paths:
+                raise DalbtError(f"{path}:{n}: no image {rel!r} in the image folder")
+            if label not in classes:
+                raise DalbtError(f"{path}:{n}: unknown class {label!r}; the classes are "
+                                 f"{', '.join(classes)}")
+            out[rel] = label
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+__all__ = ["CLASS", "OOD", "Project", "ProjectConfig", "QueryResult", "QueueItem",
+           "decode_image", "default_user", "is_inside", "is_loopback", "parse_classes",
+           "scan_images", "sha256_bytes"]
