@@ -1,0 +1,358 @@
+"""The labelling project: state, labels, queries, safety of paths, crashes and concurrency."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from dalbt.errors import DalbtError
+from dalbt.project import Project, is_loopback, parse_classes, scan_images
+
+CLASSES = [str(c) for c in range(10)]
+TINY = {"train": {"epochs": 2}, "cold_start_epochs": 1}
+
+
+def write_digits(folder: Path, n: int, sub: dict[int, str] | None = None) -> dict[str, int]:
+    """Write ``n`` digits as PNGs; returns relative path -> true class."""
+    d = load_digits()
+    truth = {}
+    for i in range(n):
+        rel = f"{sub[i]}/d{i:03d}.png" if sub and i in sub else f"d{i:03d}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / rel)
+        truth[rel] = int(d.target[i])
+    return truth
+
+
+@pytest.fixture
+def project(tmp_path):
+    images = tmp_path / "images"
+    truth = write_digits(images, 60)
+    with Project.init(tmp_path / "proj", images, CLASSES, log=lambda m: None, **TINY) as p:
+        yield p, truth
+
+
+def _label_pending(p, truth, who="tester"):
+    path = {i: rel for rel, i in p.image_ids().items()}
+    for item in p.pending():
+        p.add_label(item.image_id, str(truth[path[item.image_id]]), who=who, source="web")
+
+
+def test_init_records_images_hashes_and_initial_labels(tmp_path):
+    images = tmp_path / "images"
+    truth = write_digits(images, 12, sub={0: "3", 1: "3", 2: "notaclass"})
+    (images / "labels.csv").write_text(f"path,label\nd005.png,{truth['d005.png']}\n")
+    (images / ".hidden.png").write_bytes(b"x")
+    (images / "notes.txt").write_text("not an image")
+    p = Project.init(tmp_path / "proj", images, CLASSES, labels_csv=images / "labels.csv",
+                     log=lambda m: None)
+    assert p.image_count() == 12
+    ids = p.image_ids()
+    assert "3/d000.png" in ids and "notaclass/d002.png" in ids and ".hidden.png" not in ids
+    labels = {rel: p.current_labels().get(i) for rel, i in ids.items()}
+    # class sub-folders label their images; other folders do not; the CSV adds more
+    assert labels["3/d000.png"] == "3" and labels["3/d001.png"] == "3"
+    assert labels["notaclass/d002.png"] is None and ids["notaclass/d002.png"] not in \
+        p.current_labels()
+    assert labels["d005.png"] == str(truth["d005.png"])
+    rel, digest, status = p.image(ids["d005.png"])
+    import hashlib
+    assert digest == hashlib.sha256((images / "d005.png").read_bytes()).hexdigest()
+    assert status == "ok" and p.config.image_size == 8 and p.config.channels == 1
+    hist = p.label_history()
+    assert {h["source"] for h in hist} == {"init"} and len(hist) == 3
+    # opening it again reads the same config; a second init is refused
+    assert Project(tmp_path / "proj").classes == CLASSES
+    with pytest.raises(DalbtError, match="already holds"):
+        Project.init(tmp_path / "proj", images, CLASSES, log=lambda m: None)
+
+
+@pytest.mark.parametrize("csv_text, match", [
+    ("path,label\nmissing.png,3\n", "no image 'missing.png'"),
+    ("path,label\nd000.png,cat\n", "unknown class 'cat'"),
+    ("d000.png\n", "expected 'path,label'"),
+])
+def test_init_rejects_bad_label_files(tmp_path, csv_text, match):
+    images = tmp_path / "images"
+    write_digits(images, 3)
+    (tmp_path / "l.csv").write_text(csv_text)
+    with pytest.raises(DalbtError, match=match):
+        Project.init(tmp_path / "proj", images, CLASSES, labels_csv=tmp_path / "l.csv",
+                     log=lambda m: None)
+    assert not (tmp_path / "proj" / "project.sqlite").exists()
+
+
+def test_bad_init_arguments(tmp_path):
+    with pytest.raises(DalbtError, match="does not exist"):
+        Project.init(tmp_path / "p", tmp_path / "nowhere", CLASSES)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DalbtError, match="no images found"):
+        Project.init(tmp_path / "p", tmp_path / "empty", CLASSES)
+    write_digits(tmp_path / "imgs", 2)
+    with pytest.raises(DalbtError, match="at least 2 classes"):
+        Project.init(tmp_path / "p", tmp_path / "imgs", ["only"])
+    with pytest.raises(DalbtError, match="name the classes"):
+        Project.init(tmp_path / "p", tmp_path / "imgs", [])
+    with pytest.raises(DalbtError, match="unique"):
+        parse_classes("a,b,a", None)
+    assert parse_classes(" a, b ,c ", None) == ["a", "b", "c"]
+    with pytest.raises(DalbtError, match="not a dalbt labelling project"):
+        Project(tmp_path / "nothing")
+
+
+def test_symlinks_leaving_the_root_are_not_scanned_nor_served(tmp_path):
+    images = tmp_path / "images"
+    write_digits(images, 3)
+    secret = tmp_path / "secret.png"
+    Image.new("L", (8, 8)).save(secret)
+    (images / "escape.png").symlink_to(secret)
+    (images / "inside.png").symlink_to(images / "d000.png")
+    paths, warnings = scan_images(images)
+    assert "escape.png" not in paths and "inside.png" in paths
+    assert any("escape.png" in w for w in warnings)
+    p = Project.init(tmp_path / "proj", images, CLASSES, log=lambda m: None)
+    for rel in ("../secret.png", "/etc/passwd", "escape.png", "a/../../secret.png", ""):
+        with pytest.raises(DalbtError):
+            p.safe_path(rel)
+    assert p.safe_path("d000.png") == images / "d000.png"
+    # a row pointing outside (e.g. a tampered database) is refused and marked, never read
+    with p.transaction() as db:
+        cur = db.execute("INSERT INTO images (path, sha256, added) VALUES ('../secret.png', "
+                         "'x', 'now')")
+    bad = cur.lastrowid
+    with pytest.raises(DalbtError, match="outside the image folder"):
+        p.read_image(bad)
+    assert p.image(bad)[2] == "unreadable"
+    # the symlink is replaced after init by one that escapes: refused at read time too
+    os.unlink(images / "inside.png")
+    (images / "inside.png").symlink_to(secret)
+    with pytest.raises(DalbtError, match="outside the image folder"):
+        p.read_image(p.image_ids()["inside.png"])
+
+
+def test_labels_are_append_only_and_close_the_queue(project):
+    p, truth = project
+    res = p.query(5, progress=False, log=lambda m: None)
+    assert res.method == "cold-start" and len(res.queued) == 5 == len(set(res.queued))
+    first = res.queued[0]
+    p.add_label(first, "3", who="ann", source="web")
+    p.add_label(first, "4", who="bob", source="web")
+    assert p.current_labels()[first] == "4"
+    assert [(h["label"], h["who"]) for h in p.label_history()] == [("3", "ann"), ("4", "bob")]
+    p.add_label(res.queued[1], None, who="ann")  # none of these classes
+    p.skip(res.queued[2])
+    status = {q.image_id: q.status for q in p.queue(0)}
+    assert status[first] == "done" and status[res.queued[1]] == "done"
+    assert status[res.queued[2]] == "skipped"
+    assert [q.image_id for q in p.pending()] == res.queued[3:]
+    assert p.progress()["ood"] == 1 and p.progress()["labelled"] == 1
+    with pytest.raises(DalbtError, match="unknown class 'cat'"):
+        p.add_label(first, "cat")
+    with pytest.raises(DalbtError, match="no image with id"):
+        p.add_label(10_000, "3")
+
+
+def test_queries_exclude_labelled_ood_and_pending_and_are_deterministic(tmp_path):
+    images = tmp_path / "images"
+    truth = write_digits(images, 60)
+    runs = []
+    for name in ("a", "b"):
+        p = Project.init(tmp_path / name, images, CLASSES, log=lambda m: None, **TINY)
+        r0 = p.query(8, progress=False, log=lambda m: None)
+        _label_pending(p, truth)
+        ood = p.query(8, progress=False, log=lambda m: None).queued
+        p.add_label(ood[0], None)
+        r2 = p.query(8, progress=False, log=lambda m: None)
+        runs.append((r0.queued, ood, r2.queued))
+        labelled = set(p.current_labels())
+        pending_before = set(ood[1:])
+        assert not set(r2.queued) & (labelled | pending_before)
+        assert r2.method == "weibull" and r2.round == 2 and r2.n_labelled == 8
+        rounds = p.rounds()
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        assert rounds[1]["batch_labelled"] == 1 and (p.directory / "checkpoints").is_dir()
+    assert runs[0] == runs[1]  # same seed, same labels: same queues
+
+
+def test_validation_split_is_stable_and_gives_accuracy(tmp_path):
+    images = tmp_path / "images"
+    truth = write_digits(images, 80)
+    p = Project.init(tmp_path / "proj", images, CLASSES, log=lambda m: None, val_fraction=0.3,
+                     min_val=5, **TINY)
+    ids = p.image_ids()
+    for rel, i in list(ids.items())[:50]:
+        p.add_label(i, str(truth[rel]))
+    r = p.query(5, progress=False, log=lambda m: None)
+    rounds = p.rounds()
+    assert rounds[0]["n_val"] >= 5 and r.val_acc is not None and 0 <= r.val_acc <= 1
+    sha = {i: p.image(i)[1] for i in ids.values()}
+    roles = {i: p._is_validation(s) for i, s in sha.items()}
+    assert roles == {i: p._is_validation(s) for i, s in sha.items()}  # a pure function of hash
+    assert 0.1 < np.mean(list(roles.values())) < 0.5
+
+
+def test_changed_and_unreadable_images_are_reported_and_skipped(project):
+    p, truth = project
+    ids = p.image_ids()
+    root = p.root
+    Image.new("L", (8, 8), 255).save(root / "d001.png")  # changed after init
+    (root / "d002.png").write_bytes(b"garbage")  # changed too (hash differs)
+    os.unlink(root / "d003.png")
+    msgs = []
+    res = p.query(10, progress=False, log=msgs.append)
+    bad = {ids["d001.png"], ids["d002.png"], ids["d003.png"]}
+    assert not bad & set(res.queued)
+    assert {rel for rel, _ in res.skipped_images} == {"d001.png", "d002.png", "d003.png"}
+    assert sum("skipped" in m for m in msgs) == 3
+    assert {(rel, st) for rel, st, _ in p.problems()} == {
+        ("d001.png", "changed"), ("d002.png", "changed"), ("d003.png", "missing")}
+    with pytest.raises(DalbtError, match="changed on disk"):
+        p.read_image(ids["d001.png"])
+
+
+def test_query_errors(project):
+    p, truth = project
+    with pytest.raises(DalbtError, match="positive"):
+        p.query(0)
+    p.query(60, progress=False, log=lambda m: None)
+    with pytest.raises(DalbtError, match="nothing left"):
+        p.query(5, progress=False, log=lambda m: None)
+
+
+def test_second_query_is_refused_while_one_runs(project):
+    import fcntl
+
+    p, _ = project
+    with open(p.directory / "query.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert p.query_running()
+        with pytest.raises(DalbtError, match="another query"):
+            p.query(3, progress=False, log=lambda m: None)
+    assert not p.query_running()
+
+
+def test_concurrent_labellers_lose_nothing(project):
+    p, truth = project
+    ids = list(p.image_ids().values())
+    errors = []
+
+    def worker(who):
+        try:
+            with Project(p.directory) as mine:  # one connection per labeller, as two tabs
+                for k in range(40):
+                    mine.add_label(ids[k % len(ids)], str(k % 10), who=who, source="web")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"u{n}",)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    hist = p.label_history()
+    assert len(hist) == 120
+    for n in range(3):
+        assert sum(h["who"] == f"u{n}" for h in hist) == 40
+
+
+def _subprocess(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_labeller_loses_no_acknowledged_label(project):
+    p, _ = project
+    proc = _subprocess(f"""
+        from dalbt.project import Project
+        p = Project({str(p.directory)!r})
+        ids = sorted(p.image_ids().values())
+        k = 0
+        while True:
+            p.add_label(ids[k % len(ids)], str(k % 10), who="killed", source="web")
+            print(k, flush=True)
+            k += 1
+    """)
+    acked = -1
+    deadline = time.time() + 60
+    while acked < 30 and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked = int(line)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert acked >= 30, proc.stderr.read()
+    # every label the process printed (after its commit returned) is in the database
+    with sqlite3.connect(p.directory / "project.sqlite") as db:
+        n = db.execute("SELECT COUNT(*) FROM labels WHERE who = 'killed'").fetchone()[0]
+    assert n >= acked + 1
+
+
+def test_killed_query_leaves_no_half_batch_and_can_rerun(tmp_path):
+    images = tmp_path / "images"
+    write_digits(images, 60)
+    p = Project.init(tmp_path / "proj", images, CLASSES, log=lambda m: None,
+                     train={"epochs": 2}, cold_start_epochs=2000)
+    proc = _subprocess(f"""
+        import torch
+        torch.set_num_threads(1)
+        from dalbt.project import Project
+        p = Project({str(p.directory)!r})
+        print("start", flush=True)
+        p.query(10, progress=False)
+    """)
+    assert proc.stdout.readline().strip() == "start"
+    deadline = time.time() + 30
+    while not p.query_running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.query_running()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not p.query_running()  # the lock dies with the process
+    assert p.rounds() == [] and p.pending() == []
+    with p.transaction() as db:  # a shorter cold start for the rerun
+        import json
+        cfg = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+        cfg["cold_start_epochs"] = 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(cfg),))
+    res = Project(p.directory).query(10, progress=False, log=lambda m: None)
+    assert res.round == 0 and len(p.pending()) == 10
+
+
+def test_cli_init_query_and_errors(tmp_path, capsys):
+    from dalbt.cli import main
+
+    images = tmp_path / "images"
+    write_digits(images, 30)
+    proj = str(tmp_path / "proj")
+    assert main(["init", proj, "--images", str(images), "--classes", ",".join(CLASSES),
+                 "--epochs", "2", "--cold-start-epochs", "1"]) == 0
+    assert main(["query", proj, "--budget", "5", "--threads", "1"]) == 0
+    assert "queued 5 images in round 0" in capsys.readouterr().out
+    assert main(["query", str(tmp_path / "nope"), "--budget", "5"]) == 2
+    assert "not a dalbt labelling project" in capsys.readouterr().err
+    assert main(["init", proj + "2", "--images", str(images), "--classes", "a,b",
+                 "--classes-file", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["init", proj + "3", "--images", str(images), "--classes", "a,b",
+                 "--val-fraction", "1.5"]) == 2
+
+
+def test_is_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    assert not is_loopback("example.com") and not is_loopback("")
