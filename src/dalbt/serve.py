@@ -1,0 +1,449 @@
+"""The labelling web page of a project (``dalbt serve``): a small JSON API and one static page.
+
+Every request opens its own :class:`~dalbt.project.Project` (its own SQLite connection), so
+labels from several tabs or people are independent transactions; each label is committed
+before its response, so killing the server loses no acknowledged label. Images are served by
+database id only (never by a path from the client) through :meth:`Project.read_image`, which
+checks the file's hash and refuses anything outside the image folder.
+
+Security: with a token every request must present it (``?token=`` on the first page load
+sets an HttpOnly, SameSite=Strict cookie; or ``Authorization: Bearer``). POST bodies must be
+JSON, so plain cross-site form posts fail, and on a loopback address the Host header must name
+the loopback (against DNS rebinding). A non-loopback address never runs without a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import secrets
+import socket
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from dalbt.errors import DalbtError
+from dalbt.project import Project, default_user, is_loopback
+
+DEFAULT_BUDGET = 20
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+
+# Formats every browser shows; any other image format is converted to PNG on the way out.
+BROWSER_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                 ".gif": "image/gif", ".bmp": "image/bmp", ".webp": "image/webp"}
+STATIC_TYPES = {"label.js": "text/javascript; charset=utf-8",
+                "label.css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+                               "frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+}
+
+
+class LabelIn(BaseModel):
+    """Body of ``POST /api/label``; ``label`` null means "none of these classes"."""
+
+    image_id: int
+    label: str | None
+    who: str | None = Field(default=None, max_length=200)
+
+
+class SkipIn(BaseModel):
+    """Body of ``POST /api/skip``."""
+
+    image_id: int
+
+
+class QueryIn(BaseModel):
+    """Body of ``POST /api/query``; no budget: the server's default."""
+
+    budget: int | None = Field(default=None, gt=0, le=1_000_000)
+
+
+class _QueryJob:
+    """The background query of this server: one at a time, its outcome kept for the page."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held while this server's query runs
+        self.error: str | None = None
+        self.last: dict[str, Any] | None = None
+        self.started: str | None = None
+        self.finished: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"error": self.error, "last": self.last, "started": self.started,
+                "finished": self.finished}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("dalbt") / "static" / name).read_bytes()
+
+
+def cookie_name(token: str) -> str:
+    """Name of the token cookie: specific to the token, so that two servers on different ports
+    of one host (cookies ignore ports) do not overwrite each other's cookie."""
+    return "dalbt_" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _token_matches(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def create_app(directory: Path, token: str | None = None, user: str | None = None,
+               budget: int | None = None, host: str = "127.0.0.1") -> FastAPI:
+    """The labelling app of a project.
+
+    Args:
+        directory: The project directory.
+        token: Access token every request must present (None: none needed).
+        user: Default labeller name shown on the page (default: the OS user).
+        budget: Default batch size of the page's query button (default: the last batch's
+            size, else 20).
+        host: The address the server is bound to; on a loopback address only loopback Host
+            headers are accepted.
+
+    Returns:
+        The FastAPI application.
+
+    Raises:
+        DalbtError: If the directory holds no project.
+    """
+    directory = Path(directory)
+    Project(directory).close()  # fails now, with the fix, if there is no project
+    default_who = user or default_user()
+    job = _QueryJob()
+    app = FastAPI(title="dalbt labelling", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.contextmanager
+    def project() -> Iterator[Project]:
+        with Project(directory) as p:
+            yield p
+
+    @app.middleware("http")
+    async def guard(request: Request,
+                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        from_query = False
+        if token is not None:
+            auth = request.headers.get("authorization", "")
+            bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+            from_query = _token_matches(request.query_params.get("token"), token)
+            if not (from_query or _token_matches(bearer, token)
+                    or _token_matches(request.cookies.get(cookie_name(token)), token)):
+                msg = ("this server needs its access token: open the URL that 'dalbt serve' "
+                       "printed (it ends in ?token=...)")
+                if request.url.path.startswith("/api/"):
+                    return JSONResponse({"detail": msg}, status_code=401,
+                                        headers=SECURITY_HEADERS)
+                return Response(f"401 Unauthorized: {msg}\n", status_code=401,
+                                media_type="text/plain", headers=SECURITY_HEADERS)
+        if request.method not in ("GET", "HEAD"):
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return JSONResponse({"detail": "send the request body as application/json"},
+                                    status_code=415, headers=SECURITY_HEADERS)
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if from_query:
+            response.set_cookie(cookie_name(token), token, httponly=True, samesite="strict",
+                                path="/")
+        return response
+
+    if is_loopback(host):
+        allowed = LOOPBACK_HOSTS + ([host] if host not in LOOPBACK_HOSTS else [])
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> Response:
+        return Response(_static("label.html"), media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}")
+    def static(name: str) -> Response:
+        if name not in STATIC_TYPES:  # a fixed list: no file name from the client is opened
+            raise HTTPException(404, f"no static file {name!r}")
+        return Response(_static(name), media_type=STATIC_TYPES[name],
+                        headers={"Cache-Control": "no-cache"})
+
+    def default_budget(p: Project) -> int:
+        if budget:
+            return budget
+        rounds = p.rounds()
+        return rounds[-1]["batch_size"] if rounds and rounds[-1]["batch_size"] else \
+            DEFAULT_BUDGET
+
+    @app.get("/api/state")
+    def state() -> dict[str, Any]:
+        with project() as p:
+            pending = p.pending()
+            rounds = p.rounds()
+            return {
+                "classes": p.classes,
+                "progress": p.progress(),
+                "pending": [{"image_id": q.image_id, "round": q.round, "position": q.position}
+                            for q in pending],
+                "rounds": [{k: r[k] for k in ("round", "method", "n_labelled", "val_acc",
+                                              "batch_acc", "batch_size", "batch_labelled")}
+                           for r in rounds],
+                "batches": {str(r["round"]): {"size": r["batch_size"],
+                                              "pending": sum(q.round == r["round"]
+                                                             for q in pending)}
+                            for r in rounds},
+                "user": default_who,
+                "budget": default_budget(p),
+                "query": {"running": job.lock.locked() or p.query_running(), **job.state()},
+            }
+
+    @app.get("/api/image/{image_id}")
+    def image(image_id: str) -> Response:
+        if not image_id.isdigit():
+            raise HTTPException(404, f"no image with id {image_id!r}")
+        with project() as p:
+            try:
+                rel = p.image(int(image_id))[0]
+            except DalbtError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            try:
+                data = p.read_image(int(image_id))
+            except DalbtError as exc:  # changed, missing, unreadable or outside the root
+                raise HTTPException(409, str(exc)) from exc
+        suffix = PurePosixPath(rel).suffix.lower()
+        media = BROWSER_TYPES.get(suffix)
+        if media is None:
+            try:
+                data, media = _to_png(data), "image/png"
+            except Exception as exc:
+                raise HTTPException(409, f"image {rel} cannot be decoded: {exc}") from exc
+        return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/label")
+    def label(body: LabelIn) -> dict[str, Any]:
+        who = (body.who or "").strip() or default_who
+        with project() as p:
+            try:
+                p.image(body.image_id)
+            except DalbtError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            try:
+                p.add_label(body.image_id, body.label, who=who, source="web")
+            except DalbtError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            return {"ok": True, "image_id": body.image_id, "label": body.label, "who": who}
+
+    @app.post("/api/skip")
+    def skip(body: SkipIn) -> dict[str, Any]:
+        with project() as p:
+            try:
+                p.image(body.image_id)
+            except DalbtError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            p.skip(body.image_id)
+        return {"ok": True, "image_id": body.image_id}
+
+    @app.get("/api/history.png")
+    def history() -> Response:
+        with project() as p:
+            rounds = p.rounds()
+        return Response(history_png(rounds), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/query", status_code=202)
+    def query(body: QueryIn) -> Any:
+        if not job.lock.acquire(blocking=False):
+            raise HTTPException(409, "a query is already running; wait for it to finish")
+        try:
+            with project() as p:
+                if p.query_running():
+                    raise HTTPException(409, "another process is running a query on this "
+                                             "project; wait for it to finish")
+                n = body.budget or default_budget(p)
+            job.error, job.started, job.finished = None, _now(), None
+            job.thread = threading.Thread(target=run_query, args=(n,), daemon=True,
+                                          name="dalbt-query")
+            job.thread.start()
+        except BaseException:
+            job.lock.release()
+            raise
+        return {"started": True, "budget": n}
+
+    def run_query(n: int) -> None:
+        log: list[str] = []
+        try:
+            with project() as p:
+                res = p.query(n, progress=False, log=log.append)
+            job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
+                        "n_labelled": res.n_labelled, "val_acc": res.val_acc,
+                        "skipped_images": len(res.skipped_images), "log": log}
+        except DalbtError as exc:
+            job.error = str(exc)
+        except Exception as exc:  # shown on the page; the server keeps running
+            traceback.print_exc()
+            job.error = f"the query failed: {type(exc).__name__}: {exc}"
+        finally:
+            job.finished = _now()
+            job.lock.release()
+
+    app.state.query_job = job
+    return app
+
+
+def _to_png(data: bytes) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):
+            img = img.convert("RGB")
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def history_png(rounds: list[dict[str, Any]]) -> bytes:
+    """PNG of the accuracy history: validation and batch accuracy against labels.
+
+    Args:
+        rounds: :meth:`Project.rounds` records.
+
+    Returns:
+        The PNG bytes (a placeholder text when no round has an accuracy yet).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    val = [(r["n_labelled"], 100 * r["val_acc"]) for r in rounds if r["val_acc"] is not None]
+    batch = [(r["n_labelled"], 100 * r["batch_acc"]) for r in rounds
+             if r["batch_acc"] is not None]
+    if not val and not batch:
+        ax.axis("off")
+        text = ("No accuracy yet.\nLabel the queued images, then train:\nthe history of "
+                "validation and batch accuracy appears here." if rounds else
+                "No rounds yet.\nPress 'Train and queue next batch' to start.")
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, color="#555")
+    else:
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", color="#1f77b4", label="validation accuracy")
+        if batch:
+            ax.plot(*zip(*batch, strict=True), "s--", color="#ff7f0e",
+                    label="accuracy on the queried batch")
+        ax.set_xlabel("labels the model was trained on")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise DalbtError(f"cannot use the address {host!r}: {exc}; give another --host") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise DalbtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose "
+                         "another --port (or stop the program using it)") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def page_url(host: str, port: int, token: str | None) -> str:
+    """The URL to open: the bind address (the machine's name for a wildcard address)."""
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          user: str | None = None, budget: int | None = None) -> None:
+    """Serve the labelling page until interrupted (Ctrl-C).
+
+    A non-loopback ``host`` never runs without a token: one is generated when none is given.
+
+    Args:
+        directory: The project directory.
+        host: Bind address (loopback by default).
+        port: TCP port.
+        token: Access token (None: none on loopback, a generated one elsewhere).
+        user: Default labeller name.
+        budget: Default batch size of the page's query button.
+
+    Raises:
+        DalbtError: No project, or the address cannot be used.
+    """
+    import uvicorn
+
+    if not token and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+        print(f"note: {host} is not a loopback address, so the page needs an access token; "
+              "generated one (set your own with --token or DALBT_TOKEN)", flush=True)
+    app = create_app(Path(directory), token=token or None, user=user, budget=budget, host=host)
+    sock = _bind(host, port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    url = page_url(host, sock.getsockname()[1], token or None)
+    print(f"labelling page of {directory}: {url}\n"
+          "(Ctrl-C stops the server; every label is saved when it is given)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                      timeout: float = 20.0) -> Iterator[str]:
+    """Run an app with uvicorn in a background thread (tests, screenshots).
+
+    Args:
+        app: The application (from :func:`create_app`).
+        host: Bind address.
+        port: TCP port (0: a free one).
+        timeout: Seconds to wait for the server to start.
+
+    Yields:
+        The server's base URL, e.g. ``http://127.0.0.1:40123``; the server stops on exit.
+    """
+    import time
+
+    import uvicorn
+
+    sock = _bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="dalbt-serve")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise DalbtError(f"the test server on {host} did not start")
+            time.sleep(0.02)
+        yield page_url(host, sock.getsockname()[1], None).rstrip("/")
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
