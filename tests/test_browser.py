@@ -1,0 +1,174 @@
+"""End-to-end test of the labelling page in a real headless Chromium (Playwright).
+
+Skipped when Playwright or Chromium is missing, unless ``DALBT_REQUIRE_BROWSER=1`` (set by
+``make test``), where a missing browser fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalbt.project import Project
+from dalbt.serve import background_server, create_app
+from tests.test_serve import CLASSES, write_digits
+
+
+def find_chromium() -> str | None:
+    """The Chromium binary (Debian's package installs ``/usr/bin/chromium``)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def browser_or_skip():
+    """Playwright's sync API and the Chromium path, or skip (fail when they are required)."""
+    required = os.environ.get("DALBT_REQUIRE_BROWSER") == "1"
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[dev]')"
+    exe = find_chromium()
+    if missing is None and exe is None:
+        missing = "chromium is not installed (apt-get install chromium)"
+    if missing:
+        if required:
+            pytest.fail(f"DALBT_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+    return sync_playwright, exe
+
+
+def wait_next(page, previous: str | None, timeout: float = 15_000) -> str | None:
+    """Wait until the page shows another image than ``previous`` (or none); its image id."""
+    page.wait_for_function(
+        """prev => { const i = document.getElementById('image');
+                     return i.hidden || (i.dataset.imageId && i.dataset.imageId !== prev); }""",
+        arg=previous, timeout=timeout)
+    return page.evaluate("() => { const i = document.getElementById('image');"
+                         " return i.hidden ? null : i.dataset.imageId; }")
+
+
+def test_label_a_batch_and_train_in_the_browser(tmp_path):
+    sync_playwright, exe = browser_or_skip()
+    truth = write_digits(tmp_path / "images", 60)
+    proj = tmp_path / "proj"
+    with Project.init(proj, tmp_path / "images", CLASSES, train={"epochs": 2},
+                      cold_start_epochs=1, log=lambda m: None) as p:
+        p.query(10, progress=False, log=lambda m: None)
+        path_of = {i: rel for rel, i in p.image_ids().items()}
+    digit = {i: str(truth[rel]) for i, rel in path_of.items()}
+    app = create_app(proj, user="server-default", budget=4)
+    with background_server(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            context = browser.new_context()  # the tabs share the labeller name
+            page = context.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(url + "/")
+            page.wait_for_selector("#image[data-image-id]:not([hidden])")
+            assert page.input_value("#who") == "server-default"
+            assert page.input_value("#budget") == "4"
+            assert page.locator("#classes button").count() == 10
+            assert page.get_attribute('button[data-class="3"]', "title") == "key 4"
+            page.fill("#who", "tester")
+            page.press("#who", "Enter")  # leaves the field: the keys label again
+
+            # round 0: one skip, one "none of these classes", the rest by the true digit key
+            labelled, shown = {}, page.get_attribute("#image", "data-image-id")
+            for k in range(10):
+                assert page.text_content("#progress") == f"{k + 1} / 10 in round 0"
+                image_id = int(shown)
+                if k == 0:
+                    page.keyboard.press("s")
+                elif k == 1:
+                    page.keyboard.press("n")
+                else:
+                    key = str((CLASSES.index(digit[image_id]) + 1) % 10)
+                    page.keyboard.press(key)
+                labelled[image_id] = k
+                shown = wait_next(page, shown)
+                if k == 0:
+                    assert "skipped" in page.text_content("#status")
+            assert shown is None and page.is_visible("#empty")
+            assert page.text_content("#progress") == "queue empty"
+            page.wait_for_function("() => document.getElementById('totals').textContent"
+                                   ".startsWith('8 of 60 images labelled, 1 as none')")
+            counts = {c: int(page.text_content(f'td[data-count="{c}"]')) for c in CLASSES}
+            with Project(proj) as p:
+                expected = {c: 0 for c in CLASSES}
+                for lab in p.current_labels().values():
+                    if lab is not None:
+                        expected[lab] += 1
+            assert counts == expected and sum(counts.values()) == 8
+
+            # a network error keeps the image and asks to retry; nothing is lost
+            page.fill("#budget", "10")
+            page.click("#train")
+            page.wait_for_function("() => document.getElementById('progress').textContent"
+                                   " === '1 / 10 in round 1'", timeout=60_000)
+            assert page.text_content("#query-status").startswith("round 1: queued 10 images")
+            first = page.get_attribute("#image", "data-image-id")
+            page.route("**/api/label", lambda route: route.abort())
+            page.keyboard.press("5")
+            page.wait_for_function("() => document.getElementById('status').textContent"
+                                   ".startsWith('not saved')")
+            assert "press the key again" in page.text_content("#status")
+            assert page.get_attribute("#image", "data-image-id") == first
+            page.unroute("**/api/label")
+
+            # a second tab labels the image the first one shows: the first moves on
+            other = context.new_page()
+            other.goto(url + "/")
+            other.wait_for_selector(f'#image[data-image-id="{first}"]')
+            assert other.input_value("#who") == "tester"  # remembered
+            other.keyboard.press(str((CLASSES.index(digit[int(first)]) + 1) % 10))
+            second = wait_next(other, first)
+            assert other.text_content("#progress") == "2 / 10 in round 1"
+            shown = wait_next(page, first, timeout=10_000)
+            assert shown == second
+            assert "elsewhere" in page.text_content("#status")
+            assert page.text_content("#progress") == "2 / 10 in round 1"
+
+            # an image changed on disk is skipped with its reason, not fatal
+            with Project(proj) as p:
+                third = p.pending()[1]
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / third.path)
+            page.keyboard.press(str((CLASSES.index(digit[int(second)]) + 1) % 10))
+            shown = wait_next(page, second)
+            assert shown is not None and int(shown) != third.image_id
+            assert re.match(r"skipped: image .* changed on disk", page.text_content("#status"))
+            assert page.text_content("#progress") == "4 / 10 in round 1"
+            history = page.evaluate(
+                "async () => (await fetch(document.getElementById('history').src)).status")
+            assert history == 200
+        finally:
+            browser.close()
+
+    with sqlite3.connect(proj / "project.sqlite") as db:
+        labels = db.execute("SELECT image_id, label, kind, who, source FROM labels "
+                            "ORDER BY id").fetchall()
+        queue = dict(db.execute("SELECT image_id, status FROM queue WHERE round = 0"))
+        rounds = db.execute("SELECT round, method, n_labelled FROM rounds").fetchall()
+        changed = db.execute("SELECT status FROM images WHERE id = ?",
+                             (third.image_id,)).fetchone()
+    order = sorted(labelled, key=labelled.get)
+    assert queue[order[0]] == "skipped"
+    assert all(queue[i] == "done" for i in order[1:])
+    round0 = labels[:9]
+    assert round0[0] == (order[1], None, "ood", "tester", "web")
+    assert round0[1:] == [(i, digit[i], "class", "tester", "web") for i in order[2:]]
+    assert labels[9:] == [(int(first), digit[int(first)], "class", "tester", "web"),
+                          (int(second), digit[int(second)], "class", "tester", "web")]
+    assert rounds == [(0, "cold-start", 0), (1, "weibull", 8)]
+    assert changed == ("changed",)
+    assert Path(proj / "checkpoints" / "round_001.pt").is_file()
