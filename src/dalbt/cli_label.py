@@ -66,14 +66,17 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
 
     e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
     e.add_argument("directory", help="project directory")
-    e.add_argument("--format", choices=("csv", "labelstudio"), default="csv")
+    e.add_argument("--format", choices=("csv", "labelstudio", "labelstudio-config"),
+                   default="csv", help="csv, Label Studio tasks (JSON), or the Label Studio "
+                                       "labelling config (XML) that goes with them")
     e.add_argument("--queue", action="store_true",
                    help="export the pending queue (tasks to annotate) instead of the labels")
     e.add_argument("--out", default=None, help="file to write (default: standard output)")
 
     i = sub.add_parser("import", help="read labels from CSV or Label Studio JSON")
     i.add_argument("directory", help="project directory")
-    i.add_argument("file", help="a .csv (path,label) or a Label Studio JSON export")
+    i.add_argument("file", help="a .csv with path and label columns (optional kind, who), or a "
+                                "Label Studio JSON / JSON-MIN export")
     i.add_argument("--who", default=None, help="labeller recorded when the file names none")
 
 

@@ -105,10 +105,6 @@ _UPLOADED = re.compile(r"/data/upload/\d+/[0-9a-f]{8}-(.+)")
 _SHOWN = 3  # examples of each problem in messages
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 # -- export ------------------------------------------------------------------------------------
 
 
@@ -664,6 +660,7 @@ def import_file(project: Project, path: str | Path, who: str | None = None) -> I
     if not records:
         raise DalbtError(f"{path.name} holds no labels")
     accepted = _resolve(records, project, summary, who)
+    current = project.current_labels()
     if not accepted and summary.problems:
         hints = []
         if summary.unknown_images:
@@ -673,23 +670,13 @@ def import_file(project: Project, path: str | Path, who: str | None = None) -> I
                          f"{OOD_CHOICE!r}")
         raise DalbtError(f"nothing in {path.name} can be imported: "
                          f"{_examples(summary.problems)}" + "".join(f"; {h}" for h in hints))
-    source = f"import:{path.name}"
-    with project.transaction() as db:
-        current = project.current_labels()
-        now = _now()
-        for image_id, label, author in accepted:
-            if image_id in current and current[image_id] == label:
-                summary.unchanged += 1
-                continue
-            db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (image_id, label, CLASS if label is not None else OOD, author, now,
-                        source))
-            db.execute("UPDATE queue SET status = 'done', updated = ? "
-                       "WHERE image_id = ? AND status IN ('pending', 'skipped')",
-                       (now, image_id))
-            summary.imported += 1
-            summary.imported_ood += int(label is None)
+    added, unchanged = project.add_labels(accepted, f"import:{path.name}",
+                                          skip_unchanged=True)
+    summary.imported += added
+    summary.unchanged += unchanged
+    ood_already = sum(1 for i, label, _ in accepted
+                      if label is None and i in current and current[i] is None)
+    summary.imported_ood += sum(label is None for _, label, _ in accepted) - ood_already
     return summary
 
 

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -504,19 +504,47 @@ class Project:
         Raises:
             DalbtError: Unknown class or image.
         """
-        if label is not None and label not in self.config.classes:
-            raise DalbtError(f"unknown class {label!r}; the classes are "
-                             f"{', '.join(self.config.classes)}")
-        self.image(image_id)
+        self.add_labels([(image_id, label, who)], source)
+
+    def add_labels(self, items: Iterable[tuple[int, str | None, str | None]], source: str,
+                   skip_unchanged: bool = False) -> tuple[int, int]:
+        """Record many labels in one transaction (all or none), with one timestamp.
+
+        Args:
+            items: ``(image_id, label or None for out of distribution, who or None)``.
+            source: Where they come from (``web``, ``import:<file>``, ...).
+            skip_unchanged: Do not add a label equal to the image's current one.
+
+        Returns:
+            ``(added, unchanged)`` counts.
+
+        Raises:
+            DalbtError: Unknown class or image (nothing is written).
+        """
+        items = [(int(i), label, who) for i, label, who in items]
+        for image_id, label, _ in items:
+            if label is not None and label not in self.config.classes:
+                raise DalbtError(f"unknown class {label!r}; the classes are "
+                                 f"{', '.join(self.config.classes)}")
+            self.image(image_id)
         now = _now()
+        added = unchanged = 0
+        default = default_user()
         with self.transaction() as db:
-            db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (int(image_id), label, CLASS if label is not None else OOD,
-                        who or default_user(), now, source))
-            db.execute("UPDATE queue SET status = 'done', updated = ? "
-                       "WHERE image_id = ? AND status IN ('pending', 'skipped')",
-                       (now, int(image_id)))
+            current = self.current_labels() if skip_unchanged else {}
+            for image_id, label, who in items:
+                if skip_unchanged and image_id in current and current[image_id] == label:
+                    unchanged += 1
+                    continue
+                db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (image_id, label, CLASS if label is not None else OOD,
+                            who or default, now, source))
+                db.execute("UPDATE queue SET status = 'done', updated = ? "
+                           "WHERE image_id = ? AND status IN ('pending', 'skipped')",
+                           (now, image_id))
+                added += 1
+        return added, unchanged
 
     def skip(self, image_id: int) -> None:
         """Leave a queued image unlabelled for now (it goes back to the pool)."""
