@@ -356,3 +356,16 @@ def test_is_loopback():
     assert is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
     assert not is_loopback("example.com") and not is_loopback("")
+
+
+def test_add_labels_is_all_or_nothing_and_can_skip_unchanged(project):
+    p, _ = project
+    ids = sorted(p.image_ids().values())[:3]
+    with pytest.raises(DalbtError, match="unknown class 'cat'"):
+        p.add_labels([(ids[0], "1", "a"), (ids[1], "cat", "a")], "test")
+    assert p.label_history() == []
+    assert p.add_labels([(ids[0], "1", "a"), (ids[1], None, "a")], "test") == (2, 0)
+    assert p.add_labels([(ids[0], "1", "b"), (ids[1], "2", "b"), (ids[2], None, None)], "test",
+                        skip_unchanged=True) == (2, 1)
+    assert p.current_labels() == {ids[0]: "1", ids[1]: "2", ids[2]: None}
+    assert len({h["at"] for h in p.label_history() if h["who"] == "b"}) == 1
