@@ -94,3 +94,20 @@ def test_ood_fraction_per_round_and_budget_axis(tmp_path):
     rows = (tmp_path / "ood.csv").read_text().splitlines()
     assert rows[1:] == ["d,weibull,0,0.1500,2", "d,weibull,1,0.4000,2"]
     assert rep["png"].exists()
+
+
+def test_bench_labels_name_the_curves(tmp_path):
+    import json
+
+    with Store(tmp_path) as store:
+        _fill(store, "random", 0, [0.4, 0.5])
+        _fill(store, "random", 0, [0.1, 0.2], gamma=0.0)
+        _fill(store, "weibull", 0, [0.3, 0.3])
+        keys = {(r.strategy, r.config["train"]["gamma"]): r.key for r in store.runs()}
+    names = {keys[("random", 0.0)]: "random-ce-only", keys[("weibull", 0.001)]: "dalbt",
+             keys[("random", 0.001)]: "dalbt"}  # a clash: those two keep computed labels
+    (tmp_path / "bench.json").write_text(json.dumps({"labels": names}))
+    rep = write_report(tmp_path, tmp_path / "out")
+    header = rep["md"].read_text().splitlines()[0]
+    assert "random-ce-only" in header and "random [gamma=0.001]" in header
+    assert "| weibull |" in header and "dalbt" not in header

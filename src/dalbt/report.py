@@ -6,6 +6,7 @@ import csv
 import fnmatch
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,13 +261,17 @@ def _protocol(config: dict) -> dict[str, object]:
     return flat
 
 
-def load_curves(store: Store) -> list[Curve]:
+def load_curves(store: Store, names: dict[str, str] | None = None) -> list[Curve]:
     """Group the store's runs into curves: runs that differ only in their seed form one curve.
 
     Curves of one dataset and strategy that differ in other settings (gamma, epochs, ...) are
-    labelled with those settings, e.g. ``random [gamma=0.0]``. Full-data reference runs
-    (strategy ``full-data``) are left out; :func:`load_ceilings` reads them.
+    labelled with those settings, e.g. ``random [gamma=0.0]``, unless ``names`` (run key ->
+    label, as a bench's ``bench.json`` records) gives all runs of the curve one label that no
+    other curve has. Full-data reference runs (strategy ``full-data``) are left out;
+    :func:`load_ceilings` reads them.
     """
+    names = names or {}
+    run_keys: dict[str, list[str]] = {}
     groups: dict[str, list[tuple[int, list[dict]]]] = {}
     protos: dict[str, dict] = {}
     for run in store.runs():
@@ -276,6 +281,10 @@ def load_curves(store: Store) -> list[Curve]:
             key = json.dumps(proto, sort_keys=True, default=str)
             protos[key] = proto
             groups.setdefault(key, []).append((run.seed, rounds))
+            run_keys.setdefault(key, []).append(run.key)
+    given = {key: {names.get(k) for k in keys} for key, keys in run_keys.items()}
+    given = {key: next(iter(v)) for key, v in given.items() if len(v) == 1 and None not in v}
+    taken = Counter(given.values())
     curves = []
     for key, runs in groups.items():
         proto = protos[key]
@@ -286,6 +295,8 @@ def load_curves(store: Store) -> list[Curve]:
         differ = sorted(k for k in proto if any(p.get(k) != proto[k] for p in siblings))
         label = base + (" [" + ",".join(f"{k}={proto[k]}" for k in differ) + "]" if differ
                         else "")
+        if key in given and taken[given[key]] == 1:
+            label = given[key]
         length = max(len(r) for _, r in runs)
         longest = max(runs, key=lambda sr: len(sr[1]))[1]
         acc = np.full((len(runs), length), np.nan)
@@ -515,6 +526,16 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
     plt.close(fig)
 
 
+def _bench_labels(directory: Path) -> dict[str, str]:
+    """Run key -> label from a bench's ``bench.json`` in the directory (empty if none)."""
+    path = directory / "bench.json"
+    try:
+        labels = json.loads(path.read_text()).get("labels", {}) if path.exists() else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
+
 def select_curves(curves: list[Curve], only: list[str] | None) -> list[Curve]:
     """The curves whose label matches any of the shell-style patterns (all if none given).
 
@@ -550,8 +571,9 @@ def write_report(directory: str | Path, out: str | Path | None = None,
         ``summary_csv``) and the plain-text tables under ``"table"``.
     """
     directory = Path(directory)
+    names = _bench_labels(directory)
     with Store(directory, create=False) as store:
-        curves = load_curves(store)
+        curves = load_curves(store, names)
         ceilings = load_ceilings(store)
         round_rows = [(run, rec) for run in store.runs() for rec in store.rounds(run.id)]
     if not curves:
