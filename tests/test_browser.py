@@ -48,6 +48,16 @@ def browser_or_skip():
     return sync_playwright, exe
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's tests."""
+    sync_playwright, exe = browser_or_skip()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
 def wait_next(page, previous: str | None, timeout: float = 15_000) -> str | None:
     """Wait until the page shows another image than ``previous`` (or none); its image id."""
     page.wait_for_function(
@@ -58,8 +68,7 @@ def wait_next(page, previous: str | None, timeout: float = 15_000) -> str | None
                          " return i.hidden ? null : i.dataset.imageId; }")
 
 
-def test_label_a_batch_and_train_in_the_browser(tmp_path):
-    sync_playwright, exe = browser_or_skip()
+def test_label_a_batch_and_train_in_the_browser(tmp_path, browser):
     truth = write_digits(tmp_path / "images", 60)
     proj = tmp_path / "proj"
     with Project.init(proj, tmp_path / "images", CLASSES, train={"epochs": 2},
@@ -68,10 +77,9 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
         path_of = {i: rel for rel, i in p.image_ids().items()}
     digit = {i: str(truth[rel]) for i, rel in path_of.items()}
     app = create_app(proj, user="server-default", budget=4)
-    with background_server(app) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+    with background_server(app) as url:
+        context = browser.new_context()  # the tabs share the labeller name
         try:
-            context = browser.new_context()  # the tabs share the labeller name
             page = context.new_page()
             page.set_default_timeout(15_000)
             page.goto(url + "/")
@@ -79,7 +87,9 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
             assert page.input_value("#who") == "server-default"
             assert page.input_value("#budget") == "4"
             assert page.locator("#classes button").count() == 10
-            assert page.get_attribute('button[data-class="3"]', "title") == "key 4"
+            # classes named by digits: each digit key labels its own digit
+            assert page.get_attribute('button[data-class="3"]', "title") == "key 3"
+            assert page.text_content('button[data-class="0"] kbd') == "0"
             page.fill("#who", "tester")
             page.press("#who", "Enter")  # leaves the field: the keys label again
 
@@ -93,8 +103,7 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
                 elif k == 1:
                     page.keyboard.press("n")
                 else:
-                    key = str((CLASSES.index(digit[image_id]) + 1) % 10)
-                    page.keyboard.press(key)
+                    page.keyboard.press(digit[image_id])
                 labelled[image_id] = k
                 shown = wait_next(page, shown)
                 if k == 0:
@@ -131,7 +140,7 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
             other.goto(url + "/")
             other.wait_for_selector(f'#image[data-image-id="{first}"]')
             assert other.input_value("#who") == "tester"  # remembered
-            other.keyboard.press(str((CLASSES.index(digit[int(first)]) + 1) % 10))
+            other.keyboard.press(digit[int(first)])
             second = wait_next(other, first)
             assert other.text_content("#progress") == "2 / 10 in round 1"
             shown = wait_next(page, first, timeout=10_000)
@@ -143,7 +152,7 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
             with Project(proj) as p:
                 third = p.pending()[1]
             Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / third.path)
-            page.keyboard.press(str((CLASSES.index(digit[int(second)]) + 1) % 10))
+            page.keyboard.press(digit[int(second)])
             shown = wait_next(page, second)
             assert shown is not None and int(shown) != third.image_id
             assert re.match(r"skipped: image .* changed on disk", page.text_content("#status"))
@@ -152,7 +161,7 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
                 "async () => (await fetch(document.getElementById('history').src)).status")
             assert history == 200
         finally:
-            browser.close()
+            context.close()
 
     with sqlite3.connect(proj / "project.sqlite") as db:
         labels = db.execute("SELECT image_id, label, kind, who, source FROM labels "
@@ -172,3 +181,37 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path):
     assert rounds == [(0, "cold-start", 0), (1, "weibull", 8)]
     assert changed == ("changed",)
     assert Path(proj / "checkpoints" / "round_001.pt").is_file()
+
+
+def test_named_classes_keys_and_token_cookie(tmp_path, browser):
+    write_digits(tmp_path / "images", 6)
+    proj = tmp_path / "proj"
+    with Project.init(proj, tmp_path / "images", ["cat", "dog", "bird"], cold_start_epochs=0,
+                      log=lambda m: None) as p:
+        p.query(3, progress=False, log=lambda m: None)
+        queued = [q.image_id for q in p.pending()]
+    with background_server(create_app(proj, user="u", token="tok-123")) as url:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            assert page.goto(url + "/").status == 401
+            page.goto(url + "/?token=tok-123")  # sets the cookie; the page drops the token
+            page.wait_for_selector("#image[data-image-id]:not([hidden])")
+            assert page.url == url + "/"
+            assert page.evaluate("document.cookie") == ""  # HttpOnly: not readable by scripts
+            assert [page.text_content(f'button[data-class="{c}"] kbd')
+                    for c in ("cat", "dog", "bird")] == ["1", "2", "3"]
+            shown = page.get_attribute("#image", "data-image-id")
+            page.keyboard.press("4")  # no fourth class: nothing happens
+            page.keyboard.press("2")
+            shown = wait_next(page, shown)
+            page.click('button[data-class="bird"]')
+            shown = wait_next(page, shown)
+            page.keyboard.press("1")
+            assert wait_next(page, shown) is None
+            assert page.is_visible("#empty")
+        finally:
+            context.close()
+    with sqlite3.connect(proj / "project.sqlite") as db:
+        rows = db.execute("SELECT image_id, label, who FROM labels ORDER BY id").fetchall()
+    assert rows == [(queued[0], "dog", "u"), (queued[1], "bird", "u"), (queued[2], "cat", "u")]

@@ -105,6 +105,7 @@ def test_image_bytes_and_content_types(tmp_path):
     img = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
     img.save(tmp_path / "images" / "a.jpg")
     img.save(tmp_path / "images" / "b.pgm")
+    Image.fromarray(np.asarray(img, np.uint16) * 256).save(tmp_path / "images" / "c16.tif")
     Project.init(tmp_path / "proj", tmp_path / "images", CLASSES, log=lambda m: None).close()
     c = client(tmp_path / "proj")
     with Project(tmp_path / "proj") as p:
@@ -119,6 +120,9 @@ def test_image_bytes_and_content_types(tmp_path):
     r = c.get(f"/api/image/{ids['b.pgm']}")  # browsers cannot show PGM: converted to PNG
     assert r.headers["content-type"] == "image/png"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(img))
+    r = c.get(f"/api/image/{ids['c16.tif']}")  # 16-bit TIFF: its top 8 bits as PNG
+    assert r.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(img))
 
 
 def test_unknown_ids_and_encoded_paths_are_404(proj):
@@ -128,6 +132,7 @@ def test_unknown_ids_and_encoded_paths_are_404(proj):
                 "/api/image/..%2Fsecret.png", "/api/image/..%2F..%2Fsecret.png",
                 "/api/image/%2e%2e%2fsecret.png", "/api/image/..%5Csecret.png",
                 "/api/image/", "/api/image", "/secret.png", "/../secret.png",
+                "/api/image/%C2%B2", "/api/image/%D9%A1", "/api/image/" + "9" * 30,
                 "/static/..%2F..%2F..%2Fsecret.png"):
         r = c.get(url)
         assert r.status_code == 404, url
@@ -239,6 +244,8 @@ def test_label_ood_skip_and_errors(proj):
     assert c.post("/api/label", json={"image_id": 99999, "label": "1"}).status_code == 404
     assert c.post("/api/skip", json={"image_id": 99999}).status_code == 404
     assert c.post("/api/label", json={"image_id": e}).status_code == 422  # label is required
+    assert c.post("/api/label", json={"image_id": 10**30, "label": "1"}).status_code == 422
+    assert c.post("/api/skip", json={"image_id": -1}).status_code == 422
     rows = db_rows(proj, "SELECT image_id, label, kind, who, source FROM labels ORDER BY id")
     assert rows == [(a, "7", "class", "alice", "web"), (b, None, "ood", "server-user", "web")]
     status = dict(db_rows(proj, "SELECT image_id, status FROM queue"))

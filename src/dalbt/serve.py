@@ -53,10 +53,13 @@ SECURITY_HEADERS = {
 }
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
 class LabelIn(BaseModel):
     """Body of ``POST /api/label``; ``label`` null means "none of these classes"."""
 
-    image_id: int
+    image_id: int = Field(ge=0, le=MAX_ID)
     label: str | None
     who: str | None = Field(default=None, max_length=200)
 
@@ -64,7 +67,7 @@ class LabelIn(BaseModel):
 class SkipIn(BaseModel):
     """Body of ``POST /api/skip``."""
 
-    image_id: int
+    image_id: int = Field(ge=0, le=MAX_ID)
 
 
 class QueryIn(BaseModel):
@@ -132,10 +135,8 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     job = _QueryJob()
     app = FastAPI(title="dalbt labelling", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @contextlib.contextmanager
-    def project() -> Iterator[Project]:
-        with Project(directory) as p:
-            yield p
+    def project() -> Project:  # one connection per request or thread
+        return Project(directory)
 
     @app.middleware("http")
     async def guard(request: Request,
@@ -186,8 +187,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
         if budget:
             return budget
         rounds = p.rounds()
-        return rounds[-1]["batch_size"] if rounds and rounds[-1]["batch_size"] else \
-            DEFAULT_BUDGET
+        return (rounds[-1]["batch_size"] if rounds else 0) or DEFAULT_BUDGET
 
     @app.get("/api/state")
     def state() -> dict[str, Any]:
@@ -213,7 +213,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
     @app.get("/api/image/{image_id}")
     def image(image_id: str) -> Response:
-        if not image_id.isdigit():
+        if not (image_id.isascii() and image_id.isdigit() and int(image_id) <= MAX_ID):
             raise HTTPException(404, f"no image with id {image_id!r}")
         with project() as p:
             try:
@@ -285,9 +285,14 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
     def run_query(n: int) -> None:
         log: list[str] = []
+
+        def note(line: str) -> None:  # kept for the page and shown on the server's console
+            log.append(line)
+            print(line, flush=True)
+
         try:
             with project() as p:
-                res = p.query(n, progress=False, log=log.append)
+                res = p.query(n, progress=False, log=note)
             job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
                         "n_labelled": res.n_labelled, "val_acc": res.val_acc,
                         "skipped_images": len(res.skipped_images), "log": log}
@@ -305,10 +310,13 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
 
 def _to_png(data: bytes) -> bytes:
+    import numpy as np
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        if img.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):
+        if img.mode.startswith("I;16"):  # 16-bit grey: its top 8 bits
+            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+        elif img.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):
             img = img.convert("RGB")
         out = io.BytesIO()
         img.save(out, format="PNG")
@@ -349,7 +357,7 @@ def history_png(rounds: list[dict[str, Any]]) -> bytes:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")

@@ -65,23 +65,37 @@
     return $("who").value.trim();
   }
 
+  // Keys 1..9 and 0 pick the first ten classes in order; but when every class is named by a
+  // single digit (0..9, as digits or MNIST), each digit key picks the class of that name.
+  const keyOfClass = new Map();
+  const classOfKey = new Map();
+
   function buildButtons() {
+    const byName = classes.every((c) => /^[0-9]$/.test(c));
+    classes.forEach((name, i) => {
+      const k = byName ? name : (i < 10 ? String((i + 1) % 10) : null);
+      if (k !== null) {
+        keyOfClass.set(name, k);
+        classOfKey.set(k, name);
+      }
+    });
     const box = $("classes");
     box.textContent = "";
-    classes.forEach((name, i) => {
+    for (const name of classes) {
       const b = document.createElement("button");
       b.type = "button";
       b.dataset.class = name;
       b.textContent = name;
-      if (i < 10) {
-        const k = document.createElement("kbd");
-        k.textContent = String((i + 1) % 10);
-        b.append(" ", k);
-        b.title = `key ${(i + 1) % 10}`;
+      const k = keyOfClass.get(name);
+      if (k !== undefined) {
+        const kbd = document.createElement("kbd");
+        kbd.textContent = k;
+        b.append(" ", kbd);
+        b.title = `key ${k}`;
       }
       b.addEventListener("click", () => { b.blur(); submit("label", name); });
       box.append(b);
-    });
+    }
   }
 
   function setButtons() {
@@ -291,12 +305,9 @@
       if (ev.key === "Enter" || ev.key === "Escape") t.blur();
       return;
     }
-    if (/^[0-9]$/.test(ev.key)) {
-      const i = ev.key === "0" ? 9 : Number(ev.key) - 1;
-      if (i < classes.length) {
-        ev.preventDefault();
-        submit("label", classes[i]);
-      }
+    if (classOfKey.has(ev.key)) {
+      ev.preventDefault();
+      submit("label", classOfKey.get(ev.key));
     } else if (ev.key === "s") {
       submit("skip");
     } else if (ev.key === "n") {
