@@ -16,12 +16,13 @@ import getpass
 import hashlib
 import io
 import json
+import math
 import os
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ class ProjectConfig:
         val_fraction: Share of the labelled images held out for model selection and the
             accuracy history (assigned by content hash, so an image keeps its role).
         min_val: Fewer held-out images than this: no validation split (all labels train).
+        min_steps: Fewest optimiser steps per query: with few labels an epoch is one step, so
+            the epochs are raised to reach this many steps.
         planned_rounds: Number of rounds strategies that plan ahead (PT4AL) assume.
         cold_start_epochs: Barlow Twins epochs on all images before the first query when there
             are no labels yet (the first batch is then k-centre on those features).
@@ -129,7 +132,8 @@ class ProjectConfig:
     model: str = "lenet"
     seed: int = 0
     val_fraction: float = 0.2
-    min_val: int = 10
+    min_val: int = 20
+    min_steps: int = 200
     planned_rounds: int = 10
     cold_start_epochs: int = 10
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -259,6 +263,41 @@ def parse_classes(classes: str | None, classes_file: str | os.PathLike | None) -
     if dup:
         raise DalbtError(f"class names must be unique; repeated: {', '.join(dup)}")
     return names
+
+
+class QueryLock:
+    """An exclusive ``flock`` on a project's ``query.lock`` file, released by :meth:`release`,
+    on exit of a ``with`` block, or by the operating system when the process dies.
+
+    Raises:
+        DalbtError: If another query holds it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file: Any = open(path, "w")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._file.close()
+            self._file = None
+            raise DalbtError(f"another query is already running on {path.parent}; wait for it "
+                             "to finish") from exc
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> QueryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Project:
@@ -623,19 +662,13 @@ class Project:
 
     # -- querying --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _query_lock(self) -> Iterator[None]:
-        path = self.directory / "query.lock"
-        with open(path, "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise DalbtError(f"another query is already running on {self.directory}; "
-                                 "wait for it to finish") from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def acquire_query_lock(self) -> QueryLock:
+        """Take the project's query lock (one query at a time, across processes).
+
+        Raises:
+            DalbtError: If another query holds it.
+        """
+        return QueryLock(self.directory / "query.lock")
 
     def query_running(self) -> bool:
         """Whether some process holds the query lock right now."""
@@ -703,8 +736,8 @@ class Project:
         h = hashlib.sha256(f"{self.config.seed}:{sha}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64 < self.config.val_fraction
 
-    def query(self, budget: int, progress: bool = True,
-              log: Callable[[str], None] = print) -> QueryResult:
+    def query(self, budget: int, progress: bool = True, log: Callable[[str], None] = print,
+              lock: QueryLock | None = None) -> QueryResult:
         """Train on the labels so far and queue the next ``budget`` images.
 
         With no class label yet this is a cold start: Barlow Twins features of all images
@@ -716,6 +749,8 @@ class Project:
             budget: Images to queue (> 0; fewer if the pool is smaller).
             progress: Show progress bars.
             log: Where one-line summaries go.
+            lock: A query lock the caller already holds (from :meth:`acquire_query_lock`) and
+                releases itself; by default the query takes and releases one.
 
         Returns:
             What was queued.
@@ -725,7 +760,11 @@ class Project:
         """
         if budget <= 0:
             raise DalbtError(f"--budget must be a positive number of images, got {budget}")
-        with self._query_lock():
+        if lock is not None:
+            if not lock.held:
+                raise DalbtError("the query lock passed to query() was already released")
+            return self._query(budget, progress, log)
+        with self.acquire_query_lock():
             return self._query(budget, progress, log)
 
     def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
@@ -793,8 +832,11 @@ class Project:
         else:
             method = cfg.strategy
             model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, round_))
+            steps = math.ceil(len(lab_pos) / cfg.train.batch_size)
+            train_cfg = replace(cfg.train, epochs=max(cfg.train.epochs,
+                                                      math.ceil(cfg.min_steps / steps)))
             res = strategy.train_model(
-                model, x, y, lab_pos, val_pos, cfg.train,
+                model, x, y, lab_pos, val_pos, train_cfg,
                 rngs.torch_generator(cfg.seed, rngs.SHUFFLE, round_),
                 rngs.torch_generator(cfg.seed, rngs.AUGMENT, round_), unlabelled=cand)
             if len(val_pos):
@@ -808,7 +850,7 @@ class Project:
                 num_classes=n_cls, rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, round_),
                 scorer=lambda idx: infer(model, x, idx), round=round_,
                 total_rounds=max(cfg.planned_rounds, round_ + 1), images=x,
-                train_config=cfg.train, device=str(device), model_factory=new_model,
+                train_config=train_cfg, device=str(device), model_factory=new_model,
                 candidates=outside_val,
                 mc_scorer=lambda idx, t, g: mc_dropout_probs(model, x, idx, t, g))
             strategy.prepare(ctx)

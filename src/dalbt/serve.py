@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dalbt.errors import DalbtError
-from dalbt.project import Project, default_user, is_loopback
+from dalbt.project import Project, QueryLock, default_user, is_loopback
 
 DEFAULT_BUDGET = 20
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
@@ -268,22 +268,27 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     def query(body: QueryIn) -> Any:
         if not job.lock.acquire(blocking=False):
             raise HTTPException(409, "a query is already running; wait for it to finish")
+        qlock = None
         try:
             with project() as p:
-                if p.query_running():
+                try:
+                    qlock = p.acquire_query_lock()  # held by the thread until it finishes
+                except DalbtError as exc:
                     raise HTTPException(409, "another process is running a query on this "
-                                             "project; wait for it to finish")
+                                             "project; wait for it to finish") from exc
                 n = body.budget or default_budget(p)
             job.error, job.started, job.finished = None, _now(), None
-            job.thread = threading.Thread(target=run_query, args=(n,), daemon=True,
+            job.thread = threading.Thread(target=run_query, args=(n, qlock), daemon=True,
                                           name="dalbt-query")
             job.thread.start()
         except BaseException:
+            if qlock is not None:
+                qlock.release()
             job.lock.release()
             raise
         return {"started": True, "budget": n}
 
-    def run_query(n: int) -> None:
+    def run_query(n: int, qlock: QueryLock) -> None:
         log: list[str] = []
 
         def note(line: str) -> None:  # kept for the page and shown on the server's console
@@ -292,7 +297,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
         try:
             with project() as p:
-                res = p.query(n, progress=False, log=note)
+                res = p.query(n, progress=False, log=note, lock=qlock)
             job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
                         "n_labelled": res.n_labelled, "val_acc": res.val_acc,
                         "skipped_images": len(res.skipped_images), "log": log}
@@ -303,6 +308,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             job.error = f"the query failed: {type(exc).__name__}: {exc}"
         finally:
             job.finished = _now()
+            qlock.release()
             job.lock.release()
 
     app.state.query_job = job
