@@ -29,7 +29,7 @@ data:
 	if [ -z "$$missing" ]; then \
 	  echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist; Chromium: $$(command -v chromium)"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
 	  || echo "note: could not install$$missing; Fashion-MNIST runs and tests are skipped" \
 	          "without dataset-fashion-mnist, and the browser test fails without chromium"; \
 	else \
@@ -46,7 +46,7 @@ test: setup
 	DALBT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
 
 bench: setup
 	$(BIN)/python benchmarks/round_time.py
