@@ -179,3 +179,12 @@ def test_weibull_inlier_direction_reverses_the_ranking(context_factory):
     assert set(inl[:2]) == {n_lab + 4, n_lab + 5}
     with pytest.raises(ValueError):
         WeibullStrategy(direction="up")
+
+
+def test_weibull_balanced_is_the_balanced_weibull(context_factory):
+    n_lab, ctx = _lopsided_pool(context_factory)
+    named = build_strategy("weibull-balanced")
+    assert named.balance and named.distance == "euclidean" and named.tail_frac == 0.5
+    assert named.select(ctx, 4).tolist() == WeibullStrategy(balance=True).select(ctx, 4).tolist()
+    assert build_strategy("weibull-balanced", balance=False).select(ctx, 3).tolist() == \
+        WeibullStrategy().select(ctx, 3).tolist()
