@@ -177,7 +177,7 @@ def test_queries_exclude_labelled_ood_and_pending_and_are_deterministic(tmp_path
         labelled = set(p.current_labels())
         pending_before = set(ood[1:])
         assert not set(r2.queued) & (labelled | pending_before)
-        assert r2.method == "weibull" and r2.round == 2 and r2.n_labelled == 8
+        assert r2.method == "weibull-balanced" and r2.round == 2 and r2.n_labelled == 8
         rounds = p.rounds()
         assert [r["round"] for r in rounds] == [0, 1, 2]
         assert rounds[1]["batch_labelled"] == 1 and (p.directory / "checkpoints").is_dir()

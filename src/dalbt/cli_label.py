@@ -24,8 +24,10 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
     p.add_argument("--classes", default=None, help="class names, comma-separated: a,b,c")
     p.add_argument("--classes-file", default=None, help="file with one class name per line")
     p.add_argument("--labels", default=None, help="CSV of labels given beforehand: path,label")
-    p.add_argument("--strategy", default="weibull",
-                   help="query strategy (see 'dalbt strategies'; default weibull = DALBT)")
+    p.add_argument("--strategy", default="weibull-balanced",
+                   help="query strategy (see 'dalbt strategies'; default weibull-balanced: "
+                        "DALBT's Weibull sampling with a class-balanced batch; weibull is "
+                        "the paper's exact rule)")
     p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
                    metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--model", default="lenet", help="encoder (see 'dalbt models')")
