@@ -111,3 +111,16 @@ def test_bench_labels_name_the_curves(tmp_path):
     header = rep["md"].read_text().splitlines()[0]
     assert "random-ce-only" in header and "random [gamma=0.001]" in header
     assert "| weibull |" in header and "dalbt" not in header
+
+
+def test_report_seeds_keeps_only_those_runs(tmp_path):
+    with Store(tmp_path) as store:
+        for seed, accs in enumerate([[0.4, 0.5], [0.6, 0.7], [0.9, 0.9]]):
+            _fill(store, "random", seed, accs)
+        _fill(store, "weibull", 2, [0.1, 0.1])
+    rep = write_report(tmp_path, tmp_path / "o", seeds=[0, 1])
+    md = rep["md"].read_text()
+    assert "| 10 | 50.00 ± 14.14 |" in md and "| 15 | 60.00 ± 14.14 |" in md
+    assert "weibull" not in md.splitlines()[0]
+    with pytest.raises(DalbtError, match="no run has any of the seeds"):
+        write_report(tmp_path, tmp_path / "x", seeds=[7])

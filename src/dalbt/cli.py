@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", action="append", default=None, metavar="PATTERN",
                      help="keep only the strategies whose label matches this shell-style "
                           "pattern (repeatable), e.g. --only 'weibull*' --only random")
+    rep.add_argument("--seeds", default=None, metavar="LIST",
+                     help="only the runs of these seeds, e.g. 0,1,2 (compare strategies on "
+                          "the same seeds)")
 
     b = sub.add_parser("bench", help="run a benchmark grid (strategies x seeds x settings)",
                        description="Run every unfinished run of a bench config or preset into "
@@ -259,7 +262,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from dalbt.report import write_report
 
-    rep = write_report(args.directory, args.out, args.only)
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(t) for t in args.seeds.split(",") if t.strip()]
+        except ValueError:
+            raise DalbtError(f"--seeds expects integers like 0,1,2, got {args.seeds!r}"
+                             ) from None
+    rep = write_report(args.directory, args.out, args.only, seeds)
     print(rep["table"])
     print(f"\nplot: {rep['png']} (and {rep['svg'].name})\ntables: {rep['md']}, {rep['csv']}, "
           f"{rep['rounds']}\nsummary: {rep['summary']}, {rep['summary_csv']}")

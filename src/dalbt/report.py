@@ -7,7 +7,7 @@ import fnmatch
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -551,8 +551,25 @@ def select_curves(curves: list[Curve], only: list[str] | None) -> list[Curve]:
     return [c for c in curves if any(fnmatch.fnmatchcase(c.label, p) for p in only)]
 
 
+def select_seeds(curves: list[Curve], seeds: list[int] | None) -> list[Curve]:
+    """The curves restricted to the given seeds (curves with none of them are dropped), so that
+    strategies run with different numbers of seeds are compared on the same ones."""
+    if not seeds:
+        return curves
+    out = []
+    for c in curves:
+        rows = [i for i, s in enumerate(c.seeds) if s in seeds]
+        if rows:
+            out.append(replace(c, seeds=[c.seeds[i] for i in rows], acc=c.acc[rows],
+                               ood=None if c.ood is None else c.ood[rows]))
+    if not out:
+        raise DalbtError(f"no run has any of the seeds {seeds}")
+    return out
+
+
 def write_report(directory: str | Path, out: str | Path | None = None,
-                 only: list[str] | None = None) -> dict[str, Path | str]:
+                 only: list[str] | None = None,
+                 seeds: list[int] | None = None) -> dict[str, Path | str]:
     """Write the report of a directory.
 
     Files: ``learning_curve.png`` / ``.svg`` (mean and 95 % interval), ``results.csv``,
@@ -565,6 +582,7 @@ def write_report(directory: str | Path, out: str | Path | None = None,
         directory: Experiment directory holding the store.
         out: Where the files go (default: the experiment directory).
         only: Shell-style patterns of curve labels to keep (e.g. ``weibull*``); default all.
+        seeds: Keep only the runs of these seeds; default all.
 
     Returns:
         Paths of the files (``png``, ``svg``, ``csv``, ``md``, ``rounds``, ``summary``,
@@ -579,7 +597,7 @@ def write_report(directory: str | Path, out: str | Path | None = None,
     if not curves:
         raise DalbtError(f"no finished rounds in {directory}; run 'dalbt run --out "
                          f"{directory}' first")
-    curves = select_curves(curves, only)
+    curves = select_seeds(select_curves(curves, only), seeds)
     out_dir = Path(out) if out else directory
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(curves)
