@@ -223,12 +223,13 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
     if args.lr <= 0:
         raise DalbtError(f"--lr must be positive, got {args.lr}")
     amp = resolve_amp(args.amp, device, warn=dist.is_main)
-    # Under torchrun, rank 0 fetches missing files first; the others then read them.
-    if dist.is_main:
-        data = load_dataset(args.dataset, args.data_root, download=args.download)
-    dist.from_main(lambda: None)
-    if not dist.is_main:
-        data = load_dataset(args.dataset, args.data_root, download=args.download)
+    # Under torchrun, rank 0 loads (and with --download fetches) first; the others then read
+    # the files, or stop with rank 0's error.
+    loaded = {}
+    dist.from_main(lambda: loaded.setdefault(
+        "data", load_dataset(args.dataset, args.data_root, download=args.download)) and None)
+    data = loaded["data"] if "data" in loaded else load_dataset(args.dataset, args.data_root,
+                                                                download=args.download)
     store = Store(args.out) if dist.is_main else None  # the store is rank 0's alone
     try:
         for seed in args.seed:
