@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dalbt.cli_label import COMMANDS, add_parsers, dispatch
-from dalbt.errors import DalbtError
+from dalbt.errors import DalbtError, RankZeroFailed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,11 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=_non_negative, nargs="+", default=[0],
                    help="one or more seeds (one run each)")
     r.add_argument("--out", default="runs/default", help="experiment directory")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
+    r.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                   help="mixed-precision training on CUDA: bf16 (the default of --amp) or fp16 "
+                        "(with gradient scaling); ignored with a warning on the CPU")
     r.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads for torch (default: all cores)")
+                   help="CPU threads for torch (default: all cores, shared among the "
+                        "processes torchrun starts on the machine)")
     r.add_argument("--resume", action="store_true",
                    help="continue unfinished runs of the same config in --out; skip finished")
+    r.add_argument("--save-scores", action="store_true",
+                   help="save what the strategy scored each round (pool outputs, MC-dropout "
+                        "probabilities) and its selection to OUT/scores/run-ID-round-R.pt")
     r.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (they are shown only on a terminal anyway)")
 
@@ -164,18 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device(name: str) -> str:
     """'auto' -> cuda when available else cpu; a CUDA device that is absent is an error."""
-    import torch
+    from dalbt.distributed import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DalbtError(f"--device {name}: CUDA is not available on this machine; "
-                         "use --device cpu")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise DalbtError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    return name
+    return resolve(name)
+
+
+def resolve_amp(amp: str | None, device: str, warn: bool = True) -> str | None:
+    """The ``--amp`` a run uses on ``device``: None on the CPU (with a warning on stderr)."""
+    if amp is None or device.startswith("cuda"):
+        return amp
+    if warn:
+        print(f"dalbt: warning: --amp {amp} needs CUDA; training in float32 on {device}",
+              file=sys.stderr)
+    return None
 
 
 def _listing(items: list[tuple[str, str]]) -> str:
@@ -184,6 +193,16 @@ def _listing(items: list[tuple[str, str]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dalbt import distributed
+
+    dist, device = distributed.init_from_env(args.device)
+    try:
+        return _run(args, dist, device)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
     import torch
 
     from dalbt.data import load_dataset
@@ -194,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dalbt.strategies import build_strategy
     from dalbt.train import TrainConfig
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     if args.model not in MODELS:
         raise DalbtError(f"unknown model {args.model!r}; known models: "
                          f"{', '.join(sorted(MODELS))}")
@@ -206,9 +225,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise DalbtError(f"{flag} must be >= 0, got {value}")
     if args.lr <= 0:
         raise DalbtError(f"--lr must be positive, got {args.lr}")
-    device = resolve_device(args.device)
-    data = load_dataset(args.dataset, args.data_root, download=args.download)
-    store = Store(args.out)
+    amp = resolve_amp(args.amp, device, warn=dist.is_main)
+    # Under torchrun, rank 0 loads (and with --download fetches) first; the others then read
+    # the files, or stop with rank 0's error.
+    loaded = {}
+    dist.from_main(lambda: loaded.setdefault(
+        "data", load_dataset(args.dataset, args.data_root, download=args.download)) and None)
+    data = loaded["data"] if "data" in loaded else load_dataset(args.dataset, args.data_root,
+                                                                download=args.download)
+    store = Store(args.out) if dist.is_main else None  # the store is rank 0's alone
     try:
         for seed in args.seed:
             cfg = RunConfig(
@@ -224,11 +249,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   eval_every=args.eval_every, device=device,
                                   ssl_unlabelled=args.ssl_pool,
                                   pretrain_epochs=args.pretrain_epochs,
-                                  pretrain_batch=args.pretrain_batch))
+                                  pretrain_batch=args.pretrain_batch, amp=amp))
             run_experiment(cfg, store, resume=args.resume, data=data,
-                           progress=not args.no_progress and sys.stderr.isatty())
+                           progress=not args.no_progress and sys.stderr.isatty(), dist=dist,
+                           save_scores=args.save_scores)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+    if not dist.is_main:
+        return 0
     rep = write_report(args.out)
     print()
     print(rep["table"])
@@ -279,7 +308,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dalbt`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    launched = os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # one of torchrun's processes
+    rank = os.environ.get("RANK", "0") if launched else "0"
     try:
+        if launched and args.command != "run":
+            raise DalbtError(f"only 'dalbt run' runs under torchrun, not 'dalbt {args.command}'")
         if args.command == "run":
             return cmd_run(args)
         if args.command == "bench":
@@ -301,8 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(_listing(list_models()))
         return 0
+    except RankZeroFailed:
+        return 2  # rank 0 reports it
     except DalbtError as exc:
-        print(f"dalbt: error: {exc}", file=sys.stderr)
+        where = f" (rank {rank})" if rank != "0" else ""
+        print(f"dalbt: error{where}: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:
         print(f"dalbt: error: experiment database: {exc} (is another dalbt process using the "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from dalbt import rng as rngs
 from dalbt.data import ImageDataset, load_dataset
 from dalbt.data.pool import Pool, make_splits
+from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.store import RunRecord, Store, config_key
@@ -86,6 +87,8 @@ class RunConfig:
         for k in _NOT_IN_KEY:
             d.pop(k, None)
             d["train"].pop(k, None)
+        if d["train"].get("amp") is None:  # keys of float32 runs as before mixed precision
+            d["train"].pop("amp", None)
         return d
 
     @classmethod
@@ -162,14 +165,17 @@ def _save_checkpoint(path: Path, model: torch.nn.Module) -> None:
     os.replace(tmp, path)
 
 
-def _pretrained_state(cfg: RunConfig, directory: Path, run_id: int, data: ImageDataset,
+def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data: ImageDataset,
                       images: np.ndarray, new_model: Callable[[int], torch.nn.Module],
-                      progress: bool, log: Callable[[str], None]) -> dict:
+                      progress: bool, log: Callable[[str], None], dist: Dist = SINGLE) -> dict:
     """Barlow Twins pre-training on the whole pool (every training image outside the
-    validation split), once per run; the weights are kept in the experiment directory."""
-    path = directory / "checkpoints" / f"run-{run_id}-pretrained.pt"
-    if path.exists():
-        return torch.load(path, map_location=cfg.train.device)
+    validation split), once per run; the weights are kept in the experiment directory (rank 0
+    reads and writes them; the other ranks get them by broadcast)."""
+    path = directory / "checkpoints" / f"run-{run_id}-pretrained.pt" if directory else None
+    if dist.from_main(lambda: path is not None and path.exists()):
+        if not dist.active:
+            return torch.load(path, map_location=cfg.train.device)
+        return dist.from_main(lambda: torch.load(path, map_location="cpu"))
     model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
     bar = tqdm(total=cfg.train.pretrain_epochs, desc="pre-train", unit="ep", leave=False,
                disable=not progress)
@@ -177,40 +183,65 @@ def _pretrained_state(cfg: RunConfig, directory: Path, run_id: int, data: ImageD
     losses = pretrain_barlow(model, data.x_train, images, cfg.train,
                              rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 1),
                              rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 2),
-                             on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)))
+                             on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)),
+                             dist=dist)
     bar.close()
     log(f"[{cfg.strategy} seed {cfg.seed}] Barlow Twins pre-training on {len(images)} images: "
         f"{cfg.train.pretrain_epochs} epochs, loss {losses[0]:.1f} -> {losses[-1]:.1f}, "
         f"{time.perf_counter() - t0:.1f}s")
-    _save_checkpoint(path, model)
+    if path is not None:
+        _save_checkpoint(path, model)
     return model.state_dict()
+
+
+def _load_checkpoint(path: Path | None, device: torch.device, dist: Dist,
+                     missing: str) -> dict:
+    """A checkpoint that rank 0 reads (the others get it by broadcast); ``missing`` is the
+    error when it does not exist."""
+    def load() -> dict:
+        if path is None or not path.exists():
+            raise DalbtError(missing)
+        return torch.load(path, map_location=device if not dist.active else "cpu")
+
+    return dist.from_main(load)
 
 
 def run_experiment(
     cfg: RunConfig,
-    store: Store,
+    store: Store | None,
     resume: bool = False,
     progress: bool = True,
     data: ImageDataset | None = None,
     log: Callable[[str], None] = print,
+    dist: Dist = SINGLE,
+    save_scores: bool = False,
 ) -> RunRecord:
     """Run (or resume) one AL run and record every round in ``store``.
 
     Args:
         cfg: The run's config.
-        store: Where rounds are written (one transaction per round).
+        store: Where rounds are written (one transaction per round); rank 0's only (None on
+            the other ranks of a distributed run).
         resume: Continue an unfinished run with the same config instead of failing.
         progress: Show progress bars.
         data: The loaded dataset (loaded from ``cfg`` when None).
         log: Where one-line round summaries go.
+        dist: This process's place in a distributed run (every rank calls this function with
+            the same arguments; see :mod:`dalbt.distributed` for who does what).
+        save_scores: Also save what the strategy's scorers computed each round (pool outputs,
+            MC-dropout probabilities) to ``<store>/scores/run-<id>-round-<r>.pt``.
 
     Returns:
-        The run's record.
+        The run's record (on every rank).
 
     Raises:
         DalbtError: Bad protocol, or a run with this config already exists and ``resume`` is
             False.
     """
+    if not dist.is_main:
+        progress, log = False, lambda _: None
+    elif store is None:
+        raise ValueError("rank 0 needs the store")
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
     data = apply_scenario(cfg, data)
@@ -222,19 +253,27 @@ def run_experiment(
     splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed,
                          candidates=in_dist if ood.any() else None)
     key = config_key(cfg.key_dict())
-    run = store.find_run(key)
-    if run is not None and not resume:
-        raise DalbtError(f"{store.directory} already holds this run (id {run.id}, "
-                         f"{run.status}); pass --resume to continue it or choose another --out")
-    if run is None:
-        run = store.create_run(cfg.to_dict(), splits.initial, key=key)
-    elif not np.array_equal(run.initial, splits.initial):
-        raise DalbtError(f"run {run.id} in {store.directory} was started from another initial "
-                         "set than this dataset gives now; the data files changed")
-    done = store.rounds(run.id)
+
+    def open_run() -> tuple[RunRecord, list[dict[str, Any]]]:
+        assert store is not None
+        run = store.find_run(key)
+        if run is not None and not resume:
+            raise DalbtError(f"{store.directory} already holds this run (id {run.id}, "
+                             f"{run.status}); pass --resume to continue it or choose another "
+                             "--out")
+        if run is None:
+            run = store.create_run(cfg.to_dict(), splits.initial, key=key)
+        elif not np.array_equal(run.initial, splits.initial):
+            raise DalbtError(f"run {run.id} in {store.directory} was started from another "
+                             "initial set than this dataset gives now; the data files changed")
+        return run, store.rounds(run.id)
+
+    # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
+    run, done = dist.from_main(open_run)
     if run.status == "finished":
         log(f"run {run.id} ({cfg.strategy}, seed {cfg.seed}) already finished")
         return run
+    directory = store.directory if store is not None else None
 
     pool = Pool.from_splits(data.n_train, splits)
 
@@ -263,8 +302,8 @@ def run_experiment(
     outside_validation = np.setdiff1d(np.arange(data.n_train), splits.validation)
     pretrained = None
     if cfg.train.pretrain_epochs > 0:
-        pretrained = _pretrained_state(cfg, store.directory, run.id, data, outside_validation,
-                                       new_model, progress, log)
+        pretrained = _pretrained_state(cfg, directory, run.id, data, outside_validation,
+                                       new_model, progress, log, dist)
 
     model = None
     for r in range(start, cfg.rounds + 1):
@@ -272,12 +311,11 @@ def run_experiment(
             model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0 if cfg.train.warm_start else r))
             if pretrained is not None:
                 model.load_state_dict(pretrained)
-            prev = _checkpoint_path(store.directory, run.id, r - 1)
             if cfg.train.warm_start and r > 0:
-                if not prev.exists():
-                    raise DalbtError(f"cannot resume a warm-start run: checkpoint {prev} "
-                                     "is missing")
-                model.load_state_dict(torch.load(prev, map_location=device))
+                prev = _checkpoint_path(directory, run.id, r - 1) if directory else None
+                model.load_state_dict(_load_checkpoint(
+                    prev, device, dist, f"cannot resume a warm-start run: checkpoint {prev} is "
+                    "missing"))
         labelled = pool.labelled
         bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
                    disable=not progress)
@@ -291,53 +329,87 @@ def run_experiment(
             rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
             rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
             on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)),
-            unlabelled=pool.unlabelled)
+            unlabelled=pool.unlabelled, dist=dist)
+        dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
         bar.close()
         t_train = time.perf_counter() - t0
-        test_acc = accuracy(model, data.x_test, data.y_test)
+        test_acc = accuracy(model, data.x_test, data.y_test, dist=dist)
 
         queried = np.empty(0, dtype=np.int64)
         t_score = t_select = 0.0
         if r < cfg.rounds:
             sbar = tqdm(desc=f"round {r} score", unit="img", leave=False,
                         disable=not progress or not strategy.requires)
+            scored: list[dict[str, Any]] = []
 
-            def scorer(idx: np.ndarray, sbar=sbar, model=model) -> Any:
-                sbar.total = (sbar.total or 0) + len(idx)
-                return infer(model, data.x_train, idx, progress=sbar.update)
+            def score(idx: np.ndarray, sbar=sbar, model=model, scored=scored) -> Any:
+                if dist.is_main:
+                    sbar.total = (sbar.total or 0) + len(idx)
+                out = infer(model, data.x_train, idx, progress=sbar.update, dist=dist)
+                if save_scores and dist.is_main:
+                    scored.append({"kind": "outputs", "indices": torch.as_tensor(out.indices),
+                                   "logits": out.logits, "latents": out.latents})
+                return out
 
-            ctx = QueryContext(unlabelled=pool.unlabelled, labelled=labelled,
-                               labelled_targets=data.y_train[labelled].numpy(),
-                               num_classes=data.num_classes,
-                               rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r), scorer=scorer,
-                               round=r, total_rounds=cfg.rounds, images=data.x_train,
-                               train_config=cfg.train,
-                               device=str(device), model_factory=new_model,
-                               candidates=outside_validation,
-                               mc_scorer=lambda idx, t, g, model=model: mc_dropout_probs(
-                                   model, data.x_train, idx, t, g))
-            t0 = time.perf_counter()
-            strategy.prepare(ctx)
-            ctx.prefetch(strategy.requires)
-            t_score = time.perf_counter() - t0
+            def mc_score(idx: np.ndarray, t: int, g: torch.Generator, model=model,
+                         scored=scored) -> Any:
+                probs = mc_dropout_probs(model, data.x_train, idx, t, g, dist=dist)
+                if save_scores and dist.is_main:
+                    scored.append({"kind": "mc_probs", "indices": torch.as_tensor(idx),
+                                   "probs": probs})
+                return probs
+
+            # The strategy runs once, on rank 0; its scoring requests run sharded on all ranks.
+            lead = Lead(dist, {"score": score, "mc_score": mc_score})
+
+            def query(r=r, labelled=labelled, lead=lead) -> tuple[np.ndarray, float, float]:
+                ctx = QueryContext(unlabelled=pool.unlabelled, labelled=labelled,
+                                   labelled_targets=data.y_train[labelled].numpy(),
+                                   num_classes=data.num_classes,
+                                   rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r),
+                                   scorer=lambda idx: lead.call("score", idx),
+                                   round=r, total_rounds=cfg.rounds, images=data.x_train,
+                                   train_config=cfg.train,
+                                   device=str(device), model_factory=new_model,
+                                   candidates=outside_validation,
+                                   mc_scorer=lambda idx, t, g: lead.call("mc_score", idx, t, g))
+                t0 = time.perf_counter()
+                strategy.prepare(ctx)
+                ctx.prefetch(strategy.requires)
+                t_score = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                queried = strategy.select(ctx, cfg.budget)
+                return queried, t_score, time.perf_counter() - t0
+
+            queried, t_score, t_select = lead.run(query)
             sbar.close()
-            t0 = time.perf_counter()
-            queried = strategy.select(ctx, cfg.budget)
-            t_select = time.perf_counter() - t0
-        if cfg.train.warm_start:
-            _save_checkpoint(_checkpoint_path(store.directory, run.id, r), model)
+            if save_scores and directory is not None:
+                _save_scores(directory / "scores" / f"run-{run.id}-round-{r}.pt", r, scored,
+                             queried)
+        if cfg.train.warm_start and directory is not None:
+            _save_checkpoint(_checkpoint_path(directory, run.id, r), model)
         metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
                    "best_epoch": res.best_epoch, "train_ce": res.train_ce,
                    "train_bt": res.train_bt, "t_train": t_train, "t_score": t_score,
                    "t_select": t_select}
         metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
-        store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
+        if store is not None:
+            store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
         if queried.size:
             oracle(queried, r + 1)
-        if cfg.train.warm_start and r > 0:
-            _checkpoint_path(store.directory, run.id, r - 1).unlink(missing_ok=True)
+        if cfg.train.warm_start and r > 0 and directory is not None:
+            _checkpoint_path(directory, run.id, r - 1).unlink(missing_ok=True)
         ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
         log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
             f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
             f"score {t_score:.1f}s  select {t_select:.2f}s{ood_note}")
-    return store.find_run(key) or run
+    return dist.from_main(lambda: (store.find_run(key) if store is not None else None) or run)
+
+
+def _save_scores(path: Path, round_: int, scored: list[dict[str, Any]], queried: np.ndarray
+                 ) -> None:
+    """What a round's scorers computed, and the selection (``--save-scores``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"round": round_, "scored": scored, "queried": torch.as_tensor(queried)}, tmp)
+    os.replace(tmp, path)

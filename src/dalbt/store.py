@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sqlite3
 import sys
@@ -85,6 +86,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "processes": int(os.environ.get("WORLD_SIZE", "1") or 1),  # torchrun's world size
     }
 
 

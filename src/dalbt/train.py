@@ -3,6 +3,7 @@ the validation split, and batched inference."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dalbt.data.augment import TwoViewAugment
+from dalbt.distributed import SINGLE, Dist
 from dalbt.losses import DEFAULT_GAMMA, DEFAULT_LAMBDA, barlow_twins_loss, joint_loss
 from dalbt.outputs import Outputs
 from dalbt.rng import isolated_torch_rng
@@ -39,6 +41,8 @@ class TrainConfig:
         pretrain_epochs: Barlow Twins pre-training epochs on the whole pool before round 0;
             every round then fine-tunes from the pre-trained weights (0: off).
         pretrain_batch: Batch size of the pre-training.
+        amp: Mixed-precision training on CUDA: ``bf16`` or ``fp16`` (with a gradient scaler)
+            autocast; None: float32.
     """
 
     epochs: int = 20
@@ -53,9 +57,66 @@ class TrainConfig:
     ssl_unlabelled: bool = False
     pretrain_epochs: int = 0
     pretrain_batch: int = 256
+    amp: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Precision:
+    """Autocast and gradient scaling of one training run (``cfg.amp`` on CUDA; else off)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cuda = torch.device(cfg.device).type == "cuda"
+        self.dtype = AMP_DTYPES[cfg.amp] if cfg.amp and cuda else None
+        self.scaler = (torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype)
+
+    def step(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backward and optimiser step (scaled under fp16)."""
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+class _Joint(nn.Module):
+    """One training step's forward passes as one module (what DDP wraps): logits of the
+    undistorted batch (B, K) and, when given, projections of the two views (B', P) each."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, v1: Tensor | None = None, v2: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        # Separate passes, so batch-norm statistics of the classifier's input are those of
+        # undistorted images, and each view is normalised on its own (as Barlow Twins does).
+        logits = self.model(x)
+        if v1 is None or v2 is None:
+            return logits, None, None
+        return logits, self.model.project(v1), self.model.project(v2)
+
+
+class _Views(nn.Module):
+    """Projections of two views through encoder and projector (pre-training's DDP module)."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+        return self.projector(self.encoder(v1)), self.projector(self.encoder(v2))
 
 
 @dataclass
@@ -84,10 +145,13 @@ class BestOnValidation:
         x_val: Validation images, (V, C, H, W) uint8.
         y_val: Their labels, (V,).
         cfg: ``eval_every`` and ``epochs`` decide when to evaluate.
+        dist: In a distributed run, the accuracy is sharded and summed, so every rank takes the
+            same decision (and keeps the same weights).
     """
 
-    def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig) -> None:
-        self.x_val, self.y_val, self.cfg = x_val, y_val, cfg
+    def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig, dist: Dist = SINGLE
+                 ) -> None:
+        self.x_val, self.y_val, self.cfg, self.dist = x_val, y_val, cfg, dist
         self.best_acc, self.best_epoch, self.best_state = -math.inf, 0, None
         self.best_losses = (float("nan"), float("nan"))
         self.history: list[tuple[int, float]] = []
@@ -98,7 +162,7 @@ class BestOnValidation:
         cfg = self.cfg
         if not len(self.y_val) or (epoch % cfg.eval_every and epoch != cfg.epochs):
             return
-        acc = accuracy(model, self.x_val, self.y_val)
+        acc = accuracy(model, self.x_val, self.y_val, dist=self.dist)
         self.history.append((epoch, acc))
         metrics["val_acc"] = acc
         if acc > self.best_acc:
@@ -138,8 +202,8 @@ def batches(n: int, size: int, generator: torch.Generator | None = None,
 
 @torch.inference_mode()
 def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
-          batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None
-          ) -> Outputs:
+          batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None,
+          dist: Dist = SINGLE) -> Outputs:
     """Logits and latents of the model for dataset indices, in one batched pass.
 
     Args:
@@ -148,6 +212,9 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
         indices: Dataset indices to score, (M,).
         batch_size: Images per forward pass.
         progress: Called with the number of images done after each batch.
+        dist: In a distributed run (a collective call: every rank calls it with the same
+            indices), each rank scores its contiguous slice of ``indices`` and every rank gets
+            all outputs, in the order of ``indices``.
 
     Returns:
         :class:`Outputs` with CPU float32 logits (M, K) and latents (M, D).
@@ -155,37 +222,44 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
+    start, stop = dist.shard(len(indices))
+    idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))[start:stop]
     logits, latents = [], []
     for chunk in idx.split(batch_size):
         z = model.embed(to_float(images[chunk], device))
         latents.append(z.float().cpu())
         logits.append(model.classifier(z).float().cpu())
         if progress is not None:
-            progress(len(chunk))
+            progress(len(chunk) * dist.world_size)
     model.train(was_training)
     k = model.classifier.out_features
     d = model.latent_dim
+    logits_t = torch.cat(logits) if logits else torch.empty(0, k)
+    latents_t = torch.cat(latents) if latents else torch.empty(0, d)
     return Outputs(
         indices=np.asarray(indices, dtype=np.int64),
-        logits=torch.cat(logits) if logits else torch.empty(0, k),
-        latents=torch.cat(latents) if latents else torch.empty(0, d),
+        logits=dist.gather_rows(logits_t, len(indices)),
+        latents=dist.gather_rows(latents_t, len(indices)),
     )
 
 
 def pretrain_barlow(model: nn.Module, x_train: Tensor, indices: np.ndarray, cfg: TrainConfig,
                     shuffle_gen: torch.Generator, augment_gen: torch.Generator,
-                    on_epoch: Callable[[int, dict], None] | None = None) -> list[float]:
+                    on_epoch: Callable[[int, dict], None] | None = None,
+                    dist: Dist = SINGLE) -> list[float]:
     """Barlow Twins pre-training of encoder + projector on unlabelled images (no labels).
 
     Args:
         model: DALBTNet on ``cfg.device`` (trained in place; the classifier is untouched).
         x_train: All training images, (N, C, H, W) uint8.
         indices: Dataset indices to pre-train on, (P,).
-        cfg: ``pretrain_epochs``, ``pretrain_batch``, ``lr``, ``weight_decay``, ``lambd``.
+        cfg: ``pretrain_epochs``, ``pretrain_batch``, ``lr``, ``weight_decay``, ``lambd``,
+            ``amp``.
         shuffle_gen: Generator of the batch order.
         augment_gen: Generator of the augmentations.
         on_epoch: Called after each epoch with (epoch, {"bt": mean loss}).
+        dist: In a distributed run, every rank takes its slice of each batch under DDP, with
+            batch norm and the loss over the whole batch (see :mod:`dalbt.distributed`).
 
     Returns:
         Mean Barlow Twins loss per epoch.
@@ -194,31 +268,41 @@ def pretrain_barlow(model: nn.Module, x_train: Tensor, indices: np.ndarray, cfg:
     params = [*model.encoder.parameters(), *model.projector.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     aug = TwoViewAugment()
+    precision = _Precision(cfg)
     idx_all = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     losses = []
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
-    with isolated_torch_rng(seed, cfg.device):
+    with isolated_torch_rng(seed + dist.rank, cfg.device), dist.synced_batchnorm(model):
+        net = dist.wrap(_Views(model.encoder, model.projector))
         model.train()
         for epoch in range(1, cfg.pretrain_epochs + 1):
             total, steps = 0.0, 0
             for pos in batches(len(idx_all), cfg.pretrain_batch, shuffle_gen,
                                drop_singleton=True):
-                v1, v2 = aug(to_float(x_train[idx_all[pos]], device), augment_gen)
-                loss = barlow_twins_loss(model.project(v1), model.project(v2), cfg.lambd)
+                a, b = dist.shard(len(pos))
+                rows = torch.arange(a, b) if dist.active else None
+                v1, v2 = aug(to_float(x_train[idx_all[pos[a:b]]], device), augment_gen, rows,
+                             len(pos) if dist.active else None)
+                with precision.autocast():
+                    p1, p2 = net(v1, v2)
+                loss = barlow_twins_loss(p1.float(), p2.float(), cfg.lambd,
+                                         all_reduce=dist.all_reduce)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                precision.step(loss, opt)
                 total += float(loss.detach())
                 steps += 1
             losses.append(total / max(steps, 1))
             if on_epoch is not None:
                 on_epoch(epoch, {"bt": losses[-1]})
+        del net
+    dist.broadcast_module(model)
     return losses
 
 
 @torch.inference_mode()
 def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samples: int,
-                     generator: torch.Generator, batch_size: int = INFERENCE_BATCH) -> Tensor:
+                     generator: torch.Generator, batch_size: int = INFERENCE_BATCH,
+                     dist: Dist = SINGLE) -> Tensor:
     """MC-dropout class probabilities with dropout on the latent before the classifier.
 
     The encoder runs once per image; ``samples`` Bernoulli masks (inverted dropout, rate
@@ -231,6 +315,10 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
         samples: Number of dropout samples T.
         generator: CPU generator of the masks.
         batch_size: Images per forward pass.
+        dist: In a distributed run (a collective call with the same arguments and generator
+            state on every rank), each rank computes its contiguous slice of ``indices``; the
+            masks of all rows are drawn on every rank, so each row gets the masks it gets in
+            one process, and every rank returns all rows.
 
     Returns:
         (M, T, K) float32 probabilities on the CPU.
@@ -241,32 +329,45 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    d = model.classifier.in_features
+    idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
+    lo, hi = dist.shard(len(idx))
     out = []
-    for chunk in torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64)).split(batch_size):
-        z = model.embed(to_float(images[chunk], device))
-        keep = torch.rand((samples, *z.shape), generator=generator).ge_(p).to(device)
+    for first in range(0, len(idx), batch_size):
+        last = min(first + batch_size, len(idx))
+        a, b = max(lo, first), min(hi, last)
+        keep = torch.rand((samples, last - first, d), generator=generator)
+        if a >= b:
+            continue
+        z = model.embed(to_float(images[idx[a:b]], device))
+        keep = keep[:, a - first:b - first].ge_(p).to(device)
         logits = model.classifier(z.unsqueeze(0) * keep / (1.0 - p))  # (T, B, K)
         out.append(torch.softmax(logits.float(), dim=-1).permute(1, 0, 2).cpu())
     model.train(was_training)
     k = model.classifier.out_features
-    return torch.cat(out) if out else torch.empty(0, samples, k)
+    return dist.gather_rows(torch.cat(out) if out else torch.empty(0, samples, k), len(idx))
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
-             batch_size: int = INFERENCE_BATCH) -> float:
-    """Top-1 accuracy on (N, C, H, W) uint8 images and (N,) targets; NaN when N = 0."""
+             batch_size: int = INFERENCE_BATCH, dist: Dist = SINGLE) -> float:
+    """Top-1 accuracy on (N, C, H, W) uint8 images and (N,) targets; NaN when N = 0.
+
+    In a distributed run (a collective call), each rank counts its slice and the counts are
+    summed, so every rank returns the same accuracy.
+    """
     if len(images) == 0:
         return float("nan")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
-    for chunk in torch.arange(len(images)).split(batch_size):
+    start, stop = dist.shard(len(images))
+    for chunk in torch.arange(start, stop).split(batch_size):
         pred = model(to_float(images[chunk], device)).argmax(1).cpu()
         correct += int((pred == targets[chunk]).sum())
     model.train(was_training)
-    return correct / len(images)
+    return int(dist.sum(correct)) / len(images)
 
 
 def train_round(
@@ -280,6 +381,7 @@ def train_round(
     augment_gen: torch.Generator,
     on_epoch: Callable[[int, dict], None] | None = None,
     unlabelled: np.ndarray | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """Train ``model`` in place on the labelled set and keep the best validation epoch.
 
@@ -300,47 +402,63 @@ def train_round(
         on_epoch: Called after each epoch with (epoch, metrics dict).
         unlabelled: Pool indices; with ``cfg.ssl_unlabelled`` each step also adds the Barlow
             Twins loss of an equally large batch of them (their labels are never read).
+        dist: In a distributed run (every rank calls it with the same arguments), training runs
+            under DDP: every rank draws the same batches and augmentations and takes its slice
+            of each batch; batch norm, the cross-entropy and the Barlow Twins loss cover the
+            whole batch, so each step is the one-process step up to rounding (dropout masks
+            aside: each rank draws its own). Validation is sharded; every rank ends with the
+            same weights.
 
     Returns:
         :class:`TrainResult`; ``model`` holds the selected weights on return.
     """
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
-    with isolated_torch_rng(seed, cfg.device):
+    use_bt = cfg.gamma > 0
+    with isolated_torch_rng(seed + dist.rank, cfg.device), dist.synced_batchnorm(model):
         device = torch.device(cfg.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         aug = TwoViewAugment()
-        use_bt = cfg.gamma > 0
+        precision = _Precision(cfg)
         lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
         pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
                                           dtype=np.int64))
         ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
         val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
-        selector = BestOnValidation(x_train[val], y_train[val], cfg)
+        selector = BestOnValidation(x_train[val], y_train[val], cfg, dist)
+        # The projector is unused by steps without the Barlow Twins term; DDP must know.
+        net = dist.wrap(_Joint(model), find_unused_parameters=not use_bt or len(lab) < 2)
         ce_mean = bt_mean = float("nan")
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             ce_sum = bt_sum = 0.0
             steps = 0
             for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=use_bt):
-                idx = lab[pos]
+                n = len(pos)  # the whole batch; this rank takes rows a:b of it
+                a, b = dist.shard(n)
+                idx = lab[pos[a:b]]
                 x = to_float(x_train[idx], device)
                 y = y_train[idx].to(device)
-                if use_bt and len(idx) >= 2:
-                    xv = x
+                if use_bt and n >= 2:
+                    xv, rows = x, torch.arange(a, b)
                     if ssl_pool:  # pool images join the views only: their labels are never read
-                        u = pool[torch.randint(len(pool), (len(idx),), generator=shuffle_gen)]
-                        xv = torch.cat([x, to_float(x_train[u], device)])
-                    v1, v2 = aug(xv, augment_gen)
-                    # Separate passes, so batch-norm statistics of the classifier's input are
-                    # those of undistorted images, and each view is normalised on its own (as
-                    # Barlow Twins does).
-                    loss, ce, bt = joint_loss(model(x), y, model.project(v1), model.project(v2),
-                                              cfg.gamma, cfg.lambd)
+                        u = pool[torch.randint(len(pool), (n,), generator=shuffle_gen)]
+                        xv = torch.cat([x, to_float(x_train[u[a:b]], device)])
+                        rows = torch.cat([rows, rows + n])
+                    if dist.active:
+                        v1, v2 = aug(xv, augment_gen, rows, n * (2 if ssl_pool else 1))
+                    else:
+                        v1, v2 = aug(xv, augment_gen)
+                    with precision.autocast():
+                        logits, p1, p2 = net(x, v1, v2)
+                    loss, ce, bt = joint_loss(logits.float(), y, p1.float(), p2.float(), cfg.gamma,
+                                              cfg.lambd, all_reduce=dist.all_reduce)
                 else:
-                    loss, ce, bt = joint_loss(model(x), y, None, None, 0.0)
+                    with precision.autocast():
+                        logits, _, _ = net(x)
+                    loss, ce, bt = joint_loss(logits.float(), y, None, None, 0.0,
+                                              all_reduce=dist.all_reduce)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                precision.step(loss, opt)
                 ce_sum += float(ce.detach())
                 bt_sum += float(bt.detach())
                 steps += 1
@@ -349,6 +467,7 @@ def train_round(
             selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-        return selector.result(model, (ce_mean, bt_mean))
-
-
+        del net
+        result = selector.result(model, (ce_mean, bt_mean))
+    dist.broadcast_module(model)
+    return result

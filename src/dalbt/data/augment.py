@@ -220,21 +220,32 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
-def augment(x: torch.Tensor, cfg: ViewConfig, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: ViewConfig, generator: torch.Generator,
+            rows: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
     """Apply one random view of the pipeline to every image of a batch.
 
     Args:
         x: ``(B, C, H, W)`` float images in ``[0, 1]``, on any device.
         cfg: View parameters.
         generator: Source of all randomness (its device is where parameters are drawn).
+        rows: When ``x`` is part of a larger batch of ``total`` images (a distributed run's
+            shard), its rows in that batch, (B,) int64: the parameters of the whole batch are
+            drawn (the generator advances as for the whole batch) and each image gets those of
+            its row, so it is augmented exactly as in the whole batch.
+        total: Size of the whole batch (with ``rows``).
 
     Returns:
         ``(B, C, H, W)`` augmented images in ``[0, 1]``, same dtype and device as ``x``.
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"expected a float (B, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+    if (rows is None) != (total is None) or (rows is not None and len(rows) != len(x)):
+        raise ValueError("rows and total go together, with one row per image of x")
     b, c, h, w = x.shape
-    u = torch.rand(b, _N_UNIFORMS, generator=generator, device=generator.device)
+    u = torch.rand(b if total is None else total, _N_UNIFORMS, generator=generator,
+                   device=generator.device)
+    if rows is not None:
+        u = u[rows.to(u.device)]
     u = u.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     theta = _crop_flip_theta(u, cfg, h, w).to(x.dtype)
@@ -269,7 +280,12 @@ class TwoViewAugment:
         self.view2 = view2
 
     def __call__(
-        self, x: torch.Tensor, generator: torch.Generator
+        self, x: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None,
+        total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment ``x`` ``(B, C, H, W)`` twice; returns two ``(B, C, H, W)`` tensors."""
-        return augment(x, self.view1, generator), augment(x, self.view2, generator)
+        """Augment ``x`` ``(B, C, H, W)`` twice; returns two ``(B, C, H, W)`` tensors.
+
+        ``rows`` and ``total``: ``x`` is a shard of a larger batch (see :func:`augment`).
+        """
+        return (augment(x, self.view1, generator, rows, total),
+                augment(x, self.view2, generator, rows, total))

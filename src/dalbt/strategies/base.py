@@ -144,18 +144,23 @@ class Strategy:
     def train_model(self, model: Any, x_train: Tensor, y_train: Tensor, labelled: np.ndarray,
                     validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                     augment_gen: torch.Generator, on_epoch: Callable | None = None,
-                    unlabelled: np.ndarray | None = None) -> Any:
+                    unlabelled: np.ndarray | None = None, dist: Any = None) -> Any:
         """Hook that trains the run's model each round (default: :func:`dalbt.train.train_round`
         with the same arguments). Strategies whose method trains the task model differently
         (MoBYv2AL's joint contrastive training) override it; the loop only calls this hook.
 
         ``y_train`` holds labels at ``labelled`` only; ``unlabelled`` are the pool's indices,
-        whose labels must never be read.
+        whose labels must never be read. ``dist`` (a ``dalbt.distributed.Dist``) is this
+        process's place in a distributed run: every rank calls the hook; an override that
+        ignores it trains the same model on every rank, and the loop then gives every rank
+        rank 0's weights.
         """
+        from dalbt.distributed import SINGLE
         from dalbt.train import train_round
 
         return train_round(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
-                           augment_gen, on_epoch=on_epoch, unlabelled=unlabelled)
+                           augment_gen, on_epoch=on_epoch, unlabelled=unlabelled,
+                           dist=dist or SINGLE)
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         """Choose up to ``budget`` unlabelled samples.

@@ -217,8 +217,11 @@ class MoBYv2ALStrategy(Strategy):
     def train_model(self, model: Any, x_train: Tensor, y_train: Tensor, labelled: np.ndarray,
                     validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                     augment_gen: torch.Generator, on_epoch: Callable | None = None,
-                    unlabelled: np.ndarray | None = None) -> Any:
+                    unlabelled: np.ndarray | None = None, dist: Any = None) -> Any:
         """Train ``model`` in place with the MoBYv2AL objective; keep the best validation epoch.
+
+        In a distributed run every rank trains the whole model (no DDP here: ``dist`` is not
+        used); the loop then gives every rank rank 0's weights.
 
         Args:
             model: DALBTNet on ``cfg.device``.
