@@ -141,10 +141,7 @@ def current_label_rows(project: Project) -> list[dict[str, Any]]:
     Returns:
         Dicts with ``path, sha256, label, kind, who, at, source`` (``label`` None for ood).
     """
-    latest: dict[str, dict[str, Any]] = {}
-    for rec in project.label_history():  # oldest first: the last one per path counts
-        latest[rec["path"]] = rec
-    return [latest[p] for p in sorted(latest)]
+    return project.label_history(current_only=True)
 
 
 def _pending_rows(project: Project) -> list[tuple[int, int, str, str]]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dalbt import rng as rngs
-from dalbt.data.formats import IMAGE_EXTENSIONS
+from dalbt.data.formats import GRAY_MODES, IMAGE_EXTENSIONS, pil_to_array
 from dalbt.errors import DalbtError
 from dalbt.train import TrainConfig
 
@@ -210,22 +210,16 @@ def is_inside(root_real: Path, path: Path) -> bool:
 
 
 def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
-    """Decode image bytes into a (C, size, size) uint8 array (EXIF orientation applied).
+    """Decode image bytes into a (C, size, size) uint8 array (see
+    :func:`dalbt.data.formats.pil_to_array`).
 
     Raises:
         Exception: Whatever PIL raises for a file it cannot read.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I;16"):
-            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        return pil_to_array(img, (size, size), channels)
 
 
 def _probe_images(root: Path, paths: Sequence[str], limit: int = 200) -> tuple[int, int]:
@@ -239,7 +233,7 @@ def _probe_images(root: Path, paths: Sequence[str], limit: int = 200) -> tuple[i
         try:
             with Image.open(root / rel) as img:
                 sides[max(img.size)] += 1
-                gray = gray and img.mode in ("1", "L", "LA", "I", "I;16", "F")
+                gray = gray and img.mode in GRAY_MODES
         except Exception:
             continue
     side = sides.most_common(1)[0][0] if sides else 32
@@ -599,13 +593,18 @@ class Project:
             "(SELECT image_id, MAX(id) AS id FROM labels GROUP BY image_id) m ON l.id = m.id")
         return dict(rows.fetchall())
 
-    def label_history(self) -> list[dict[str, Any]]:
-        """Every label ever given, oldest first."""
-        rows = self.db.execute(
-            "SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
-            "FROM labels l JOIN images i ON i.id = l.image_id ORDER BY l.id")
+    def label_history(self, current_only: bool = False) -> list[dict[str, Any]]:
+        """Every label ever given, oldest first; with ``current_only`` only the latest label of
+        each labelled image, sorted by path."""
+        sql = ("SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
+               "FROM labels l JOIN images i ON i.id = l.image_id")
+        if current_only:
+            sql += (" JOIN (SELECT MAX(id) AS id FROM labels GROUP BY image_id) m ON m.id = l.id"
+                    " ORDER BY i.path")
+        else:
+            sql += " ORDER BY l.id"
         keys = ("id", "path", "sha256", "label", "kind", "who", "at", "source")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in self.db.execute(sql)]
 
     # -- queue and rounds ------------------------------------------------------------------
 
@@ -794,9 +793,8 @@ class Project:
         if len(val_pos) < cfg.min_val:  # too few to select on: every label trains
             lab_pos, val_pos = sorted(lab_pos + val_pos), []
         lab_pos, val_pos = np.array(sorted(lab_pos), np.int64), np.array(sorted(val_pos), np.int64)
-        taken = {index[i] for i in labels if i in index} | {index[i] for i in pending
-                                                            if i in index}
-        cand = np.array([k for k in range(len(ids)) if k not in taken], dtype=np.int64)
+        taken = np.fromiter([*labels, *pending], dtype=np.int64)
+        cand = np.flatnonzero(~np.isin(ids, taken)).astype(np.int64)
         if len(cand) == 0:
             raise DalbtError("every usable image is labelled or already queued; nothing left "
                              "to query")

@@ -48,7 +48,7 @@ IMAGE_EXTENSIONS = frozenset(
      ".pnm"}
 )
 # PIL modes holding a single luminance channel (possibly with alpha).
-_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +322,18 @@ def _to_uint8_mode(img, channels: int):
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def pil_to_array(img, size: tuple[int, int], channels: int) -> np.ndarray:
+    """An open PIL image as a (C, H, W) uint8 array: EXIF orientation applied, converted to
+    ``channels`` (1 or 3), resized (bilinear) to ``size`` = (H, W)."""
+    from PIL import Image, ImageOps
+
+    img = _to_uint8_mode(ImageOps.exif_transpose(img), channels)
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def load_images(
     paths: Sequence[str | os.PathLike],
     image_size: int | Sequence[int] | None = None,
@@ -343,7 +355,7 @@ def load_images(
     Raises:
         DalbtError: Naming the file, if an image cannot be decoded.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     paths = [Path(p) for p in paths]
     # Pass 1: headers only (cheap) to pick the common size and channel count.
@@ -356,7 +368,7 @@ def load_images(
                 if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
                     w, h = h, w
                 sizes.append((h, w))
-                all_gray = all_gray and img.mode in _GRAY_MODES
+                all_gray = all_gray and img.mode in GRAY_MODES
         except Exception as exc:
             raise DalbtError(f"cannot read image {path}: {exc}") from exc
     if image_size is not None:
@@ -371,14 +383,9 @@ def load_images(
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                img = _to_uint8_mode(img, channels)
-                if img.size != (target[1], target[0]):
-                    img = img.resize((target[1], target[0]), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                out[i] = pil_to_array(img, target, channels)
         except Exception as exc:
             raise DalbtError(f"cannot read image {path}: {exc}") from exc
-        out[i] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return out
 
 
