@@ -152,20 +152,7 @@ class Dist:
         An exception of ``fn`` is re-raised on rank 0 and raised as :class:`RankZeroFailed`
         on the others, so that no rank waits for a message that never comes.
         """
-        if not self.active:
-            return fn()
-        if self.is_main:
-            try:
-                value = fn()
-            except Exception as exc:
-                self.broadcast_object(("error", f"{exc}"))
-                raise
-            self.broadcast_object(("ok", value))
-            return value
-        kind, value = self.broadcast_object(None)
-        if kind == "error":
-            raise RankZeroFailed(f"rank 0 failed: {value}")
-        return value
+        return Lead(self, {}).run(fn)
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Overwrite every rank's parameters and buffers with rank 0's, in place."""
