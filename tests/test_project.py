@@ -195,10 +195,25 @@ def test_validation_split_is_stable_and_gives_accuracy(tmp_path):
     r = p.query(5, progress=False, log=lambda m: None)
     rounds = p.rounds()
     assert rounds[0]["n_val"] >= 5 and r.val_acc is not None and 0 <= r.val_acc <= 1
-    sha = {i: p.image(i)[1] for i in ids.values()}
-    roles = {i: p._is_validation(s) for i, s in sha.items()}
-    assert roles == {i: p._is_validation(s) for i, s in sha.items()}  # a pure function of hash
-    assert 0.1 < np.mean(list(roles.values())) < 0.5
+    # the role, written out: held out when sha256("seed:content hash") falls in the first 30 %
+    import hashlib
+
+    def held_out(i):
+        h = hashlib.sha256(f"0:{p.image(i)[1]}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64 < 0.3
+
+    labelled = [i for _, i in list(ids.items())[:50]]
+    assert rounds[0]["n_val"] == sum(held_out(i) for i in labelled)
+    assert rounds[0]["n_labelled"] == 50
+    # labelling more keeps every earlier image's role: n_val grows by the new held-out ones only
+    more = [i for _, i in list(ids.items())[50:70] if i not in r.queued]
+    for i in more:
+        rel = next(k for k, v in ids.items() if v == i)
+        p.add_label(i, str(truth[rel]))
+    for i in r.queued:
+        p.add_label(i, None)  # none of these classes: never a validation image
+    p.query(5, progress=False, log=lambda m: None)
+    assert p.rounds()[1]["n_val"] == sum(held_out(i) for i in labelled + more)
 
 
 def test_changed_and_unreadable_images_are_reported_and_skipped(project):
@@ -369,3 +384,15 @@ def test_add_labels_is_all_or_nothing_and_can_skip_unchanged(project):
                         skip_unchanged=True) == (2, 1)
     assert p.current_labels() == {ids[0]: "1", ids[1]: "2", ids[2]: None}
     assert len({h["at"] for h in p.label_history() if h["who"] == "b"}) == 1
+
+
+def test_label_history_current_only(project):
+    p, _ = project
+    ids = sorted(p.image_ids().items())[:2]
+    p.add_label(ids[1][1], "1", who="a")
+    p.add_label(ids[0][1], "2", who="a")
+    p.add_label(ids[1][1], None, who="b")
+    cur = p.label_history(current_only=True)
+    assert [(h["path"], h["label"], h["who"]) for h in cur] == [
+        (ids[0][0], "2", "a"), (ids[1][0], None, "b")]
+    assert len(p.label_history()) == 3
