@@ -213,3 +213,20 @@ def test_selection_is_k_center_greedy_on_pool_latents(context_factory):
 def test_option_validation(bad):
     with pytest.raises(ValueError):
         MoBYv2ALStrategy(**bad)
+
+
+def test_no_training_step_on_a_small_remainder_batch():
+    # 20 labelled at batch 8: 8 + 8 + 4 (4 = the minimum, kept); at batch 9: 9 + 11 (2 merged)
+    from dalbt.strategies.mobyv2al import _n_batches
+    from dalbt.train import batches, min_batch
+
+    for bs, expect in ((8, [8, 8, 4]), (9, [9, 11])):
+        model = _model()
+        sizes: list[int] = []
+        model.classifier.register_forward_pre_hook(
+            lambda m, args, sizes=sizes: sizes.append(args[0].shape[0]) if m.training else None)
+        _train(MoBYv2ALStrategy(**SMALL), model=model,
+               cfg=TrainConfig(epochs=1, batch_size=bs))
+        assert sizes == expect and min(sizes) >= min_batch(bs)
+    for n in range(1, 200):
+        assert _n_batches(n, 16) == len(batches(n, 16)), n

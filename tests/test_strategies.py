@@ -114,8 +114,8 @@ def test_random_is_uniform_and_seeded(context_factory):
 def test_top_k_breaks_ties_by_index_and_ranks_nan_last():
     scores = np.array([1.0, 3.0, 3.0, np.nan, 2.0])
     idx = np.array([10, 40, 20, 30, 50])
-    assert top_k(scores, idx, 3).tolist() == [20, 40, 50]
-    assert top_k(scores, idx, 5).tolist() == [20, 40, 50, 10, 30]
+    assert top_k(scores, idx, 3, rng=None).tolist() == [20, 40, 50]
+    assert top_k(scores, idx, 5, rng=None).tolist() == [20, 40, 50, 10, 30]
 
 
 def test_registry_and_unknown_names():
@@ -125,3 +125,24 @@ def test_registry_and_unknown_names():
         build_strategy("nope")
     with pytest.raises(DalbtError, match="bad options"):
         build_strategy("random", foo=1)
+
+
+# Strategies that rank the pool by a score; coreset, badge and mobyv2al pick greedily by
+# distance (first maximum on exact ties) and random draws uniformly anyway.
+RANKING = sorted(set(STRATEGIES) - {"random", "coreset", "badge", "mobyv2al"})
+
+
+@pytest.mark.parametrize("rank_name", RANKING)
+def test_ties_are_broken_by_the_query_stream_never_by_index(rank_name):
+    # every image identical: every score ties, so the choice is the tie-break alone
+    labelled = np.arange(0, 60, 4)
+    unlabelled = np.setdiff1d(np.arange(60), labelled)
+    picks = []
+    for seed in (3, 3, 4):
+        ctx = make_real_context(labelled, unlabelled, seed=seed)
+        ctx.images[:] = ctx.images[0]
+        ctx.round = 1  # PT4AL's round 0 is its loss-ordered cold start
+        picks.append(_build(rank_name).select(ctx, 8).tolist())
+    assert picks[0] == picks[1]
+    assert picks[0] != picks[2]
+    assert picks[0] != unlabelled[:8].tolist() and picks[0] != unlabelled[-8:].tolist()

@@ -4,7 +4,15 @@ import torch
 
 from dalbt.data import load_dataset
 from dalbt.models import build_model
-from dalbt.train import TrainConfig, accuracy, batches, infer, train_round
+from dalbt.train import (
+    TrainConfig,
+    accuracy,
+    batches,
+    infer,
+    min_batch,
+    pretrain_barlow,
+    train_round,
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +25,50 @@ def _model(d, seed=0):
                        projector_dims=(32, 32))
 
 
-def test_batches_drop_only_a_singleton():
-    assert [len(b) for b in batches(129, 64, drop_singleton=True)] == [64, 64]
-    assert [len(b) for b in batches(129, 64)] == [64, 64, 1]
-    assert [len(b) for b in batches(130, 64, drop_singleton=True)] == [64, 64, 2]
+def test_batches_merge_a_small_remainder_into_the_last_full_batch():
+    assert min_batch(64) == 32 and min_batch(3) == 2 and min_batch(2) == 2
+    assert [len(b) for b in batches(129, 64)] == [64, 65]
+    assert [len(b) for b in batches(130, 64)] == [64, 66]
+    assert [len(b) for b in batches(159, 64)] == [64, 95]
+    assert [len(b) for b in batches(160, 64)] == [64, 64, 32]  # 32 = the minimum: kept
+    assert [len(b) for b in batches(128, 64)] == [64, 64]
+    assert [len(b) for b in batches(20, 64)] == [20]  # fewer than a batch: one batch of all
+    assert [len(b) for b in batches(130, 64, min_size=1)] == [64, 64, 2]
     g = torch.Generator().manual_seed(0)
     assert sorted(torch.cat(batches(10, 3, g)).tolist()) == list(range(10))
+    # the same permutation whatever the cut
+    a = torch.cat(batches(130, 64, torch.Generator().manual_seed(1)))
+    b = torch.cat(batches(130, 64, torch.Generator().manual_seed(1), min_size=1))
+    assert torch.equal(a, b)
+
+
+def _record_train_batches(model) -> list[int]:
+    """Sizes of the batches the encoder sees in training mode (every optimiser step's)."""
+    sizes: list[int] = []
+    model.encoder.register_forward_pre_hook(
+        lambda m, args: sizes.append(args[0].shape[0]) if m.training else None)
+    return sizes
+
+
+@pytest.mark.parametrize("n_lab", [130, 131, 134, 65, 97])
+def test_no_training_step_on_a_batch_smaller_than_the_minimum(digits, n_lab):
+    model = _model(digits)
+    sizes = _record_train_batches(model)
+    cfg = TrainConfig(epochs=2, batch_size=64, gamma=0.001)
+    train_round(model, digits.x_train, digits.y_train, np.arange(n_lab), np.arange(1000, 1050),
+                cfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    assert sizes and min(sizes) >= min_batch(64)
+    # every labelled image is seen once per epoch: 3 passes (x, v1, v2) per step
+    assert sum(sizes) == 3 * 2 * n_lab
+
+
+def test_pretraining_never_steps_on_a_small_remainder(digits):
+    model = _model(digits)
+    sizes = _record_train_batches(model)
+    cfg = TrainConfig(pretrain_epochs=1, pretrain_batch=64)
+    pretrain_barlow(model, digits.x_train, np.arange(130), cfg,
+                    torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    assert sorted(sizes) == [64, 64, 66, 66]  # two views of the batches 64 and 64 + 2
 
 
 def test_joint_training_learns_and_selects_on_validation(digits):

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import scipy.stats as st
@@ -122,6 +124,31 @@ def test_weibull_class_without_correct_samples_uses_pooled_fit(context_factory):
     assert s.select(ctx, 1)[0] == 60
 
 
+@pytest.mark.parametrize("name", ["weibull", "weibull-balanced"])
+def test_degenerate_fit_is_warned_and_ties_are_broken_at_random(context_factory, caplog, name):
+    # 30 labelled images of 3 classes; the model gets one image of class 0 right and none of
+    # classes 1 and 2; every pool image is predicted as class 2: all pool scores are +inf.
+    rng = np.random.default_rng(0)
+    lat = rng.normal(size=(130, 4))
+    y = np.arange(30) % 3
+    logits = np.zeros((130, 3))
+    logits[np.arange(30), (y + 1) % 3] = 5.0  # labelled: all predicted wrong ...
+    logits[0] = [5.0, 0, 0]  # ... except image 0 (class 0)
+    logits[30:, 2] = 5.0
+    picks = []
+    for seed in (0, 0, 1):
+        ctx = context_factory(logits, lat, np.arange(30), y, seed=seed)
+        with caplog.at_level(logging.WARNING, logger="dalbt.strategies.weibull"):
+            picks.append(build_strategy(name).select(ctx, 20).tolist())
+    assert picks[0] == picks[1]  # the query's stream decides: reproducible
+    assert picks[0] != picks[2]  # ... and another seed breaks the ties otherwise
+    assert picks[0] != list(range(30, 50))  # never the pool in index order
+    assert sorted(set(picks[0])) != sorted(range(30, 50))
+    text = caplog.text
+    assert "degenerate Weibull fit" in text and "classes 1, 2: no correctly classified" in text
+    assert "class 0: fewer than min_tail=3" in text and "raw distance" in text
+
+
 def test_weibull_options_are_validated():
     with pytest.raises(ValueError):
         WeibullStrategy(distance="manhattan")
@@ -140,10 +167,10 @@ def test_top_k_balanced_takes_turns_over_groups():
     groups = np.array([0, 0, 0, 1, 1, 2, 2])
     idx = np.array([10, 11, 12, 13, 14, 15, 16])
     # turn 1: best of each group by score (10, 15, 13); turn 2: 11, 14, 16 (NaN last); then 12
-    assert top_k_balanced(scores, groups, idx, 7).tolist() == [10, 15, 13, 11, 14, 16, 12]
-    assert top_k_balanced(scores, groups, idx, 2).tolist() == [10, 15]
+    assert top_k_balanced(scores, groups, idx, 7, rng=None).tolist() == [10, 15, 13, 11, 14, 16, 12]
+    assert top_k_balanced(scores, groups, idx, 2, rng=None).tolist() == [10, 15]
     # one group only: the plain ranking
-    assert top_k_balanced(scores[:3], groups[:3], idx[:3], 3).tolist() == [10, 11, 12]
+    assert top_k_balanced(scores[:3], groups[:3], idx[:3], 3, rng=None).tolist() == [10, 11, 12]
 
 
 def _lopsided_pool(context_factory):

@@ -190,31 +190,56 @@ class Strategy:
         raise NotImplementedError
 
 
-def top_k(scores: np.ndarray | Tensor, indices: np.ndarray, k: int) -> np.ndarray:
-    """Dataset indices of the ``k`` highest scores; ties go to the smaller dataset index.
+def tie_keys(rng: np.random.Generator | None, indices: np.ndarray) -> np.ndarray:
+    """Secondary sort keys that order tied scores, (N,).
+
+    With a generator: a random permutation of 0..N-1 (distinct keys) from a child stream of
+    ``rng`` (spawned, so ``rng`` itself draws on as if nothing was taken, and a strategy that
+    ranks and then samples sees the same stream as before). With None: the dataset indices
+    (ties to the smaller index; for callers that want a fixed order, never for a query).
+    """
+    if rng is None:
+        return np.asarray(indices)
+    try:
+        child = rng.spawn(1)[0]
+    except (TypeError, ValueError, AttributeError):  # a generator without a SeedSequence
+        child = rng
+    return child.permutation(len(indices))
+
+
+def _as_scores(scores: np.ndarray | Tensor) -> np.ndarray:
+    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
+    return np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+
+
+def top_k(scores: np.ndarray | Tensor, indices: np.ndarray, k: int, *,
+          rng: np.random.Generator | None) -> np.ndarray:
+    """Dataset indices of the ``k`` highest scores; ties in random order from ``rng``.
 
     Args:
         scores: One score per candidate, (N,); higher is queried first. NaN ranks last.
         indices: Dataset indices of the candidates, (N,).
         k: How many to return (<= N).
+        rng: The query's generator; it orders equal scores (e.g. several +inf), so that a
+            degenerate score never turns into a query by dataset index. None: ties to the
+            smaller index.
 
     Returns:
         (k,) int64 dataset indices, best first.
     """
-    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
-    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    s = _as_scores(scores)
     indices = np.asarray(indices, dtype=np.int64)
     if k < len(s):
         # O(N) partition to the candidates at or above the k-th score, then an exact sort.
         kth = np.partition(-s, k - 1)[k - 1]
         keep = np.flatnonzero(-s <= kth)
         s, indices = s[keep], indices[keep]
-    order = np.lexsort((indices, -s))[:k]
+    order = np.lexsort((tie_keys(rng, indices), -s))[:k]
     return indices[order]
 
 
 def top_k_balanced(scores: np.ndarray | Tensor, groups: np.ndarray | Tensor, indices: np.ndarray,
-                   k: int) -> np.ndarray:
+                   k: int, *, rng: np.random.Generator | None) -> np.ndarray:
     """Dataset indices of ``k`` high scores taken round-robin over groups (e.g. predicted class).
 
     The best of every group comes first (ordered by score), then the second best of every
@@ -225,20 +250,20 @@ def top_k_balanced(scores: np.ndarray | Tensor, groups: np.ndarray | Tensor, ind
         groups: Group of each candidate, (N,) integers.
         indices: Dataset indices of the candidates, (N,).
         k: How many to return (<= N).
+        rng: The query's generator, which orders equal scores (None: the smaller index).
 
     Returns:
         (k,) int64 dataset indices, in query order.
     """
-    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
-    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    s = _as_scores(scores)
     g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
     indices = np.asarray(indices, dtype=np.int64)
-    # rank of each candidate within its group (0 = best), from one sort by (group, -score, index)
-    order = np.lexsort((indices, -s, g))
+    tie = tie_keys(rng, indices)
+    # rank of each candidate within its group (0 = best), from one sort by (group, -score, tie)
+    order = np.lexsort((tie, -s, g))
     g_sorted = g[order]
     starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
     run_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order)) - run_start
-    return indices[np.lexsort((indices, -s, rank))[:k]]
-
+    return indices[np.lexsort((tie, -s, rank))[:k]]

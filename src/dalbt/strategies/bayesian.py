@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dalbt.strategies.base import QueryContext, Strategy, top_k
+from dalbt.strategies.base import QueryContext, Strategy, tie_keys, top_k
 
 # Elements (rows x T x K, or configurations x rows x K for BatchBALD) processed at a time.
 CHUNK_ELEMENTS = 1 << 21
@@ -120,7 +120,7 @@ class McDropoutEntropyStrategy(_McDropoutStrategy):
     description = "MC dropout: query the highest entropy of the mean dropout prediction"
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        return top_k(mean_entropy(self.mc_probs(ctx)), ctx.unlabelled, n)
+        return top_k(mean_entropy(self.mc_probs(ctx)), ctx.unlabelled, n, rng=ctx.rng)
 
 
 class BaldStrategy(_McDropoutStrategy):
@@ -138,7 +138,7 @@ class BaldStrategy(_McDropoutStrategy):
     description = "BALD: query the highest MC-dropout mutual information between label and weights"
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        return top_k(bald_scores(self.mc_probs(ctx)), ctx.unlabelled, n)
+        return top_k(bald_scores(self.mc_probs(ctx)), ctx.unlabelled, n, rng=ctx.rng)
 
 
 class VariationRatioStrategy(_McDropoutStrategy):
@@ -164,7 +164,7 @@ class VariationRatioStrategy(_McDropoutStrategy):
         return disagree + mean_entropy(probs) / (2.0 * math.log(k))
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        return top_k(self.scores(self.mc_probs(ctx)), ctx.unlabelled, n)
+        return top_k(self.scores(self.mc_probs(ctx)), ctx.unlabelled, n, rng=ctx.rng)
 
 
 class BatchBaldStrategy(_McDropoutStrategy):
@@ -225,11 +225,11 @@ class BatchBaldStrategy(_McDropoutStrategy):
         probs = self.mc_probs(ctx)
         indices = ctx.unlabelled
         if self.max_pool is not None and self.max_pool < len(indices):
-            top = top_k(bald_scores(probs), indices, max(self.max_pool, n))
+            top = top_k(bald_scores(probs), indices, max(self.max_pool, n), rng=ctx.rng)
             keep = np.flatnonzero(np.isin(indices, top))
             probs, indices = probs[torch.from_numpy(keep)], indices[keep]
         return indices[greedy_batchbald(probs, n, self.num_samples, self.max_exact_configs,
-                                        ctx.torch_generator(), indices)]
+                                        ctx.torch_generator(), tie_keys(ctx.rng, indices))]
 
 
 class _JointConfigurations:
@@ -302,7 +302,7 @@ def greedy_batchbald(probs: Tensor, n: int, num_samples: int, max_exact_configs:
         omega, pi = configs.weights()
         gain = _joint_entropy_term(probs, omega, pi) - conditional
         free = available.numpy()
-        best_key = top_k(gain[available], keys[free], 1)[0]
+        best_key = top_k(gain[available], keys[free], 1, rng=None)[0]
         pick = int(positions[free][np.flatnonzero(keys[free] == best_key)[0]])
         picks.append(pick)
         available[pick] = False

@@ -72,7 +72,8 @@ class VariationalClassifier(nn.Module):
 
 def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: np.ndarray,
                     lab_predictions: Tensor, pool_latents: Tensor, pool_predictions: Tensor,
-                    pool_indices: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+                    pool_indices: np.ndarray, k: int, num_classes: int,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
     """Weibull outlier selection on given latents: the ``k`` most outlying pool samples.
 
     Args:
@@ -85,6 +86,7 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
         pool_indices: Dataset indices of the pool, (U,).
         k: How many to return (<= U).
         num_classes: K.
+        rng: The query's generator, which orders equal scores.
 
     Returns:
         (k,) int64 dataset indices, highest outlier probability first.
@@ -92,7 +94,7 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
     means, tails = weibull.fit(lab_latents, np.asarray(lab_targets),
                                torch.as_tensor(lab_predictions).numpy(), num_classes)
     scores = weibull.log_hazards(pool_latents, torch.as_tensor(pool_predictions), means, tails)
-    return top_k(scores, pool_indices, k)
+    return top_k(scores, pool_indices, k, rng=rng)
 
 
 @torch.inference_mode()
@@ -176,7 +178,7 @@ class DalOsrStrategy(Strategy):
         y_lab = torch.from_numpy(ctx.labelled_targets)
         net.train()
         for _ in range(self.epochs if self.epochs is not None else cfg.epochs):
-            for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=True):
+            for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
                 if len(pos) < 2:
                     continue
                 logits, mu, logvar = net(to_float(images[lab[pos]], device), noise_gen)
@@ -204,7 +206,7 @@ class DalOsrStrategy(Strategy):
         _, lab_mu, lab_pred, pool_mu, pool_pred = self._state
         self._state = None
         return select_outliers(self.weibull, lab_mu, ctx.labelled_targets, lab_pred, pool_mu,
-                               pool_pred, ctx.unlabelled, n, ctx.num_classes)
+                               pool_pred, ctx.unlabelled, n, ctx.num_classes, rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (DalOsrStrategy,)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dalbt.strategies.base import QueryContext, Strategy
+from dalbt.strategies.base import QueryContext, Strategy, tie_keys
 
 
 def variation_ratio(votes: np.ndarray | Tensor, num_classes: int) -> np.ndarray:
@@ -38,17 +38,19 @@ def mean_entropy(mean_probs: np.ndarray | Tensor) -> np.ndarray:
 
 
 def rank_by_variation_ratio(votes: np.ndarray | Tensor, mean_probs: np.ndarray | Tensor,
-                            indices: np.ndarray, k: int) -> np.ndarray:
+                            indices: np.ndarray, k: int,
+                            rng: np.random.Generator | None = None) -> np.ndarray:
     """The ``k`` samples the ensemble disagrees on most.
 
     Ranked by decreasing variation ratio, ties by decreasing entropy of the mean probabilities,
-    remaining ties by increasing dataset index.
+    remaining ties in random order from ``rng`` (None: increasing dataset index).
 
     Args:
         votes: Member predictions, (M, U) int.
         mean_probs: Mean of the members' softmax probabilities, (U, K).
         indices: Dataset indices of the U samples, (U,).
         k: How many to return (<= U).
+        rng: The query's generator (orders exact ties).
 
     Returns:
         (k,) int64 dataset indices, most wanted first.
@@ -56,7 +58,7 @@ def rank_by_variation_ratio(votes: np.ndarray | Tensor, mean_probs: np.ndarray |
     indices = np.asarray(indices, dtype=np.int64)
     vr = variation_ratio(votes, mean_probs.shape[1])
     ent = mean_entropy(mean_probs)
-    order = np.lexsort((indices, -ent, -vr))[:k]
+    order = np.lexsort((tie_keys(rng, indices), -ent, -vr))[:k]
     return indices[order]
 
 
@@ -125,7 +127,7 @@ class EnsembleVarRatioStrategy(Strategy):
         assert self._state is not None
         _, votes, mean_probs = self._state
         self._state = None
-        return rank_by_variation_ratio(votes, mean_probs, ctx.unlabelled, n)
+        return rank_by_variation_ratio(votes, mean_probs, ctx.unlabelled, n, rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (EnsembleVarRatioStrategy,)

@@ -140,9 +140,12 @@ class _Cycler:
 
 
 def _n_batches(n: int, size: int) -> int:
-    """Number of batches :func:`dalbt.train.batches` gives with ``drop_singleton=True``."""
+    """Number of batches :func:`dalbt.train.batches` gives (a small remainder joins the last
+    full batch)."""
+    from dalbt.train import min_batch
+
     k = math.ceil(n / size)
-    return k - 1 if k > 1 and n % size == 1 else k
+    return k - 1 if k > 1 and 0 < n % size < min_batch(size) else k
 
 
 class MoBYv2ALStrategy(Strategy):
@@ -250,7 +253,7 @@ class MoBYv2ALStrategy(Strategy):
                validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                augment_gen: torch.Generator, on_epoch: Callable | None,
                unlabelled: np.ndarray | None) -> Any:
-        from dalbt.train import BestOnValidation, batches, to_float
+        from dalbt.train import BestOnValidation, batches, check_finite, to_float
 
         device = torch.device(cfg.device)
         learner = self.make_learner(model)
@@ -272,7 +275,7 @@ class MoBYv2ALStrategy(Strategy):
             learner.train()
             ce_sum = con_sum = 0.0
             n_steps = n_con = 0
-            for pos in batches(len(lab), cfg.batch_size, shuffle_gen, drop_singleton=True):
+            for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
                 idx = lab[pos]
                 x = to_float(x_train[idx], device)
                 ce = F.cross_entropy(model(x), y_train[idx].to(device))
@@ -301,6 +304,7 @@ class MoBYv2ALStrategy(Strategy):
             ce_mean = ce_sum / n_steps if n_steps else float("nan")
             con_mean = con_sum / n_con if n_con else 0.0
             metrics = {"ce": ce_mean, "moby": con_mean}
+            check_finite("MoBYv2AL training", epoch, metrics, cfg.lr, model)
             selector.end_epoch(model, epoch, (ce_mean, con_mean), metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalbt.rng import isolated_torch_rng
-from dalbt.strategies.base import POOL_OUTPUTS, QueryContext, Strategy, top_k
+from dalbt.strategies.base import POOL_OUTPUTS, QueryContext, Strategy, tie_keys, top_k
 from dalbt.train import batches, to_float
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -123,16 +123,19 @@ def rotation_losses(net: nn.Module, images: Tensor, indices: np.ndarray,
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
 
-def pretext_batches(losses: np.ndarray | Tensor, indices: np.ndarray, k: int) -> list[np.ndarray]:
+def pretext_batches(losses: np.ndarray | Tensor, indices: np.ndarray, k: int,
+                    rng: np.random.Generator | None = None) -> list[np.ndarray]:
     """Sort the candidates by pretext loss, highest first, and cut them into ``k`` batches.
 
     The losses are compared as numbers (the reference code sorted their string forms, which puts
-    ``1e-05`` above ``0.5``). Ties go to the smaller dataset index; NaN losses rank last.
+    ``1e-05`` above ``0.5``). Ties go in random order from ``rng`` (None: the smaller dataset
+    index first); NaN losses rank last.
 
     Args:
         losses: Pretext loss of each candidate, (N,).
         indices: Dataset indices of the candidates, (N,).
         k: Number of batches (>= 1).
+        rng: Generator that orders equal losses.
 
     Returns:
         ``k`` consecutive int64 arrays of dataset indices (``np.array_split``: sizes differ by at
@@ -145,7 +148,7 @@ def pretext_batches(losses: np.ndarray | Tensor, indices: np.ndarray, k: int) ->
         raise ValueError(f"losses {s.shape} and indices {indices.shape} must be equal 1-D shapes")
     if int(k) != k or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k}")
-    order = np.lexsort((indices, -s))
+    order = np.lexsort((tie_keys(rng, indices), -s))
     return np.array_split(indices[order], int(k))
 
 
@@ -173,7 +176,8 @@ def uniform_from_batch(batch: np.ndarray, n: int) -> np.ndarray:
 
 
 def query_from_batch(batch: np.ndarray, pool: np.ndarray, log_confidence: np.ndarray | Tensor,
-                     n: int, cold_start: bool) -> np.ndarray:
+                     n: int, cold_start: bool, rng: np.random.Generator | None = None
+                     ) -> np.ndarray:
     """One PT4AL query from this round's batch, filled from the rest of the pool if short.
 
     Args:
@@ -185,6 +189,7 @@ def query_from_batch(batch: np.ndarray, pool: np.ndarray, log_confidence: np.nda
         n: How many to query (<= U).
         cold_start: Take the batch uniformly along its loss order (round 0) instead of its
             least confident samples.
+        rng: The query's generator, which orders equal confidences.
 
     Returns:
         (n,) int64 dataset indices: the batch's picks first, then the least confident samples
@@ -199,10 +204,11 @@ def query_from_batch(batch: np.ndarray, pool: np.ndarray, log_confidence: np.nda
         chosen = uniform_from_batch(batch, n)
     else:
         in_batch = np.isin(pool, batch)
-        chosen = top_k(-conf[in_batch], pool[in_batch], min(n, int(in_batch.sum())))
+        chosen = top_k(-conf[in_batch], pool[in_batch], min(n, int(in_batch.sum())), rng=rng)
     if len(chosen) < n:
         rest = ~np.isin(pool, chosen)
-        chosen = np.concatenate([chosen, top_k(-conf[rest], pool[rest], n - len(chosen))])
+        chosen = np.concatenate([chosen, top_k(-conf[rest], pool[rest], n - len(chosen),
+                                               rng=rng)])
     return chosen
 
 
@@ -310,7 +316,7 @@ class PT4ALStrategy(Strategy):
                 net, images, candidates, self.pretext_epochs, self.batch, float(cfg.lr),
                 float(cfg.weight_decay), gen, device)
         losses = rotation_losses(net, images, candidates, device)
-        self.batches = pretext_batches(losses, candidates, key[0])
+        self.batches = pretext_batches(losses, candidates, key[0], rng=ctx.rng)
         self._key = key
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
@@ -320,7 +326,8 @@ class PT4ALStrategy(Strategy):
         batch = built[r] if 0 <= r < len(built) else np.empty(0, dtype=np.int64)
         logits = ctx.pool_outputs().logits.double()
         log_conf = torch.log_softmax(logits, dim=1).max(dim=1).values
-        return query_from_batch(batch, ctx.unlabelled, log_conf, n, cold_start=r == 0)
+        return query_from_batch(batch, ctx.unlabelled, log_conf, n, cold_start=r == 0,
+                                rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (PT4ALStrategy,)

@@ -81,7 +81,7 @@ class _SoftmaxUncertainty(Strategy):
         return chunked_scores(logits, type(self)._score)
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        return top_k(self.scores(ctx.pool_outputs().logits), ctx.unlabelled, n)
+        return top_k(self.scores(ctx.pool_outputs().logits), ctx.unlabelled, n, rng=ctx.rng)
 
 
 class EntropyStrategy(_SoftmaxUncertainty):

@@ -137,7 +137,8 @@ def cycle_batches(n: int, size: int, generator: torch.Generator) -> Iterator[Ten
         yield torch.cat(parts)
 
 
-def rank_lowest_first(labelled_scores: Tensor, indices: np.ndarray, n: int) -> np.ndarray:
+def rank_lowest_first(labelled_scores: Tensor, indices: np.ndarray, n: int,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
     """VAAL's query: the ``n`` samples the discriminator finds least likely to be labelled.
 
     Args:
@@ -145,11 +146,12 @@ def rank_lowest_first(labelled_scores: Tensor, indices: np.ndarray, n: int) -> n
             the logit) that each candidate is labelled, (U,).
         indices: Dataset indices of the candidates, (U,).
         n: How many to return.
+        rng: The query's generator, which orders equal scores (None: the smaller index first).
 
     Returns:
-        (n,) int64 dataset indices, lowest score first (ties to the smaller index).
+        (n,) int64 dataset indices, lowest score first.
     """
-    return top_k(-labelled_scores.double(), indices, n)
+    return top_k(-labelled_scores.double(), indices, n, rng=rng)
 
 
 class VAALStrategy(Strategy):
@@ -293,7 +295,7 @@ class VAALStrategy(Strategy):
         if self._prepared_for is None or self._prepared_for() is not ctx:
             self.prepare(ctx)
         logits = self.labelled_logits(ctx.require("images"), ctx.unlabelled, ctx.device)
-        return rank_lowest_first(logits, ctx.unlabelled, n)
+        return rank_lowest_first(logits, ctx.unlabelled, n, rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (VAALStrategy,)

@@ -230,7 +230,7 @@ class WAALStrategy(Strategy):
         diversity = self._diversity[1]
         log_probs = torch.log_softmax(ctx.pool_outputs().logits.double(), dim=1)
         scores = waal_scores(log_probs, diversity, self.selection, self.uncertainty)
-        return top_k(scores, ctx.unlabelled, n)
+        return top_k(scores, ctx.unlabelled, n, rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (WAALStrategy,)

@@ -8,6 +8,7 @@ distance (its outlier probability) and the most outlying samples are queried fir
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ TRANSLATE_AMOUNT = 10000.0  # libMR's default shift of the tail before fitting
 DISTANCES = ("euclidean", "cosine", "eucos")
 ASSIGNMENTS = ("predicted", "nearest", "all")
 DIRECTIONS = ("outlier", "inlier")
+
+log = logging.getLogger(__name__)
+
+
+def _classes(cs: list[int]) -> str:
+    return ("class " if len(cs) == 1 else "classes ") + ", ".join(str(c) for c in cs)
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,27 @@ class WeibullStrategy(Strategy):
                 dists.append(np.empty(0))
         tails = [self._tail(d) for d in dists]
         pooled = self._tail(np.concatenate(dists)) if dists else None
+        self._warn_degenerate(dists, tails, pooled)
         return means, [t if t is not None else pooled for t in tails]
+
+    def _warn_degenerate(self, dists: list[np.ndarray], tails: list[WeibullTail | None],
+                         pooled: WeibullTail | None) -> None:
+        """Log, as one warning, each class whose fit fell back, and the fallback used."""
+        no_mean = [c for c, d in enumerate(dists) if not len(d)]
+        no_tail = [c for c, (d, t) in enumerate(zip(dists, tails, strict=True))
+                   if len(d) and t is None]
+        notes = []
+        if no_mean:
+            notes.append(f"{_classes(no_mean)}: no correctly classified labelled image, so no "
+                         "class mean; pool images assigned to them score +inf (most outlying) "
+                         "and are ordered at random")
+        if no_tail:
+            fallback = ("the Weibull fitted on all classes' distances pooled" if pooled is not None
+                        else "the raw distance to the class mean (no class has a tail either)")
+            notes.append(f"{_classes(no_tail)}: fewer than min_tail={self.min_tail} distinct "
+                         f"tail distances; scored with {fallback}")
+        if notes:
+            log.warning("%s: degenerate Weibull fit: %s", self.name, "; ".join(notes))
 
     def _tail(self, d: np.ndarray) -> WeibullTail | None:
         size = max(self.min_tail, math.ceil(self.tail_frac * len(d)))
@@ -280,8 +307,8 @@ class WeibullStrategy(Strategy):
         if self.direction == "inlier":
             scores = -scores
         if self.balance:
-            return top_k_balanced(scores, assigned, ctx.unlabelled, n)
-        return top_k(scores, ctx.unlabelled, n)
+            return top_k_balanced(scores, assigned, ctx.unlabelled, n, rng=ctx.rng)
+        return top_k(scores, ctx.unlabelled, n, rng=ctx.rng)
 
 
 class WeibullBalancedStrategy(WeibullStrategy):
