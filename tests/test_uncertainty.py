@@ -83,7 +83,8 @@ def test_scores_match_the_textbook_formulas():
 def test_single_class_does_not_crash():
     logits = np.zeros((4, 1))
     for name in ("entropy", "least-confidence", "margin"):
-        assert build_strategy(name).select(_ctx(None, logits=logits), 2).tolist() == [0, 1]
+        got = build_strategy(name).select(_ctx(None, logits=logits), 2).tolist()
+        assert len(set(got)) == 2 and set(got) <= {0, 1, 2, 3}  # all tied: drawn at random
 
 
 def test_no_options_and_needs_a_model():

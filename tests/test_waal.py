@@ -73,8 +73,9 @@ def test_selection_zero_is_pure_uncertainty(context_factory):
     s = build_strategy("waal", selection=0.0)
     got = s.select(ctx, 12)
     assert s.critic is None  # no critic trained
-    # uniform predictions first (ties to the smaller index), then the two-way uncertain ones
-    assert got.tolist() == [5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 4, 7]
+    # the 10 uniform predictions first (tied: in random order), then 2 of the two-way ones
+    assert sorted(got[:10].tolist()) == [5, 8, 11, 14, 17, 20, 23, 26, 29, 32]
+    assert set(got[10:].tolist()) <= {4, 7, 10, 13, 16, 19, 22, 25, 28, 31}
 
 
 def test_leaves_global_random_state_alone(context_factory):
