@@ -15,6 +15,7 @@ from dalbt import catalogue
 from dalbt.cli_label import COMMANDS, add_parsers, dispatch
 from dalbt.cli_types import (
     dims,
+    finite_float,
     non_negative_float,
     non_negative_int,
     option,
@@ -52,11 +53,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input on one ``dalbt: error:`` line, without the usage block,
-    and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class)."""
+    and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class).
+
+    A bare ``type=float`` is replaced by :func:`dalbt.cli_types.finite_float`, so that no
+    option takes nan or inf; options with a range give their own type from ``cli_types``.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float()
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"dalbt: error: {message} (see '{self.prog} --help')\n")
