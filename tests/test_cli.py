@@ -57,7 +57,7 @@ def test_run_then_report(tmp_path, capsys):
     (["run", "--rounds", "-1"], "must be >= 0"),
     (["run", *SMALL, "--initial", "1000", "--budget", "100", "--rounds", "5"], "exceeds the pool"),
     (["run", *SMALL, "--val-size", "1490"], "exceed"),
-    (["run", *SMALL, "-O", "distance=manhattan"], "bad options"),
+    (["run", *SMALL, "-O", "distance=manhattan"], "option distance expects one of"),
     (["run", *SMALL, "-O", "nokeyvalue"], "KEY=VALUE"),
     (["run", *SMALL, "--device", "cuda:7"], "--device"),
     (["run", *SMALL, "--gamma", "-1"], "--gamma"),

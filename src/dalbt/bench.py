@@ -379,7 +379,9 @@ def _presets_dir() -> Any:
 
 def preset_names() -> list[str]:
     """Names of the presets shipped with dalbt."""
-    return sorted(p.name[:-5] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+    from dalbt.catalogue import preset_names
+
+    return preset_names()
 
 
 def load_preset(name: str) -> BenchConfig:
@@ -399,8 +401,10 @@ def load_preset(name: str) -> BenchConfig:
 
 
 def list_presets() -> list[tuple[str, str]]:
-    """(name, description) of every shipped preset."""
-    return [(name, load_preset(name).description) for name in preset_names()]
+    """(name, description) of every shipped preset (read without torch by the catalogue)."""
+    from dalbt.catalogue import list_presets
+
+    return list_presets()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,64 +3,73 @@
 from __future__ import annotations
 
 import argparse
-import ast
+import copy
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
+from dalbt import catalogue
 from dalbt.cli_label import COMMANDS, add_parsers, dispatch
+from dalbt.cli_types import (
+    dims,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+    seed_list,
+)
 from dalbt.errors import DalbtError, RankZeroFailed
+
+# The argument types under the names cli_label's add_parsers receives them by.
+_option, _positive, _non_negative, _dims = option, positive_int, non_negative_int, dims
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the default says nothing (None, False,
+    an empty list) or the help already explains it."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        return (bool(action.option_strings) and default is not argparse.SUPPRESS
+                and default is not None and default is not False and default != []
+                and "default" not in (action.help or "")
+                and not isinstance(action, argparse._VersionAction | argparse._HelpAction))
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if self._shows_default(action) else action.help
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # no help text: show the default
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input on one line, without the usage block."""
+    """argparse that reports bad input on one ``dalbt: error:`` line, without the usage block,
+    and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class).
+
+    A bare ``type=float`` is replaced by :func:`dalbt.cli_types.finite_float`, so that no
+    option takes nan or inf; options with a range give their own type from ``cli_types``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float()
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed: Any = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _dims(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(t) for t in text.replace(",", "-").split("-") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected widths like 256-256-256, got {text!r}"
-                                         ) from None
-    if not dims or min(dims) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
-    return dims
+        self.exit(2, f"dalbt: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,19 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch missing dataset files with torchvision (needs internet)")
     r.add_argument("--model", default="lenet", help="model name (see 'dalbt models')")
     r.add_argument("--strategy", default="weibull", help="strategy (see 'dalbt strategies')")
-    r.add_argument("--strategy-option", "-O", action="append", type=_option, default=[],
+    r.add_argument("--strategy-option", "-O", action="append", type=option, default=[],
                    metavar="KEY=VALUE",
-                   help="strategy option, repeatable (e.g. -O distance=cosine)")
+                   help="strategy option, repeatable (e.g. -O distance=cosine); a bad or "
+                        "unknown one is reported with the strategy's valid options")
     r.add_argument("--initial", type=_positive, default=100, help="initial labelled images")
     r.add_argument("--budget", type=_positive, default=100, help="images queried per round")
     r.add_argument("--rounds", type=_non_negative, default=10, help="query rounds")
     r.add_argument("--epochs", type=_positive, default=20, help="epochs per round")
-    r.add_argument("--batch-size", type=_positive, default=64)
-    r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--weight-decay", type=float, default=1e-5)
-    r.add_argument("--gamma", type=float, default=0.001,
-                   help="weight of the Barlow Twins loss (0: cross-entropy only)")
-    r.add_argument("--lambd", type=float, default=0.0051, help="Barlow Twins off-diagonal weight")
+    r.add_argument("--batch-size", type=_positive, default=64, help="training batch size")
+    r.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate (> 0)")
+    r.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
+                   help="Adam weight decay (>= 0)")
+    r.add_argument("--gamma", type=non_negative_float, default=0.001,
+                   help="weight of the Barlow Twins loss (>= 0; 0: cross-entropy only)")
+    r.add_argument("--lambd", type=non_negative_float, default=0.0051,
+                   help="Barlow Twins off-diagonal weight (>= 0)")
     r.add_argument("--warm-start", action="store_true",
                    help="continue from the previous round's model (default: re-initialise)")
     r.add_argument("--val-size", type=_non_negative, default=None,
@@ -100,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain-epochs", type=_non_negative, default=0,
                    help="Barlow Twins pre-training epochs on the whole pool before round 0; "
                         "each round fine-tunes from it")
-    r.add_argument("--pretrain-batch", type=_positive, default=256)
+    r.add_argument("--pretrain-batch", type=_positive, default=256,
+                   help="batch size of the pre-training")
     r.add_argument("--unknown-classes", type=lambda t: [c for c in t.split(",") if c],
                    default=[], metavar="A,B,...",
                    help="open-set pool: these classes (names or indices) stay in the pool "
@@ -113,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "goes back to the pool (return, the paper) or is set aside (discard)")
     r.add_argument("--eval-every", type=_positive, default=1,
                    help="validate every N epochs")
-    r.add_argument("--latent-dim", type=_positive, default=None)
+    r.add_argument("--latent-dim", type=_positive, default=None,
+                   help="dimension of the latent z (default: the model's, see 'dalbt models')")
     r.add_argument("--projector", type=_dims, default=(256, 256, 256),
-                   help="projector widths, e.g. 256-256-256")
+                   help="projector widths (default: 256-256-256)")
     r.add_argument("--seed", type=_non_negative, nargs="+", default=[0],
-                   help="one or more seeds (one run each)")
+                   help="one or more seeds, one run each (default: 0)")
     r.add_argument("--out", default="runs/default", help="experiment directory")
     r.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
@@ -135,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (they are shown only on a terminal anyway)")
 
-    rep = sub.add_parser("report", help="learning-curve plot and tables from a directory")
+    rep = sub.add_parser("report", help="learning-curve plot and tables from a directory",
+                         description="Write the learning-curve plot (PNG and SVG), the "
+                                     "per-round and summary tables (Markdown and CSV) and the "
+                                     "pairwise comparisons of the runs stored in DIRECTORY.")
     rep.add_argument("directory", help="experiment directory (the --out of 'dalbt run')")
     rep.add_argument("--out", default=None, help="where to write (default: the directory)")
     rep.add_argument("--only", action="append", default=None, metavar="PATTERN",
                      help="keep only the strategies whose label matches this shell-style "
                           "pattern (repeatable), e.g. --only 'weibull*' --only random")
-    rep.add_argument("--seeds", default=None, metavar="LIST",
+    rep.add_argument("--seeds", type=seed_list, default=None, metavar="LIST",
                      help="only the runs of these seeds, e.g. 0,1,2 (compare strategies on "
                           "the same seeds)")
 
@@ -163,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None, help="directory with the dataset files")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    sub.add_parser("datasets", help="list the datasets")
-    sub.add_parser("strategies", help="list the query strategies")
-    sub.add_parser("models", help="list the models")
+    sub.add_parser("datasets", help="list the datasets", description="List the datasets.")
+    st = sub.add_parser("strategies", help="list the query strategies",
+                        description="List the query strategies; with --options, also each "
+                                    "one's options (-O KEY=VALUE), their types and defaults.")
+    st.add_argument("--options", action="store_true", help="list each strategy's options")
+    sub.add_parser("models", help="list the models", description="List the models.")
     add_parsers(sub, _option, _positive, _non_negative)
     return p
 
@@ -192,7 +213,54 @@ def _listing(items: list[tuple[str, str]]) -> str:
     return "\n".join(f"{n.ljust(width)}  {d}" for n, d in items)
 
 
+def _strategies(with_options: bool) -> str:
+    """The ``dalbt strategies`` listing; with options, one indented line per option."""
+    if not with_options:
+        return _listing(catalogue.list_strategies())
+    infos = catalogue.strategies()
+    width = max(len(n) for n in infos)
+    lines = []
+    for name, info in sorted(infos.items()):
+        lines.append(f"{name.ljust(width)}  {info.description}")
+        for spec in info.options.values():
+            lines.append(f"    -O {spec.name}={spec.default}: {spec.expects()}")
+    return "\n".join(lines)
+
+
+def _database_message(args: argparse.Namespace, exc: sqlite3.Error) -> str:
+    """One line for an SQLite error: a busy database, a damaged file (named), or another."""
+    text = str(exc)
+    if args.command in COMMANDS:
+        where = Path(args.directory) / "project.sqlite"
+    elif args.command == "report":
+        where = Path(args.directory) / "dalbt.sqlite"
+    elif getattr(args, "out", None):
+        where = Path(args.out) / "dalbt.sqlite"
+    else:  # bench without --out
+        where = Path("runs", "<bench name>", "dalbt.sqlite")
+    if "locked" in text or "busy" in text:
+        return (f"database {where} is locked: {text} (is another dalbt process using it? wait "
+                "for it or use another directory)")
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return (f"database {where} is damaged ({text}): restore it (and its -wal file) from a "
+                "backup, or use another directory")
+    return f"database {where}: {text}"
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """Validate the names and strategy options of a run against the catalogue (no torch)."""
+    catalogue.check_dataset(args.dataset)
+    catalogue.check_model(args.model)
+    args.strategy_option = catalogue.check_strategy(args.strategy, dict(args.strategy_option))
+    for item in (args.mix or "").split(","):
+        name = item.partition(":")[0].strip()
+        if name and catalogue.dataset_key(name) not in catalogue.DATASETS:
+            raise DalbtError(f"unknown dataset {name!r} in --mix {args.mix!r}; known datasets: "
+                             f"{', '.join(catalogue.DATASETS)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_run(args)
     from dalbt import distributed
 
     dist, device = distributed.init_from_env(args.device)
@@ -207,24 +275,12 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
 
     from dalbt.data import load_dataset
     from dalbt.loop import RunConfig, run_experiment
-    from dalbt.models import MODELS
     from dalbt.report import write_report
     from dalbt.store import Store
-    from dalbt.strategies import build_strategy
     from dalbt.train import TrainConfig
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
-    if args.model not in MODELS:
-        raise DalbtError(f"unknown model {args.model!r}; known models: "
-                         f"{', '.join(sorted(MODELS))}")
-    options = dict(args.strategy_option)
-    build_strategy(args.strategy, **options)
-    for flag, value in (("--gamma", args.gamma), ("--lambd", args.lambd),
-                        ("--weight-decay", args.weight_decay)):
-        if value < 0:
-            raise DalbtError(f"{flag} must be >= 0, got {value}")
-    if args.lr <= 0:
-        raise DalbtError(f"--lr must be positive, got {args.lr}")
+    options = args.strategy_option  # checked by _check_run
     amp = resolve_amp(args.amp, device, warn=dist.is_main)
     # Under torchrun, rank 0 loads (and with --download fetches) first; the others then read
     # the files, or stop with rank 0's error.
@@ -267,16 +323,21 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dalbt import bench
-
     if args.list_presets:
         if args.config or args.preset:
             raise DalbtError("--list-presets takes no CONFIG or --preset")
-        print(_listing(bench.list_presets()))
+        print(_listing(catalogue.list_presets()))
         return 0
     if (args.config is None) == (args.preset is None):
         raise DalbtError("give a bench CONFIG file or --preset NAME (one of them; see "
                          "'dalbt bench --list-presets')")
+    if args.preset:
+        catalogue.check_preset(args.preset)
+    elif not Path(args.config).is_file():
+        why = "it is a directory" if Path(args.config).is_dir() else "no such file"
+        raise DalbtError(f"cannot read bench config {args.config}: {why}")
+    from dalbt import bench
+
     cfg = bench.load_preset(args.preset) if args.preset else bench.load_config(args.config)
     out = args.out or os.path.join("runs", cfg.name)
     device = resolve_device(args.device)
@@ -291,14 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from dalbt.report import write_report
 
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = [int(t) for t in args.seeds.split(",") if t.strip()]
-        except ValueError:
-            raise DalbtError(f"--seeds expects integers like 0,1,2, got {args.seeds!r}"
-                             ) from None
-    rep = write_report(args.directory, args.out, args.only, seeds)
+    rep = write_report(args.directory, args.out, args.only, args.seeds)
     print(rep["table"])
     print(f"\nplot: {rep['png']} (and {rep['svg'].name})\ntables: {rep['md']}, {rep['csv']}, "
           f"{rep['rounds']}\nsummary: {rep['summary']}, {rep['summary_csv']}")
@@ -321,18 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command in COMMANDS:
             return dispatch(args)
+        # The listings read the torch-free catalogue.
         if args.command == "datasets":
-            from dalbt.data import list_datasets
-
-            print(_listing(list_datasets()))
+            print(_listing(catalogue.list_datasets()))
         elif args.command == "strategies":
-            from dalbt.strategies import list_strategies
-
-            print(_listing(list_strategies()))
+            print(_strategies(args.options))
         elif args.command == "models":
-            from dalbt.models import list_models
-
-            print(_listing(list_models()))
+            print(_listing(catalogue.list_models()))
         return 0
     except RankZeroFailed:
         return 2  # rank 0 reports it
@@ -341,13 +390,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dalbt: error{where}: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:
-        print(f"dalbt: error: experiment database: {exc} (is another dalbt process using the "
-              "same --out? wait for it or use another directory)", file=sys.stderr)
+        print(f"dalbt: error: {_database_message(args, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dalbt: interrupted; finished rounds are saved: rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away ('dalbt strategies | head')
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     except OSError as exc:
         name = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"dalbt: error: cannot access{name}: {exc.strerror or exc}", file=sys.stderr)

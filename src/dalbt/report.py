@@ -473,9 +473,27 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def accuracy_axis_label(banded: list[bool], seeds: list[int]) -> str:
+    """The y-axis label of a learning-curve panel: it mentions the 95 % interval only where a
+    band is drawn.
+
+    Args:
+        banded: Per curve of the panel, whether its confidence band is drawn.
+        seeds: Per curve, its number of seeds.
+    """
+    if banded and all(banded):
+        return "test accuracy (%), mean and 95 % CI"
+    if any(banded):
+        return "test accuracy (%), mean (95 % CI where n >= 3 seeds)"
+    if max(seeds, default=1) > 1:
+        return "test accuracy (%), mean over seeds"
+    return "test accuracy (%)"
+
+
 def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | None = None,
                 svg: Path | None = None) -> None:
-    """Test accuracy vs labels bought: mean line and 95 % confidence band per strategy.
+    """Test accuracy vs labels bought: mean line per strategy, with its 95 % confidence band
+    where it has at least 3 seeds (the y-axis label says which applies).
 
     Args:
         curves: Curves to draw, one panel per dataset.
@@ -496,7 +514,7 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets) + 2.5, 5),
                              squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        lows, highs = [], []
+        lows, highs, banded, seeds = [], [], [], []
         for i, c in enumerate(c for c in curves if c.dataset == dataset):
             m, h = c.mean * 100, c.ci95 * 100
             colour, style = colours[i % len(colours)], styles[(i // len(colours)) % 4]
@@ -504,8 +522,10 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
                     label=f"{c.label} (n={len(c.seeds)})")
             lows.append(np.nanmin(m))
             highs.append(np.nanmax(m))
+            seeds.append(len(c.seeds))
             # with two seeds the t quantile is 12.7: such a band says nothing and hides the rest
-            if len(c.seeds) >= 3 and not np.isnan(h).all():
+            banded.append(len(c.seeds) >= 3 and not np.isnan(h).all())
+            if banded[-1]:
                 ax.fill_between(c.n_labelled, m - h, m + h, alpha=0.12, color=colour, lw=0)
         # the axis follows the means (and the ceiling): wide intervals of few seeds are clipped
         top = max(highs + ([ceilings[dataset] * 100] if ceilings and dataset in ceilings
@@ -516,7 +536,7 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
                        label=f"full data ({ceilings[dataset] * 100:.1f} %)")
         ax.set_title(dataset)
         ax.set_xlabel("labels bought (initial + budget x round)")
-        ax.set_ylabel("test accuracy (%), mean and 95 % CI")
+        ax.set_ylabel(accuracy_axis_label(banded, seeds))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dalbt.catalogue import DATASETS as DESCRIPTIONS  # the torch-free listing
 from dalbt.data import formats
 from dalbt.errors import DalbtError
 
@@ -472,23 +473,17 @@ def load_folder(root: str | os.PathLike | None,
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
-        DatasetSpec("digits", "scikit-learn's 8x8 handwritten digits (1797 images, 10 classes; "
-                    "embedded, always available)", _load_digits),
-        DatasetSpec("mnist", "MNIST handwritten digits (28x28 grayscale, 60000/10000, 10 classes)",
+        DatasetSpec("digits", DESCRIPTIONS["digits"], _load_digits),
+        DatasetSpec("mnist", DESCRIPTIONS["mnist"],
                     _idx_loader("mnist", "MNIST", "MNIST", "MNIST", DIGIT_CLASSES)),
-        DatasetSpec("fashion-mnist", "Fashion-MNIST clothing (28x28 grayscale, 60000/10000, "
-                    "10 classes)", _idx_loader("fashion-mnist", "Fashion-MNIST", "FashionMNIST",
-                                               "FashionMNIST", FASHION_MNIST_CLASSES)),
-        DatasetSpec("kmnist", "Kuzushiji-MNIST cursive hiragana (28x28 grayscale, 60000/10000, "
-                    "10 classes)", _idx_loader("kmnist", "KMNIST", "KMNIST", "KMNIST",
-                                               KMNIST_CLASSES)),
-        DatasetSpec("cifar10", "CIFAR-10 objects (32x32 colour, 50000/10000, 10 classes)",
-                    _load_cifar10),
-        DatasetSpec("svhn", "SVHN street-view house-number digits (32x32 colour, 73257/26032, "
-                    "10 classes)", _load_svhn),
-        DatasetSpec("folder", "your own images: --data-root DIR with one sub-folder per class "
-                    "(or train/ and test/), or a flat folder of unlabelled images",
-                    lambda root, download: load_folder(root)),
+        DatasetSpec("fashion-mnist", DESCRIPTIONS["fashion-mnist"],
+                    _idx_loader("fashion-mnist", "Fashion-MNIST", "FashionMNIST",
+                                "FashionMNIST", FASHION_MNIST_CLASSES)),
+        DatasetSpec("kmnist", DESCRIPTIONS["kmnist"],
+                    _idx_loader("kmnist", "KMNIST", "KMNIST", "KMNIST", KMNIST_CLASSES)),
+        DatasetSpec("cifar10", DESCRIPTIONS["cifar10"], _load_cifar10),
+        DatasetSpec("svhn", DESCRIPTIONS["svhn"], _load_svhn),
+        DatasetSpec("folder", DESCRIPTIONS["folder"], lambda root, download: load_folder(root)),
     ]
 }
 

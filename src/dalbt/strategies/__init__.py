@@ -1,10 +1,19 @@
-"""Query strategies: one registry ``STRATEGIES`` mapping name -> class."""
+"""Query strategies: one registry ``STRATEGIES`` mapping name -> class.
+
+A strategy's options are its constructor's keyword arguments; their annotations (see
+:mod:`dalbt.options`) give each option's type and range. :mod:`dalbt.catalogue` reads the same
+signatures without importing torch, for the command line.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from typing import Any
 
 from dalbt.errors import DalbtError
+from dalbt.options import OptionSpec, check_options, option_spec
 from dalbt.strategies import (
     badge,
     bayesian,
@@ -37,15 +46,42 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
+@functools.cache
+def strategy_options(cls: type[Strategy]) -> dict[str, OptionSpec]:
+    """The options of a strategy class, from its constructor's signature and annotations.
+
+    Raises:
+        TypeError: A constructor argument without a default or with an unsupported annotation.
+    """
+    if cls.__init__ is object.__init__:
+        return {}
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    out = {}
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"{cls.__name__}.__init__ takes *args or **kwargs: options must be "
+                            "named")
+        if param.default is param.empty or param.name not in hints:
+            raise TypeError(f"{cls.__name__}.__init__: option {param.name} needs an annotation "
+                            "and a default")
+        out[param.name] = option_spec(param.name, hints[param.name], param.default)
+    return out
+
+
 def build_strategy(name: str, **options: Any) -> Strategy:
     """Instantiate a registered strategy.
 
+    Options are checked against the constructor's annotations first (type, range, choices;
+    ``bool`` options also take ``"true"``/``"false"``).
+
     Raises:
-        DalbtError: Unknown name or bad options.
+        DalbtError: Unknown name, unknown option (the message lists the valid ones) or a bad
+            value (the message names the option and what it expects).
     """
     if name not in STRATEGIES:
         raise DalbtError(f"unknown strategy {name!r}; known strategies: "
                          f"{', '.join(sorted(STRATEGIES))} (see 'dalbt strategies')")
+    options = check_options(name, strategy_options(STRATEGIES[name]), options)
     try:
         return STRATEGIES[name](**options)
     except (TypeError, ValueError) as exc:
@@ -66,6 +102,7 @@ __all__ = [
     "Strategy",
     "build_strategy",
     "list_strategies",
+    "strategy_options",
     "top_k",
     "top_k_balanced",
 ]

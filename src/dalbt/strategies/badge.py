@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.options import PositiveInt
 from dalbt.strategies.base import POOL_OUTPUTS, QueryContext, Strategy
 
 DEFAULT_CHUNK = 16384
@@ -218,7 +219,7 @@ class BadgeStrategy(Strategy):
     description = "BADGE: k-means++ seeding on last-layer gradient embeddings at the prediction"
     requires = frozenset({POOL_OUTPUTS})
 
-    def __init__(self, lazy: bool = True, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, lazy: bool = True, chunk: PositiveInt = DEFAULT_CHUNK) -> None:
         if int(chunk) < 1:
             raise ValueError(f"chunk must be a positive integer, got {chunk}")
         self.lazy = bool(lazy)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.options import OpenUnit, PositiveInt, Range
 from dalbt.strategies.base import QueryContext, Strategy, tie_keys, top_k
 
 # Elements (rows x T x K, or configurations x rows x K for BatchBALD) processed at a time.
@@ -84,7 +86,7 @@ class _McDropoutStrategy(Strategy):
         dropout: Dropout rate the run's models are trained with, in (0, 1).
     """
 
-    def __init__(self, samples: int = 20, dropout: float = 0.5) -> None:
+    def __init__(self, samples: Annotated[int, Range(2)] = 20, dropout: OpenUnit = 0.5) -> None:
         if isinstance(samples, bool) or int(samples) != samples or samples < 2:
             raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
         if not 0.0 < float(dropout) < 1.0:
@@ -208,8 +210,9 @@ class BatchBaldStrategy(_McDropoutStrategy):
     name = "batchbald"
     description = "BatchBALD: greedily maximise the batch's joint MC-dropout mutual information"
 
-    def __init__(self, samples: int = 20, dropout: float = 0.5, num_samples: int = 1000,
-                 max_exact_configs: int | None = None, max_pool: int | None = 5000) -> None:
+    def __init__(self, samples: Annotated[int, Range(2)] = 20, dropout: OpenUnit = 0.5,
+                 num_samples: PositiveInt = 1000, max_exact_configs: PositiveInt | None = None,
+                 max_pool: PositiveInt | None = 5000) -> None:
         super().__init__(samples=samples, dropout=dropout)
         for what, value in (("num_samples", num_samples), ("max_exact_configs", max_exact_configs),
                             ("max_pool", max_pool)):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.options import PositiveInt
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy
 
 DEFAULT_CHUNK = 16384
@@ -230,7 +231,7 @@ class CoreSetStrategy(Strategy):
     description = "Core-set: greedy k-centre on latents, labelled points as initial centres"
     requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
 
-    def __init__(self, lazy: bool = True, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, lazy: bool = True, chunk: PositiveInt = DEFAULT_CHUNK) -> None:
         if int(chunk) < 1:
             raise ValueError(f"chunk must be a positive integer, got {chunk}")
         self.lazy = bool(lazy)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalbt.options import Fraction, NonNegativeFloat, PositiveInt
 from dalbt.strategies.base import QueryContext, Strategy, top_k
-from dalbt.strategies.weibull import ASSIGNMENTS, WeibullStrategy
+from dalbt.strategies.weibull import ASSIGNMENTS, Assignment, WeibullStrategy
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -146,8 +147,9 @@ class DalOsrStrategy(Strategy):
     name = "dal-osr"
     description = "DAL-OSR: variational classifier, query the highest Weibull outlier probability"
 
-    def __init__(self, beta: float = 0.1, epochs: int | None = None, tail_frac: float = 0.05,
-                 min_tail: int = 3, assign: str = "predicted") -> None:
+    def __init__(self, beta: NonNegativeFloat = 0.1, epochs: PositiveInt | None = None,
+                 tail_frac: Fraction = 0.05, min_tail: PositiveInt = 3,
+                 assign: Assignment = "predicted") -> None:
         if not (beta >= 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a finite number >= 0, got {beta}")
         if epochs is not None and (int(epochs) != epochs or epochs < 1):

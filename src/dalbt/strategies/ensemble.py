@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.options import PositiveInt, Range
 from dalbt.strategies.base import QueryContext, Strategy, tie_keys
 
 
@@ -85,7 +87,8 @@ class EnsembleVarRatioStrategy(Strategy):
     name = "ensemble-varratio"
     description = "Deep ensemble of M retrained models: query the highest variation ratio"
 
-    def __init__(self, members: int = 5, epochs: int | None = None) -> None:
+    def __init__(self, members: Annotated[int, Range(2)] = 5,
+                 epochs: PositiveInt | None = None) -> None:
         if int(members) != members or members < 2:
             raise ValueError(f"members must be an integer >= 2, got {members}")
         if epochs is not None and (int(epochs) != epochs or epochs < 1):

@@ -28,6 +28,7 @@ from dalbt.losses.moby import (
     momentum_schedule,
     momentum_update,
 )
+from dalbt.options import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInterval
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy
 from dalbt.strategies.coreset import k_center_greedy
@@ -189,10 +190,12 @@ class MoBYv2ALStrategy(Strategy):
     weak_view: ViewConfig = WEAK_VIEW
     strong_view: ViewConfig = STRONG_VIEW
 
-    def __init__(self, temperature: float = DEFAULT_TEMPERATURE,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, momentum: float = DEFAULT_MOMENTUM,
-                 labelled_weight: float = 0.5, unlabelled_weight: float = 0.5,
-                 proj_dim: int = 128, hidden_dim: int = 4096) -> None:
+    def __init__(self, temperature: PositiveFloat = DEFAULT_TEMPERATURE,
+                 queue_size: PositiveInt = DEFAULT_QUEUE_SIZE,
+                 momentum: UnitInterval = DEFAULT_MOMENTUM,
+                 labelled_weight: NonNegativeFloat = 0.5,
+                 unlabelled_weight: NonNegativeFloat = 0.5,
+                 proj_dim: PositiveInt = 128, hidden_dim: PositiveInt = 4096) -> None:
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if int(queue_size) < 1 or int(queue_size) != queue_size:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalbt.options import NonNegativeInt, PositiveInt
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import POOL_OUTPUTS, QueryContext, Strategy, tie_keys, top_k
 from dalbt.train import batches, to_float
@@ -268,7 +269,8 @@ class PT4ALStrategy(Strategy):
     description = "PT4AL: rotation-loss batches, then least confidence within each round's batch"
     requires = frozenset({POOL_OUTPUTS})
 
-    def __init__(self, pretext_epochs: int = 5, batch: int = 64, seed: int = 0) -> None:
+    def __init__(self, pretext_epochs: NonNegativeInt = 5, batch: PositiveInt = 64,
+                 seed: NonNegativeInt = 0) -> None:
         for key, value, low in (("pretext_epochs", pretext_epochs, 0), ("batch", batch, 1),
                                 ("seed", seed, 0)):
             if isinstance(value, bool) or int(value) != value or value < low:

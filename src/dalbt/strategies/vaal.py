@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalbt.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import QueryContext, Strategy, top_k
 from dalbt.train import to_float
@@ -196,10 +197,11 @@ class VAALStrategy(Strategy):
     name = "vaal"
     description = "VAAL: query what a VAE-latent discriminator deems least likely labelled"
 
-    def __init__(self, latent: int = 32, steps: int = 300, batch: int = 64, vae_steps: int = 2,
-                 adv_steps: int = 1, beta: float = 1.0, adversary_param: float = 1.0,
-                 lr: float = 5e-4, width: int = 16, disc_hidden: int = 256,
-                 disc_layers: int = 2) -> None:
+    def __init__(self, latent: PositiveInt = 32, steps: NonNegativeInt = 300,
+                 batch: PositiveInt = 64, vae_steps: PositiveInt = 2, adv_steps: PositiveInt = 1,
+                 beta: NonNegativeFloat = 1.0, adversary_param: NonNegativeFloat = 1.0,
+                 lr: PositiveFloat = 5e-4, width: PositiveInt = 16,
+                 disc_hidden: PositiveInt = 256, disc_layers: PositiveInt = 2) -> None:
         for key, value, low in (("latent", latent, 1), ("steps", steps, 0), ("batch", batch, 1),
                                 ("vae_steps", vae_steps, 1), ("adv_steps", adv_steps, 1),
                                 ("width", width, 1), ("disc_hidden", disc_hidden, 1),

@@ -8,16 +8,20 @@ trades that diversity off against WAAL's min-max uncertainty of the classifier.
 from __future__ import annotations
 
 import weakref
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dalbt.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy, top_k
 
-UNCERTAINTIES = ("mixed", "worst", "l2", "l1")
-PENALTIES = ("one-sided", "two-sided")
+Uncertainty = Literal["mixed", "worst", "l2", "l1"]
+Penalty = Literal["one-sided", "two-sided"]
+UNCERTAINTIES: tuple[str, ...] = get_args(Uncertainty)
+PENALTIES: tuple[str, ...] = get_args(Penalty)
 CHUNK = 8192
 
 
@@ -148,9 +152,10 @@ class WAALStrategy(Strategy):
     description = "WAAL: min-max uncertainty plus Wasserstein-critic diversity on the latents"
     requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
 
-    def __init__(self, selection: float = 10.0, uncertainty: str = "mixed", steps: int = 500,
-                 batch: int = 64, lr: float = 1e-3, gp_weight: float = 2.0,
-                 penalty: str = "one-sided", hidden: int = 50) -> None:
+    def __init__(self, selection: NonNegativeFloat = 10.0, uncertainty: Uncertainty = "mixed",
+                 steps: NonNegativeInt = 500, batch: PositiveInt = 64, lr: PositiveFloat = 1e-3,
+                 gp_weight: NonNegativeFloat = 2.0, penalty: Penalty = "one-sided",
+                 hidden: PositiveInt = 50) -> None:
         if penalty not in PENALTIES:
             raise ValueError(f"unknown penalty {penalty!r}; choose one of {', '.join(PENALTIES)}")
         if uncertainty not in UNCERTAINTIES:

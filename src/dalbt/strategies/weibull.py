@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
+from dalbt.options import Fraction, PositiveInt
 from dalbt.strategies.base import (
     LABELLED_OUTPUTS,
     POOL_OUTPUTS,
@@ -27,9 +29,12 @@ from dalbt.strategies.base import (
 )
 
 TRANSLATE_AMOUNT = 10000.0  # libMR's default shift of the tail before fitting
-DISTANCES = ("euclidean", "cosine", "eucos")
-ASSIGNMENTS = ("predicted", "nearest", "all")
-DIRECTIONS = ("outlier", "inlier")
+Distance = Literal["euclidean", "cosine", "eucos"]
+Assignment = Literal["predicted", "nearest", "all"]
+Direction = Literal["outlier", "inlier"]
+DISTANCES: tuple[str, ...] = get_args(Distance)
+ASSIGNMENTS: tuple[str, ...] = get_args(Assignment)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +189,9 @@ class WeibullStrategy(Strategy):
     description = "DALBT: query the highest Weibull outlier probability of latent distances"
     requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
 
-    def __init__(self, distance: str = "euclidean", assign: str = "predicted",
-                 tail_frac: float = 0.5, min_tail: int = 3, direction: str = "outlier",
-                 balance: bool = False) -> None:
+    def __init__(self, distance: Distance = "euclidean", assign: Assignment = "predicted",
+                 tail_frac: Fraction = 0.5, min_tail: PositiveInt = 3,
+                 direction: Direction = "outlier", balance: bool = False) -> None:
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
         if assign not in ASSIGNMENTS:
@@ -324,9 +329,9 @@ class WeibullBalancedStrategy(WeibullStrategy):
     description = ("DALBT Weibull outlier sampling, batch taken round-robin over predicted "
                    "classes")
 
-    def __init__(self, distance: str = "euclidean", assign: str = "predicted",
-                 tail_frac: float = 0.5, min_tail: int = 3, direction: str = "outlier",
-                 balance: bool = True) -> None:
+    def __init__(self, distance: Distance = "euclidean", assign: Assignment = "predicted",
+                 tail_frac: Fraction = 0.5, min_tail: PositiveInt = 3,
+                 direction: Direction = "outlier", balance: bool = True) -> None:
         super().__init__(distance=distance, assign=assign, tail_frac=tail_frac,
                          min_tail=min_tail, direction=direction, balance=balance)
 

@@ -1,0 +1,130 @@
+"""argparse argument types of the ``dalbt`` command line.
+
+Each one turns the text of an argument into its value or raises ``ArgumentTypeError``, which
+argparse reports as ``dalbt: error: argument --lr: expected a finite number > 0, got 'nan'``
+(exit code 2). They import nothing heavy, so bad input is rejected before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "dims",
+    "finite_float",
+    "non_negative_float",
+    "non_negative_int",
+    "option",
+    "positive_float",
+    "positive_int",
+    "seed_list",
+]
+
+
+def option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(key, value)``: the value as a Python literal if it is one (``3``,
+    ``0.5``, ``True``, ``None``), else the text; ``-`` in the key reads as ``_``."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed: Any = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def positive_int(text: str) -> int:
+    """An integer > 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> Callable[[str], float]:
+    """An argument type for a finite number in a range (nan and inf are always rejected).
+
+    Args:
+        low: Smallest allowed value, or ``None``.
+        high: Largest allowed value, or ``None``.
+        low_open: ``low`` itself is not allowed.
+        high_open: ``high`` itself is not allowed.
+
+    Returns:
+        ``text -> float``, raising ``ArgumentTypeError`` with the allowed range.
+    """
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    expected = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        ok = math.isfinite(v)
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    parse.__name__ = "finite number"  # what argparse names the type in its own messages
+    return parse
+
+
+#: A finite number > 0 (``--lr``).
+positive_float = finite_float(0, low_open=True)
+#: A finite number >= 0 (``--gamma``, ``--lambd``, ``--weight-decay``).
+non_negative_float = finite_float(0)
+
+
+def dims(text: str) -> tuple[int, ...]:
+    """Layer widths like ``256-256-256`` (or ``256,256``), each > 0."""
+    try:
+        out = tuple(int(t) for t in text.replace(",", "-").split("-") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 256-256-256, got {text!r}"
+                                         ) from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    return out
+
+
+def seed_list(text: str) -> list[int]:
+    """Seeds like ``0,1,2`` (integers >= 0)."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected seeds (integers >= 0) like 0,1,2, got "
+                                         f"{text!r}")
+    return seeds
