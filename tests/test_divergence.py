@@ -72,3 +72,14 @@ def test_cli_run_that_diverges_exits_2_and_keeps_the_store_consistent(tmp_path, 
     assert main([*argv, "--resume"]) == 2
     with sqlite3.connect(out / "dalbt.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == len(rounds)
+
+
+def test_cli_prints_library_warnings_as_one_dalbt_warning_line(capsys):
+    import logging
+
+    from dalbt.cli import _warnings_to_stderr
+
+    _warnings_to_stderr()
+    _warnings_to_stderr()  # idempotent: one handler
+    logging.getLogger("dalbt.strategies.weibull").warning("weibull: degenerate Weibull fit: x")
+    assert capsys.readouterr().err == "dalbt: warning: weibull: degenerate Weibull fit: x\n"

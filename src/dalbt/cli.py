@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import sqlite3
 import sys
@@ -359,9 +360,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrNow(logging.StreamHandler):
+    """A handler that writes to the ``sys.stderr`` of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _warnings_to_stderr() -> None:
+    """Library warnings (``logging.getLogger("dalbt...")``) as ``dalbt: warning: ...`` lines."""
+    logger = logging.getLogger("dalbt")
+    if not any(isinstance(h, _StderrNow) for h in logger.handlers):
+        handler = _StderrNow()
+        handler.setFormatter(logging.Formatter("dalbt: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dalbt`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    _warnings_to_stderr()
     launched = os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # one of torchrun's processes
     rank = os.environ.get("RANK", "0") if launched else "0"
     try:
