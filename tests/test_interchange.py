@@ -379,3 +379,60 @@ def test_cli_export_and_import(project, new_project, tmp_path, capsys):
     assert main(["import", str(fresh.directory), str(out)]) == 0
     assert "tasks.json: imported 1 label, 0 unchanged" in capsys.readouterr().out
     assert labels_by_path(fresh) == {"batch0/img0.png": "cat"}
+
+
+WHO = ["=HYPERLINK(\"http://evil.example\",\"click\")", "+1+2", "-2+3", "@SUM(A1)",
+       "\tTab", "\rCR", "'=already quoted", "''-twice", "'plain", "a=b"]
+
+
+def test_csv_export_neutralises_formulas_and_round_trips(tmp_path, digits):
+    from dalbt.interchange import csv_safe, csv_unsafe
+
+    root = tmp_path / "images"
+    names = ["=cmd.png", "-x.png", "@y.png", "+z.png", *(f"ok{k}.png" for k in range(6))]
+    root.mkdir()
+    for name, pixels in zip(names, digits, strict=True):
+        Image.fromarray(pixels).save(root / name)
+    classes = ["=1+1", "-1", "cat"]
+    src = Project.init(tmp_path / "src", root, classes, log=lambda _m: None)
+    dst = Project.init(tmp_path / "dst", root, classes, log=lambda _m: None)
+    ids = src.image_ids()
+    for k, (name, who) in enumerate(zip(names, WHO, strict=True)):
+        src.add_label(ids[name], classes[k % 3], who=who, source="web")
+    text = export_project(src, "csv")
+    cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    assert "'=HYPERLINK(\"http://evil.example\",\"click\")" in cells
+    assert {"'=1+1", "'-1", "'=cmd.png", "'-x.png", "'@y.png", "'+z.png", "'+1+2", "'-2+3",
+            "'@SUM(A1)", "'\tTab", "'\rCR", "''=already quoted", "'''-twice"} <= set(cells)
+    assert {"'plain", "a=b", "cat"} <= set(cells)  # nothing to protect: as they are
+    summary = import_file(dst, write(tmp_path, "labels.csv", text))
+    assert summary.imported == 10 and summary.problems == []
+    keys = ("path", "sha256", "label", "kind", "who")
+    # exactly as exported, but for the white space around a value, which import trims
+    assert [tuple(h[k] for k in keys) for h in dst.label_history(current_only=True)] == \
+        [tuple(h[k].strip() for k in keys) for h in src.label_history(current_only=True)]
+    for value in [*WHO, "", "'", "''", "-", "=", "'-", "x'=y"]:
+        assert csv_unsafe(csv_safe(value)) == value
+    assert csv_safe(5) == 5 and csv_safe(None) is None
+    add_round(src, 0, ["=cmd.png"])  # the queue export is protected too
+    queue = next(csv.DictReader(io.StringIO(export_project(src, "csv", queue=True))))
+    assert queue["path"] == "'=cmd.png"
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[" * 100_000 + "]" * 100_000, "deep.json: JSON nested too deeply"),
+    ('{"a":' * 100_000 + "1" + "}" * 100_000, "deep.json: JSON nested too deeply"),
+    ('[{"data": {"image": "x.png"}, "id": ' + "1" * 5000 + "}]", "deep.json: not a JSON "
+     "file dalbt can read (Exceeds the limit (4300 digits)"),
+])
+def test_hostile_json_is_a_one_line_error_naming_the_file(project, tmp_path, capsys, content,
+                                                         says):
+    f = write(tmp_path, "deep.json", content)
+    with pytest.raises(DalbtError, match=r"^deep\.json: ") as info:
+        import_file(project, f)
+    assert says in str(info.value)
+    assert main(["import", str(project.directory), str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dalbt: error: {says}") and err.count("\n") == 1
+    assert project.label_history() == []

@@ -362,8 +362,9 @@ def test_cli_init_query_and_errors(tmp_path, capsys):
     assert main(["init", proj + "2", "--images", str(images), "--classes", "a,b",
                  "--classes-file", "x"]) == 2
     assert "not both" in capsys.readouterr().err
-    assert main(["init", proj + "3", "--images", str(images), "--classes", "a,b",
-                 "--val-fraction", "1.5"]) == 2
+    code, err = _cli(["init", proj + "3", "--images", str(images), "--classes", "a,b",
+                      "--val-fraction", "1.5"])
+    assert code == 2 and "--val-fraction: expected a finite number in [0, 1), got '1.5'" in err[0]
 
 
 def test_is_loopback():
@@ -396,3 +397,231 @@ def test_label_history_current_only(project):
     assert [(h["path"], h["label"], h["who"]) for h in cur] == [
         (ids[0][0], "2", "a"), (ids[1][0], None, "b")]
     assert len(p.label_history()) == 3
+
+
+def _cli(args):
+    """``(exit code, stderr lines)`` of ``dalbt ARGS`` run in this process."""
+    import contextlib
+    import io
+
+    from dalbt.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse rejects before main's handler
+            code = exc.code
+    return code, [line for line in err.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "nosuch"], ["unknown model 'nosuch'", "lenet", "resnet18", "vgg16"]),
+    (["--strategy", "nosuch"], ["unknown strategy 'nosuch'", "weibull-balanced"]),
+    (["-O", "nosuch=1"], ["bad options for strategy 'weibull-balanced'", "nosuch"]),
+    (["--gamma", "nan"], ["--gamma", "'nan'", ">= 0"]),
+    (["--gamma", "inf"], ["--gamma", "'inf'"]),
+    (["--gamma", "-0.5"], ["--gamma", "'-0.5'"]),
+    (["--val-fraction", "nan"], ["--val-fraction", "'nan'", "[0, 1)"]),
+    (["--val-fraction", "1"], ["--val-fraction", "[0, 1)"]),
+    (["--image-size", "100000"], ["--image-size", "100000", "512"]),
+    (["--image-size", "4"], ["--image-size", "from 8", "'lenet'", "got 4"]),
+    (["--epochs", "0"], ["--epochs", "positive"]),
+    (["--seed", "-1"], ["--seed", ">= 0"]),
+    (["--channels", "2"], ["--channels", "invalid choice"]),
+])
+def test_cli_init_rejects_bad_settings_and_writes_nothing(tmp_path, args, says):
+    write_digits(tmp_path / "images", 4)
+    proj = tmp_path / "new" / "proj"
+    code, err = _cli(["init", str(proj), "--images", str(tmp_path / "images"),
+                      "--classes", "a,b", *args])
+    assert code == 2 and len(err) == 1 and "error:" in err[0], err
+    assert all(s in err[0] for s in says), err[0]
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command, args, says", [
+    ("query", ["--budget", "0"], ["--budget", "from 1"]),
+    ("query", ["--budget", "5", "--threads", "100000000000"], ["--threads", "100000000000"]),
+    ("query", ["--budget", "nan"], ["--budget", "'nan'"]),
+    ("serve", ["--port", "70000"], ["--port", "0 to 65535", "70000"]),
+    ("serve", ["--port", "-1"], ["--port", "-1"]),
+    ("serve", ["--port", "http"], ["--port", "'http'"]),
+    ("serve", ["--budget", "0"], ["--budget"]),
+])
+def test_cli_query_and_serve_reject_out_of_range_numbers(tmp_path, command, args, says):
+    code, err = _cli([command, str(tmp_path), *args])
+    assert code == 2 and len(err) == 1 and "error:" in err[0], err
+    assert all(s in err[0] for s in says), err[0]
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"model": "nosuch"}, "unknown model 'nosuch'; known models: lenet"),
+    ({"strategy": "nosuch"}, "unknown strategy 'nosuch'"),
+    ({"strategy_options": {"nosuch": 1}}, "bad options"),
+    ({"train": {"gamma": float("nan")}}, "--gamma must be a finite number >= 0, got nan"),
+    ({"train": {"lr": float("inf")}}, "train.lr must be a finite number > 0"),
+    ({"train": {"lr": 0.0}}, "train.lr"),
+    ({"train": {"batch_size": 0}}, "--batch-size must be an integer >= 1"),
+    ({"val_fraction": float("nan")}, "--val-fraction"),
+    ({"image_size": 10_000}, "--image-size must be an integer from 8 to 512"),
+    ({"image_size": 2.5}, "--image-size"),
+    ({"cold_start_epochs": -1}, "--cold-start-epochs"),
+    ({"train": {"amp": "fp8"}}, "train.amp"),
+])
+def test_init_validates_settings_before_writing(tmp_path, settings, match):
+    write_digits(tmp_path / "images", 4)
+    with pytest.raises(DalbtError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        Project.init(tmp_path / "new" / "proj", tmp_path / "images", CLASSES,
+                     log=lambda m: None, **settings)
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_init_leaves_no_database_nor_folder(tmp_path, monkeypatch):
+    import dalbt.project as project_mod
+
+    write_digits(tmp_path / "images", 4)
+    calls = []
+
+    def unreadable(data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise PermissionError(13, "Permission denied")
+        return "0" * 64
+
+    monkeypatch.setattr(project_mod, "sha256_bytes", unreadable)
+    with pytest.raises(DalbtError, match="cannot read image d002.png .*Permission denied"):
+        Project.init(tmp_path / "new" / "proj", tmp_path / "images", CLASSES,
+                     log=lambda m: None)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, empty of project files
+    calls.clear()
+    with pytest.raises(DalbtError):
+        Project.init(tmp_path / "kept", tmp_path / "images", CLASSES, log=lambda m: None)
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_query_refuses_a_stored_setting_it_cannot_train_with(project):
+    import json
+
+    p, _ = project
+    with p.transaction() as db:
+        cfg = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+        cfg["model"] = "nosuch"
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(cfg),))
+    with pytest.raises(DalbtError, match="holds a setting .*unknown model 'nosuch'.*dalbt init"):
+        Project(p.directory).query(5, progress=False, log=lambda m: None)
+    assert p.rounds() == []
+
+
+def test_marked_images_are_rechecked_at_each_query(project, monkeypatch):
+    p, truth = project
+    ids = p.image_ids()
+    root = p.root
+    original = {rel: (root / rel).read_bytes() for rel in ("d001.png", "d002.png", "d003.png")}
+    Image.new("L", (8, 8), 255).save(root / "d001.png")  # changed
+    (root / "d002.png").write_bytes(b"garbage")  # changed
+    os.unlink(root / "d003.png")  # missing
+    msgs = []
+    first = p.query(5, progress=False, log=msgs.append)
+    assert {rel for rel, _ in first.skipped_images} == {"d001.png", "d002.png", "d003.png"}
+    assert {(rel, st) for rel, st, _ in p.problems()} == {
+        ("d001.png", "changed"), ("d002.png", "changed"), ("d003.png", "missing")}
+
+    # d001 restored byte for byte; d002 untouched since it was marked: not even read again
+    (root / "d001.png").write_bytes(original["d001.png"])
+    checked = []
+    real = Project._check_content
+    monkeypatch.setattr(Project, "_check_content", staticmethod(
+        lambda full, rel, *a: checked.append(rel) or real(full, rel, *a)))
+    msgs.clear()
+    second = p.query(5, progress=False, log=msgs.append)
+    assert checked == ["d001.png"]
+    assert second.restored_images == ["d001.png"] and second.skipped_images == []
+    assert any(m.startswith("restored: d001.png (marked changed)") for m in msgs), msgs
+    assert any(m.startswith("still changed: 1 image") and "d002.png" in m for m in msgs), msgs
+    assert any(m.startswith("still missing: 1 image") and "d003.png" in m for m in msgs), msgs
+    assert {rel for rel, _, _ in p.problems()} == {"d002.png", "d003.png"}
+    assert p.image(ids["d001.png"])[2] == "ok"
+
+    # back in the pool: everything not queued yet is queued now, d001 included
+    queued_before = {q.image_id for q in p.pending()}
+    third = p.query(100, progress=False, log=lambda m: None)
+    assert queued_before | set(third.queued) == set(ids.values()) - {ids["d002.png"],
+                                                                       ids["d003.png"]}
+    assert ids["d001.png"] in set(second.queued) | set(third.queued)
+
+    # d002 and d003 come back too once restored; a changed file that is deleted is 'missing'
+    (root / "d002.png").write_bytes(original["d002.png"])
+    (root / "d003.png").write_bytes(original["d003.png"])
+    assert sorted(p.recheck_images()) == [("d002.png", "changed", "ok"),
+                                          ("d003.png", "missing", "ok")]
+    assert p.problems() == []
+
+
+def test_recheck_of_a_changed_file_that_vanished_or_changed_again(project):
+    p, _ = project
+    root = p.root
+    ids = p.image_ids()
+    (root / "d004.png").write_bytes(b"garbage")
+    (root / "d005.png").write_bytes(b"other garbage")
+    for rel in ("d004.png", "d005.png"):
+        with pytest.raises(DalbtError, match="changed on disk"):
+            p.read_image(ids[rel])
+    os.unlink(root / "d004.png")
+    (root / "d005.png").write_bytes(b"garbage, again")
+    assert p.recheck_images() == [("d004.png", "changed", "missing"),
+                                  ("d005.png", "changed", "changed")]
+    msgs = []
+    p.query(3, progress=False, log=msgs.append)
+    assert "still changed: 1 image left out (d005.png)" in " ".join(msgs)
+
+
+def test_project_made_before_file_stat_gets_the_column(project):
+    p, _ = project
+    with p.transaction() as db:
+        db.execute("ALTER TABLE images DROP COLUMN file_stat")
+    old = Project(p.directory)
+    os.unlink(old.root / "d006.png")
+    with pytest.raises(DalbtError, match="cannot be read"):
+        old.read_image(old.image_ids()["d006.png"])
+    assert old.problems() == [("d006.png", "missing",
+                               "cannot read: No such file or directory")]
+    assert Project(p.directory)._meta("schema_version") == "2"
+
+
+def test_image_warnings_name_the_image_path(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    write_digits(tmp_path / "images", 12)
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png at all")
+    msgs = []
+    p = Project.init(tmp_path / "proj", tmp_path / "images", CLASSES, log=msgs.append, **TINY)
+    p.query(3, progress=False, log=msgs.append)
+    text = "\n".join(msgs)
+    assert "warning: skipped bad.png: image bad.png cannot be decoded: not an image file " \
+           "Pillow can read" in text
+    assert "BytesIO" not in text and "0x" not in text
+    # PIL's own warnings (here: a possible decompression bomb) name the file too
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40)  # an 8x8 digit has 64 pixels
+    for f in (p.directory / "cache").iterdir():
+        f.unlink()
+    msgs.clear()
+    p.query(3, progress=False, log=msgs.append)
+    bomb = [m for m in msgs if "decompression bomb" in m]
+    assert len(bomb) == 12 and all(m.startswith("warning: d0") and ".png: Image size" in m
+                                   for m in bomb), msgs
+    assert "still unreadable: 1 image left out (bad.png)" in "\n".join(msgs)
+
+
+def test_load_images_warnings_name_the_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from dalbt.data.formats import load_images
+
+    write_digits(tmp_path, 2)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40)
+    with pytest.warns(PILImage.DecompressionBombWarning) as caught:
+        load_images([tmp_path / "d000.png", tmp_path / "d001.png"])
+    assert {str(w.message).split(": Image size")[0] for w in caught} == {
+        str(tmp_path / "d000.png"), str(tmp_path / "d001.png")}

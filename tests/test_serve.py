@@ -434,3 +434,43 @@ def test_serve_reports_a_busy_port_and_a_missing_project(proj, tmp_path):
             serve(proj, host="127.0.0.1", port=port)
     with pytest.raises(DalbtError, match="not a dalbt labelling project"):
         create_app(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("method, url, body, code, says", [
+    ("GET", "/api/image/" + "9" * 5000, None, 404, "no image with id '99999"),
+    ("GET", "/api/image/" + "0" * 5000 + "1", None, 404, "no image with id"),
+    ("POST", "/api/label", '{"image_id": NaN, "label": "1"}', 422, "image_id: Input should "
+     "be a valid integer"),
+    ("POST", "/api/label", '{"image_id": Infinity, "label": "1"}', 422, "image_id"),
+    ("POST", "/api/label", '{"image_id": 1e400, "label": "1"}', 422, "image_id"),
+    ("POST", "/api/label", '{"image_id": true, "label": "1"}', 422, "image_id"),
+    ("POST", "/api/label", '{"image_id": "1", "label": "1"}', 422, "image_id"),
+    ("POST", "/api/label", '{"image_id": 1.0, "label": "1"}', 422, "image_id"),
+    ("POST", "/api/label", '{"image_id": 1' + "0" * 5000 + ', "label": "1"}', 400, "parsing"),
+    ("POST", "/api/label", '{"image_id": 1, "label": NaN}', 422, "label: Input should be a "
+     "valid string"),
+    ("POST", "/api/label", '{"image_id": 1, "label": "1", "who": NaN}', 422, "who"),
+    ("POST", "/api/label", '{"label": "1"}', 422, "image_id: Field required"),
+    ("POST", "/api/label", "[1, 2]", 422, "valid dictionary"),
+    ("POST", "/api/label", "null", 422, "valid dictionary"),
+    ("POST", "/api/label", '"text"', 422, "valid dictionary"),
+    ("POST", "/api/label", "[" * 100_000 + "]" * 100_000, 413, "too large"),
+    ("POST", "/api/label", "[" * 30_000 + "]" * 30_000, 400, "error parsing the body"),
+    ("POST", "/api/label", "{", 422, "not valid JSON"),
+    ("POST", "/api/skip", '{"image_id": NaN}', 422, "image_id"),
+    ("POST", "/api/skip", '{"image_id": false}', 422, "image_id"),
+    ("POST", "/api/query", '{"budget": NaN}', 422, "budget"),
+    ("POST", "/api/query", '{"budget": true}', 422, "budget"),
+    ("POST", "/api/query", "[]", 422, "valid dictionary"),
+])
+def test_hostile_ids_and_bodies_are_4xx_with_a_json_message(proj, method, url, body, code,
+                                                           says):
+    c = TestClient(create_app(proj), base_url="http://127.0.0.1",
+                   raise_server_exceptions=False)
+    r = c.request(method, url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == code, r.text[:200]
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and says in detail and len(detail) < 300, detail
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 0
+    assert db_rows(proj, "SELECT COUNT(*) FROM queue WHERE status != 'pending'")[0][0] == 0

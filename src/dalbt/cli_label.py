@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,51 @@ from typing import Any
 from dalbt.errors import DalbtError
 
 COMMANDS = ("init", "query", "serve", "export", "import")
+MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
+MAX_THREADS = 1024
+MAX_BUDGET = 1_000_000
+
+
+def _float(low: float, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """argparse type: a finite float in ``[low, high]`` (an end open when ``*_open``)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    want = (f"a finite number in {lo}{low:g}, {high:g}{hi}" if high is not None else
+            f"a finite number {'>' if low_open else '>='} {low:g}")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if (not math.isfinite(v) or v < low or (low_open and v == low)
+                or (high is not None and (v > high or (high_open and v == high)))):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _int_range(low: int, high: int, what: str = "") -> Any:
+    """argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"expected {what or 'an integer'} from {low} to "
+                                             f"{high}, got {text}")
+        return v
+
+    return parse
+
+
+_port = _int_range(0, 65535, "a TCP port")
+_threads_type = _int_range(1, MAX_THREADS, "a number of threads")
+_budget = _int_range(1, MAX_BUDGET, "a number of images")
+_image_size = _int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
 
 
 def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None:
@@ -31,14 +77,15 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
     p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
                    metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--model", default="lenet", help="encoder (see 'dalbt models')")
-    p.add_argument("--image-size", type=positive, default=None,
+    p.add_argument("--image-size", type=_image_size, default=None,
                    help="side the images are resized to (default: most common size, max 64)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 (grayscale) or 3 (colour); default: 1 if every image is grayscale")
     p.add_argument("--epochs", type=positive, default=50, help="training epochs per query")
     p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--gamma", type=float, default=0.001, help="Barlow Twins weight")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--gamma", type=_float(0.0), default=0.001,
+                   help="Barlow Twins weight (>= 0)")
+    p.add_argument("--val-fraction", type=_float(0.0, 1.0, high_open=True), default=0.2,
                    help="share of labels held out to select the epoch and measure accuracy")
     p.add_argument("--cold-start-epochs", type=non_negative, default=10,
                    help="Barlow Twins epochs before the first query when nothing is labelled")
@@ -47,8 +94,8 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
 
     q = sub.add_parser("query", help="train on the labels so far and queue the next images")
     q.add_argument("directory", help="project directory")
-    q.add_argument("--budget", type=positive, required=True, help="images to queue")
-    q.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+    q.add_argument("--budget", type=_budget, required=True, help="images to queue")
+    q.add_argument("--threads", type=_threads_type, default=None, help="torch CPU threads")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     s = sub.add_parser("serve", help="label the queued images in a browser",
@@ -57,14 +104,15 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
                                    "needs --token (or DALBT_TOKEN), or one is generated.")
     s.add_argument("directory", help="project directory")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--port", type=_port, default=8765,
+                   help="TCP port, 0 to 65535 (0: any free port)")
     s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
                    help="access token the page must present (default: $DALBT_TOKEN)")
     s.add_argument("--user", default=None, help="labeller name recorded with each label")
-    s.add_argument("--budget", type=positive, default=None,
+    s.add_argument("--budget", type=_budget, default=None,
                    help="batch size of the page's 'train and queue' button (default: the "
                         "size of the last batch, else 20)")
-    s.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=_threads_type, default=None, help="torch CPU threads")
 
     e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
     e.add_argument("directory", help="project directory")
@@ -95,8 +143,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         from dalbt.train import TrainConfig
 
-        if not 0 <= args.val_fraction < 1:
-            raise DalbtError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
         classes = parse_classes(args.classes, args.classes_file)
         Project.init(args.directory, args.images, classes, labels_csv=args.labels,
                      image_size=args.image_size, channels=args.channels, who=args.who,

@@ -8,6 +8,11 @@ Export (``dalbt export DIR [--format csv|labelstudio] [--queue]``)
 * CSV, ``--queue``: the images waiting for a label in query order,
   ``round,position,path,sha256,label``; the ``label`` column is empty, to be filled in and
   imported back.
+* CSV cells are safe to open in a spreadsheet: a text that starts with ``=``, ``+``, ``-``,
+  ``@``, a tab or a carriage return (a formula to Excel, LibreOffice and Google Sheets: a
+  labeller named ``=HYPERLINK(...)``), or with quotes followed by one of those, gets a ``'``
+  in front (OWASP's rule against CSV injection). Import takes that ``'`` off again, so a
+  file exported by dalbt reads back exactly.
 * Label Studio: a list of tasks in Label Studio's import format. Each task's ``data`` holds
   ``image`` (``/data/local-files/?d=<path relative to the image folder>``), ``dalbt_path`` and
   ``dalbt_sha256``. A labelled image carries one annotation whose ``result`` is a ``choices``
@@ -43,7 +48,9 @@ others CSV (UTF-8; comma, semicolon or tab separated).
 
 * CSV: the header names a ``path`` and a ``label`` column (Label Studio's CSV export names
   them ``image`` and ``choice``, also accepted), optionally ``kind`` (``class`` or ``ood``),
-  ``who``, ``sha256`` and a time (``updated_at``, ``at`` or ``created_at``). A row is out of
+  ``who``, ``sha256`` and a time (``updated_at``, ``at`` or ``created_at``). A cell made of
+  ``'`` and then text that starts with ``'`` or one of ``= + - @``, tab, carriage return
+  loses its first ``'`` (the export's protection against formulas, above). A row is out of
   distribution when its ``kind`` is ``ood`` (``label`` then empty or an ood marker), or, with
   no kind, when its label is an ood marker: ``ood`` or ``none of these classes`` (any case;
   a class of that exact name wins). A row with an empty label and no kind is "without a
@@ -103,6 +110,21 @@ _WHO_COLUMNS = ("who", "annotator")
 _TIME_COLUMNS = ("updated_at", "at", "created_at")
 _UPLOADED = re.compile(r"/data/upload/\d+/[0-9a-f]{8}-(.+)")
 _SHOWN = 3  # examples of each problem in messages
+# A text a spreadsheet would run as a formula (after any quotes): =, +, -, @, tab, CR.
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell that spreadsheets show as text: ``'`` in front of a string that starts with
+    ``= + - @``, tab or carriage return, or with quotes and then one of those (so that
+    :func:`csv_unsafe` can tell the added ``'`` from one that was there). Other values as
+    they are."""
+    return "'" + value if isinstance(value, str) and _FORMULA.match(value) else value
+
+
+def csv_unsafe(cell: str) -> str:
+    """The value :func:`csv_safe` protected: its added ``'`` taken off."""
+    return cell[1:] if cell[:1] == "'" and _FORMULA.match(cell, 1) else cell
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -183,10 +205,16 @@ def labelstudio_tasks(project: Project, queue: bool = False) -> list[dict[str, A
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text, every cell made safe for spreadsheets (:func:`csv_safe`)."""
+    cells = [[csv_safe(v) for v in row] for row in rows]
+    # The writer quotes a field holding "\n" (the line terminator) but not a lone "\r", which
+    # readers take for a line end: with one of those anywhere, every field is quoted.
+    cr = any(isinstance(v, str) and "\r" in v for row in cells for v in row)
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\n",
+                        quoting=csv.QUOTE_ALL if cr else csv.QUOTE_MINIMAL)
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows(cells)
     return out.getvalue()
 
 
@@ -415,7 +443,8 @@ def _read_csv(name: str, text: str, classes: set[str]) -> list[_Record]:
     records = []
     try:
         next(reader)
-        for row in reader:
+        for raw_row in reader:
+            row = [csv_unsafe(cell) for cell in raw_row]
             where = f"line {reader.line_num}"
             if not any(cell.strip() for cell in row):
                 continue
@@ -541,6 +570,12 @@ def _read_labelstudio(name: str, text: str, classes: set[str]) -> list[_Record]:
         tasks = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DalbtError(f"{name}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DalbtError(f"{name}: JSON nested too deeply to read (a Label Studio export is "
+                         "a list of tasks a few levels deep); is it the right file?") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        why = str(exc).split(";")[0]
+        raise DalbtError(f"{name}: not a JSON file dalbt can read ({why})") from None
     if isinstance(tasks, dict):
         tasks = [tasks]
     if not isinstance(tasks, list):
@@ -552,7 +587,7 @@ def _read_labelstudio(name: str, text: str, classes: set[str]) -> list[_Record]:
         try:
             if not isinstance(task, dict):
                 raise ValueError(f"{where}: not an object")
-            if "id" in task:
+            if isinstance(task.get("id"), int | str) and len(str(task["id"])) <= 40:
                 where += f" (id {task['id']})"
             if "data" in task:
                 records.append(_ls_task(task, where, classes))
@@ -677,5 +712,6 @@ def import_file(project: Project, path: str | Path, who: str | None = None) -> I
     return summary
 
 
-__all__ = ["FORMATS", "OOD_CHOICE", "ImportSummary", "current_label_rows", "export_project",
-           "image_url", "import_file", "labelstudio_config", "labelstudio_tasks"]
+__all__ = ["FORMATS", "OOD_CHOICE", "ImportSummary", "csv_safe", "csv_unsafe",
+           "current_label_rows", "export_project", "image_url", "import_file",
+           "labelstudio_config", "labelstudio_tasks"]

@@ -17,10 +17,11 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -31,12 +32,18 @@ import numpy as np
 import torch
 
 from dalbt import rng as rngs
-from dalbt.data.formats import GRAY_MODES, IMAGE_EXTENSIONS, pil_to_array
+from dalbt.data.formats import (
+    GRAY_MODES,
+    IMAGE_EXTENSIONS,
+    image_error,
+    image_warnings,
+    pil_to_array,
+)
 from dalbt.errors import DalbtError
 from dalbt.train import TrainConfig
 
 DB_NAME = "project.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: images.file_stat
 OOD = "ood"  # label kind of "none of these classes"
 CLASS = "class"
 
@@ -48,7 +55,8 @@ CREATE TABLE IF NOT EXISTS images (
     sha256 TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'ok',  -- ok | unreadable | changed | missing
     note TEXT,
-    added TEXT NOT NULL
+    added TEXT NOT NULL,
+    file_stat TEXT  -- size:mtime:ctime:inode of the file when it was marked unusable
 );
 CREATE TABLE IF NOT EXISTS labels (    -- append-only history; the latest row per image counts
     id INTEGER PRIMARY KEY,
@@ -149,6 +157,69 @@ class ProjectConfig:
         return cls(**d)
 
 
+MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
+AMP_MODES = (None, "bf16", "fp16")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+            and math.isfinite(v))
+
+
+def validate_config(cfg: ProjectConfig) -> None:
+    """Check every setting of a project before it is stored or used to train.
+
+    Names and options are checked against the model and strategy registries; numbers must be
+    finite and in range.
+
+    Raises:
+        DalbtError: Naming the first bad setting, its value and what is allowed.
+    """
+    from dalbt.models import MODELS
+    from dalbt.strategies import build_strategy
+
+    if not isinstance(cfg.model, str) or cfg.model not in MODELS:
+        raise DalbtError(f"unknown model {cfg.model!r}; known models: "
+                         f"{', '.join(sorted(MODELS))} (see 'dalbt models')")
+    if not isinstance(cfg.strategy, str):
+        raise DalbtError(f"the strategy must be a name, got {cfg.strategy!r}")
+    if not isinstance(cfg.strategy_options, dict):
+        raise DalbtError(f"strategy options must be KEY=VALUE pairs, got "
+                         f"{cfg.strategy_options!r}")
+    build_strategy(cfg.strategy, **cfg.strategy_options)  # unknown name or bad options
+    low = MODELS[cfg.model].min_image_size
+    if not _is_int(cfg.image_size) or not low <= cfg.image_size <= MAX_IMAGE_SIZE:
+        raise DalbtError(f"--image-size must be an integer from {low} to {MAX_IMAGE_SIZE} "
+                         f"for model {cfg.model!r}, got {cfg.image_size!r}")
+    if cfg.channels not in (1, 3) or not _is_int(cfg.channels):
+        raise DalbtError(f"--channels must be 1 or 3, got {cfg.channels!r}")
+    t = cfg.train
+    ints = [("--seed", cfg.seed, 0), ("--cold-start-epochs", cfg.cold_start_epochs, 0),
+            ("--epochs", t.epochs, 1), ("--batch-size", t.batch_size, 1),
+            ("min_val", cfg.min_val, 0), ("min_steps", cfg.min_steps, 0),
+            ("planned_rounds", cfg.planned_rounds, 1), ("train.eval_every", t.eval_every, 1),
+            ("train.pretrain_epochs", t.pretrain_epochs, 0),
+            ("train.pretrain_batch", t.pretrain_batch, 1)]
+    for name, value, least in ints:
+        if not _is_int(value) or value < least:
+            raise DalbtError(f"{name} must be an integer >= {least}, got {value!r}")
+    floats = [("--gamma", t.gamma, False), ("train.lambd", t.lambd, False),
+              ("train.weight_decay", t.weight_decay, False), ("train.lr", t.lr, True)]
+    for name, value, strict in floats:
+        if not _is_number(value) or value < 0 or (strict and value == 0):
+            raise DalbtError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
+                             f"got {value!r}")
+    if not _is_number(cfg.val_fraction) or not 0 <= cfg.val_fraction < 1:
+        raise DalbtError(f"--val-fraction must be a finite number in [0, 1), got "
+                         f"{cfg.val_fraction!r}")
+    if t.amp not in AMP_MODES:
+        raise DalbtError(f"train.amp must be one of bf16, fp16 or None, got {t.amp!r}")
+
+
 @dataclass(frozen=True)
 class QueueItem:
     """One image waiting for (or given) a label in a round's batch."""
@@ -170,6 +241,7 @@ class QueryResult:
     n_labelled: int
     val_acc: float | None
     skipped_images: list[tuple[str, str]]  # (path, reason) of images left out as unusable
+    restored_images: list[str] = field(default_factory=list)  # marked unusable, now usable
 
 
 def _is_image(name: str) -> bool:
@@ -209,20 +281,44 @@ def is_inside(root_real: Path, path: Path) -> bool:
     return os.path.commonpath([str(root_real), real]) == str(root_real)
 
 
-def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, channels: int, name: str = "image",
+                 log: Callable[[str], None] | None = None) -> np.ndarray:
     """Decode image bytes into a (C, size, size) uint8 array (see
     :func:`dalbt.data.formats.pil_to_array`).
 
+    Args:
+        data: The file's bytes.
+        size: Side of the result.
+        channels: 1 or 3.
+        name: The image's path, named in errors and warnings.
+        log: Where PIL's warnings about the image go (``"warning: <name>: ..."``); by default
+            they are warned again with the name in front.
+
     Raises:
-        Exception: Whatever PIL raises for a file it cannot read.
+        DalbtError: Naming the image, if PIL cannot decode it.
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return pil_to_array(img, (size, size), channels)
+    emit = None if log is None else (lambda m: log(f"warning: {m}"))
+    try:
+        with image_warnings(name, emit), Image.open(io.BytesIO(data)) as img:
+            return pil_to_array(img, (size, size), channels)
+    except Exception as exc:
+        raise DalbtError(f"image {name} cannot be decoded: {image_error(exc, name)}") from exc
 
 
-def _probe_images(root: Path, paths: Sequence[str], limit: int = 200) -> tuple[int, int]:
+def file_stat(path: Path) -> str | None:
+    """``size:mtime:ctime:inode`` of a file (symbolic links followed), None if it cannot be
+    seen: a file whose signature is unchanged has not been written, replaced or touched."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _probe_images(root: Path, paths: Sequence[str], limit: int = 200,
+                  log: Callable[[str], None] = print) -> tuple[int, int]:
     """Pick (image_size, channels) from the headers of up to ``limit`` images: the most common
     size (capped at 64 pixels) and 1 channel if all are grayscale."""
     from PIL import Image
@@ -231,7 +327,8 @@ def _probe_images(root: Path, paths: Sequence[str], limit: int = 200) -> tuple[i
     gray = True
     for rel in paths[:limit]:
         try:
-            with Image.open(root / rel) as img:
+            with image_warnings(rel, lambda m: log(f"warning: {m}")), \
+                    Image.open(root / rel) as img:
                 sides[max(img.size)] += 1
                 gray = gray and img.mode in GRAY_MODES
         except Exception:
@@ -316,6 +413,7 @@ class Project:
         self.config = ProjectConfig.from_dict(json.loads(self._meta("config")))
         self.root = Path(self.config.image_root)
         self.root_real = Path(os.path.realpath(self.root))
+        self._file_stat_ready = False  # images.file_stat known to exist (older projects lack it)
 
     # -- database --------------------------------------------------------------------------
 
@@ -405,50 +503,69 @@ class Project:
         initial: dict[str, str] = {p: c for p, c in folder_label.items() if c in classes}
         if labels_csv is not None:
             initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
-        probed_size, probed_channels = _probe_images(root, paths)
+        probed_size, probed_channels = _probe_images(root, paths, log=log)
         train = settings.pop("train", None)
         if isinstance(train, dict):
             train = TrainConfig(**train)
         cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
-                            image_size=int(image_size or probed_size),
-                            channels=int(channels or probed_channels),
+                            image_size=image_size or probed_size,
+                            channels=channels or probed_channels,
                             train=train or TrainConfig(), **settings)
-        if cfg.channels not in (1, 3):
-            raise DalbtError(f"channels must be 1 or 3, got {cfg.channels}")
-        from dalbt.strategies import build_strategy
-
-        build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early on bad options
+        validate_config(cfg)  # before anything is written
+        cfg = replace(cfg, image_size=int(cfg.image_size), channels=int(cfg.channels))
+        made = [d for d in (directory, *directory.parents) if not d.exists()]
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (DB_NAME + ".init")
-        tmp.unlink(missing_ok=True)
-        db = cls._connect(tmp)
-        db.executescript(SCHEMA)
-        now = _now()
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT INTO meta VALUES (?, ?)",
-                       [("config", json.dumps(cfg.to_dict())),
-                        ("schema_version", str(SCHEMA_VERSION)), ("created", now)])
-        who = who or default_user()
-        from tqdm import tqdm
-
-        for rel in tqdm(paths, desc="hashing images", unit="img", disable=len(paths) < 2000):
-            digest = sha256_bytes((root / rel).read_bytes())
-            cur = db.execute("INSERT INTO images (path, sha256, added) VALUES (?, ?, ?)",
-                             (rel, digest, now))
-            if rel in initial:
-                db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
-                           "VALUES (?, ?, ?, ?, ?, 'init')",
-                           (cur.lastrowid, initial[rel], CLASS, who, now))
-        db.execute("COMMIT")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
-        os.replace(tmp, directory / DB_NAME)
+        try:
+            cls._write_new(tmp, cfg, root, paths, initial, who or default_user())
+            os.replace(tmp, directory / DB_NAME)
+        except BaseException:  # leave nothing behind: no database, no folder made here
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(str(tmp) + suffix).unlink(missing_ok=True)
+            for d in made:  # innermost first; only the (empty) folders this call made
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
         for suffix in ("-wal", "-shm"):
             Path(str(tmp) + suffix).unlink(missing_ok=True)
         log(f"project {directory}: {len(paths)} images, {len(initial)} labelled, classes "
             f"{', '.join(classes)}; images resized to {cfg.image_size}x{cfg.image_size}, "
             f"{cfg.channels} channel(s)")
         return cls(directory)
+
+    @classmethod
+    def _write_new(cls, path: Path, cfg: ProjectConfig, root: Path, paths: Sequence[str],
+                   initial: dict[str, str], who: str) -> None:
+        """Write a new project database at ``path``: config, image hashes, initial labels."""
+        from tqdm import tqdm
+
+        Path(path).unlink(missing_ok=True)
+        db = cls._connect(path)
+        try:
+            db.executescript(SCHEMA)
+            now = _now()
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO meta VALUES (?, ?)",
+                           [("config", json.dumps(cfg.to_dict(), allow_nan=False)),
+                            ("schema_version", str(SCHEMA_VERSION)), ("created", now)])
+            for rel in tqdm(paths, desc="hashing images", unit="img",
+                            disable=len(paths) < 2000):
+                try:
+                    digest = sha256_bytes((root / rel).read_bytes())
+                except OSError as exc:
+                    raise DalbtError(f"cannot read image {rel} under {root}: "
+                                     f"{exc.strerror or exc}; make it readable or move it out "
+                                     "of the image folder") from exc
+                cur = db.execute("INSERT INTO images (path, sha256, added) VALUES (?, ?, ?)",
+                                 (rel, digest, now))
+                if rel in initial:
+                    db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                               "VALUES (?, ?, ?, ?, ?, 'init')",
+                               (cur.lastrowid, initial[rel], CLASS, who, now))
+            db.execute("COMMIT")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
 
     # -- images ----------------------------------------------------------------------------
 
@@ -492,36 +609,125 @@ class Project:
         """The bytes of an image, checked against its stored hash.
 
         An image that changed, vanished or leads outside the root is marked (so later queries
-        leave it out) and reported.
+        leave it out until :meth:`recheck_images` finds it as it was) and reported.
 
         Raises:
             DalbtError: Naming the image and what is wrong with it.
         """
+        return self._read_image(image_id)[0]
+
+    def _read_image(self, image_id: int) -> tuple[bytes, str | None]:
+        """:meth:`read_image`, also giving the file's :func:`file_stat` taken before reading."""
         rel, digest, _ = self.image(image_id)
         try:
             full = self.safe_path(rel)
         except DalbtError as exc:
             self.mark_image(image_id, "unreadable", str(exc))
             raise
+        # The signature is taken first: a file replaced while it is read is re-hashed later.
+        stat = file_stat(full)
         try:
             data = full.read_bytes()
         except OSError as exc:
-            self.mark_image(image_id, "missing", f"cannot read: {exc.strerror or exc}")
+            self.mark_image(image_id, "missing", f"cannot read: {exc.strerror or exc}", stat)
             raise DalbtError(f"image {rel} cannot be read: {exc.strerror or exc}") from exc
         if sha256_bytes(data) != digest:
-            self.mark_image(image_id, "changed", "the file changed on disk since it was added")
+            self.mark_image(image_id, "changed", "the file changed on disk since it was added",
+                            stat)
             raise DalbtError(f"image {rel} changed on disk since it was added to the project; "
                              "it is skipped")
-        return data
+        return data, stat
 
-    def mark_image(self, image_id: int, status: str, note: str) -> None:
+    def _ensure_file_stat_column(self) -> None:
+        """Add ``images.file_stat`` to a project made before it existed (schema 1)."""
+        if self._file_stat_ready:
+            return
+
+        def missing(db: sqlite3.Connection) -> bool:
+            return "file_stat" not in {r[1] for r in db.execute("PRAGMA table_info(images)")}
+
+        if missing(self.db):
+            with self.transaction() as db:
+                if missing(db):  # checked again under the write lock
+                    db.execute("ALTER TABLE images ADD COLUMN file_stat TEXT")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                               (str(SCHEMA_VERSION),))
+        self._file_stat_ready = True
+
+    def mark_image(self, image_id: int, status: str, note: str,
+                   stat: str | None = None) -> None:
         """Record that an image is unusable (``unreadable``, ``changed`` or ``missing``); its
-        pending queue entries are closed as ``unreadable``."""
+        pending queue entries are closed as ``unreadable``.
+
+        Args:
+            image_id: The image.
+            status: ``unreadable``, ``changed`` or ``missing``.
+            note: Why, for people.
+            stat: The file's :func:`file_stat` when it was found so (lets
+                :meth:`recheck_images` skip re-reading a file nobody touched since).
+        """
+        self._ensure_file_stat_column()
         with self.transaction() as db:
-            db.execute("UPDATE images SET status = ?, note = ? WHERE id = ?",
-                       (status, note, int(image_id)))
+            db.execute("UPDATE images SET status = ?, note = ?, file_stat = ? WHERE id = ?",
+                       (status, note, stat, int(image_id)))
             db.execute("UPDATE queue SET status = 'unreadable', updated = ? "
                        "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+
+    def recheck_images(self) -> list[tuple[str, str, str]]:
+        """Look again at every image marked unusable; one whose file is back as it was added
+        (same hash, decodable) is usable again.
+
+        Cheap first: a file whose size, modification time, change time and inode are those seen
+        when it was marked is still what it was, without reading it; any other file is read and
+        hashed (and, when its hash matches, decoded once).
+
+        Returns:
+            ``(path, status before, status now)`` of every marked image, by path; ``ok`` means
+            restored, else ``missing``, ``changed`` or ``unreadable``.
+        """
+        self._ensure_file_stat_column()
+        cfg = self.config
+        rows = self.db.execute("SELECT id, path, sha256, status, note, file_stat FROM images "
+                               "WHERE status != 'ok' ORDER BY path").fetchall()
+        out = []
+        for image_id, rel, digest, status, note, old_stat in rows:
+            stat: str | None = None
+            try:
+                full = self.safe_path(rel)
+            except DalbtError as exc:
+                new, why = "unreadable", str(exc)
+            else:
+                stat = file_stat(full)
+                if stat is None:
+                    new, why = "missing", (note if status == "missing" else "the file is gone")
+                elif stat == old_stat:  # untouched since it was marked
+                    new, why = status, note
+                else:
+                    new, why = self._check_content(full, rel, digest, cfg)
+            out.append((rel, status, new))
+            if (new, why, stat) == (status, note, old_stat):
+                continue
+            with self.transaction() as db:
+                db.execute("UPDATE images SET status = ?, note = ?, file_stat = ? WHERE id = ?",
+                           (new, None if new == "ok" else why,
+                            None if new == "ok" else stat, image_id))
+        return out
+
+    @staticmethod
+    def _check_content(full: Path, rel: str, digest: str,
+                       cfg: ProjectConfig) -> tuple[str, str | None]:
+        """``(status, note)`` of a marked image's file read again."""
+        try:
+            data = full.read_bytes()
+        except OSError as exc:
+            return "missing", f"cannot read: {exc.strerror or exc}"
+        if sha256_bytes(data) != digest:
+            return "changed", "the file changed on disk since it was added"
+        try:
+            decode_image(data, cfg.image_size, cfg.channels, rel, log=lambda m: None)
+        except DalbtError as exc:
+            return "unreadable", str(exc)
+        return "ok", None
 
     def problems(self) -> list[tuple[str, str, str]]:
         """``(path, status, note)`` of every image marked unusable."""
@@ -683,8 +889,10 @@ class Project:
             fcntl.flock(f, fcntl.LOCK_UN)
         return False
 
-    def _load_pixels(self, progress: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """Decode every usable image (through a cache keyed by content hash).
+    def _load_pixels(self, progress: bool, log: Callable[[str], None] = print
+                     ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """Decode every usable image (through a cache keyed by content hash); PIL's warnings
+        about an image go to ``log`` with its path.
 
         Returns:
             ``(ids, x, problems)``: image ids (N,), uint8 pixels (N, C, S, S) and
@@ -707,14 +915,14 @@ class Project:
         for image_id, rel, digest in tqdm(rows, desc="reading images", unit="img",
                                           disable=not progress or len(rows) < 2000):
             try:
-                data = self.read_image(image_id)  # checks the hash, marks problems
+                data, stat = self._read_image(image_id)  # checks the hash, marks problems
                 x = cached.get(digest)
                 if x is None:
                     try:
-                        x = decode_image(data, cfg.image_size, cfg.channels)
-                    except Exception as exc:
-                        self.mark_image(image_id, "unreadable", f"cannot decode: {exc}")
-                        raise DalbtError(f"image {rel} cannot be decoded: {exc}") from exc
+                        x = decode_image(data, cfg.image_size, cfg.channels, rel, log)
+                    except DalbtError as exc:
+                        self.mark_image(image_id, "unreadable", str(exc), stat)
+                        raise
             except DalbtError as exc:
                 problems.append((rel, str(exc)))
                 continue
@@ -758,8 +966,14 @@ class Project:
         Raises:
             DalbtError: Bad budget, another query running, or nothing left to label.
         """
-        if budget <= 0:
-            raise DalbtError(f"--budget must be a positive number of images, got {budget}")
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
+            raise DalbtError(f"--budget must be a positive number of images, got {budget!r}")
+        try:
+            validate_config(self.config)
+        except DalbtError as exc:
+            raise DalbtError(f"{self.directory / DB_NAME} holds a setting this version cannot "
+                             f"train with: {exc}; export its labels ('dalbt export'), "
+                             "create the project again ('dalbt init') and import them") from None
         if lock is not None:
             if not lock.held:
                 raise DalbtError("the query lock passed to query() was already released")
@@ -775,7 +989,8 @@ class Project:
 
         cfg = self.config
         round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
-        ids, x_np, problems = self._load_pixels(progress)
+        restored = self._recheck(log)
+        ids, x_np, problems = self._load_pixels(progress, log)
         for rel, why in problems:
             log(f"warning: skipped {rel}: {why}")
         labels = self.current_labels()
@@ -879,7 +1094,25 @@ class Project:
         log(f"round {round_} ({method}): trained on {n_labelled} labels{acc}; queued "
             f"{len(queued)} images (train {t_train:.1f}s, select {t_select:.1f}s)")
         return QueryResult(round=round_, method=method, queued=queued, n_labelled=n_labelled,
-                           val_acc=val_acc, skipped_images=problems)
+                           val_acc=val_acc, skipped_images=problems, restored_images=restored)
+
+    def _recheck(self, log: Callable[[str], None]) -> list[str]:
+        """:meth:`recheck_images`, saying what changed; returns the restored paths."""
+        restored, still = [], defaultdict(list)
+        for rel, before, now in self.recheck_images():
+            if now == "ok":
+                restored.append(rel)
+                log(f"restored: {rel} (marked {before}) is back as it was added; it is usable "
+                    "again")
+            elif now != before:
+                log(f"warning: {rel} was marked {before} and is now {now}")
+            else:
+                still[now].append(rel)
+        for status, rels in sorted(still.items()):
+            shown = ", ".join(rels[:5]) + (f" and {len(rels) - 5} more" if len(rels) > 5 else "")
+            log(f"still {status}: {len(rels)} image{'s' if len(rels) > 1 else ''} left out "
+                f"({shown}); restore the original files to bring them back")
+        return restored
 
 
 def _read_labels_csv(path: Path, paths: set[str], classes: list[str]) -> dict[str, str]:

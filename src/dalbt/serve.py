@@ -22,17 +22,19 @@ import secrets
 import socket
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
 from dalbt.project import Project, QueryLock, default_user, is_loopback
 
@@ -54,9 +56,16 @@ SECURITY_HEADERS = {
 
 
 MAX_ID = 2**63 - 1  # SQLite's largest integer
+MAX_BODY = 64 * 1024  # bytes of a request body; every API body is a few dozen
 
 
-class LabelIn(BaseModel):
+class _Body(BaseModel):
+    """A JSON request body: an object with exactly typed fields (no true for 1, no "1")."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class LabelIn(_Body):
     """Body of ``POST /api/label``; ``label`` null means "none of these classes"."""
 
     image_id: int = Field(ge=0, le=MAX_ID)
@@ -64,16 +73,41 @@ class LabelIn(BaseModel):
     who: str | None = Field(default=None, max_length=200)
 
 
-class SkipIn(BaseModel):
+class SkipIn(_Body):
     """Body of ``POST /api/skip``."""
 
     image_id: int = Field(ge=0, le=MAX_ID)
 
 
-class QueryIn(BaseModel):
+class QueryIn(_Body):
     """Body of ``POST /api/query``; no budget: the server's default."""
 
     budget: int | None = Field(default=None, gt=0, le=1_000_000)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """``repr`` of a client's string, cut to ``limit`` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def validation_message(errors: Sequence[dict[str, Any]]) -> str:
+    """One line saying what is wrong with a request body (never echoing its values, which
+    may be huge or not even JSON: NaN).
+
+    Args:
+        errors: ``RequestValidationError.errors()``.
+
+    Returns:
+        E.g. ``"bad request body: image_id: Input should be a valid integer"``.
+    """
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "the request body is not valid JSON"
+    parts = []
+    for e in errors[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc + ': ' if loc else ''}{e.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "bad request body: " + "; ".join(parts) + more
 
 
 class _QueryJob:
@@ -160,12 +194,22 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             if ctype != "application/json":
                 return JSONResponse({"detail": "send the request body as application/json"},
                                     status_code=415, headers=SECURITY_HEADERS)
+            length = request.headers.get("content-length", "0")
+            if not (length.isascii() and length.isdigit() and len(length) < 12
+                    and int(length) <= MAX_BODY):
+                return JSONResponse({"detail": f"request body too large (at most {MAX_BODY} "
+                                               "bytes)"}, status_code=413,
+                                    headers=SECURITY_HEADERS)
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         if from_query:
             response.set_cookie(cookie_name(token), token, httponly=True, samesite="strict",
                                 path="/")
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
 
     if is_loopback(host):
         allowed = LOOPBACK_HOSTS + ([host] if host not in LOOPBACK_HOSTS else [])
@@ -179,7 +223,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     @app.get("/static/{name}")
     def static(name: str) -> Response:
         if name not in STATIC_TYPES:  # a fixed list: no file name from the client is opened
-            raise HTTPException(404, f"no static file {name!r}")
+            raise HTTPException(404, f"no static file {_shown(name)}")
         return Response(_static(name), media_type=STATIC_TYPES[name],
                         headers={"Cache-Control": "no-cache"})
 
@@ -213,8 +257,9 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
     @app.get("/api/image/{image_id}")
     def image(image_id: str) -> Response:
-        if not (image_id.isascii() and image_id.isdigit() and int(image_id) <= MAX_ID):
-            raise HTTPException(404, f"no image with id {image_id!r}")
+        if not (image_id.isascii() and image_id.isdigit() and len(image_id) <= 19
+                and int(image_id) <= MAX_ID):
+            raise HTTPException(404, f"no image with id {_shown(image_id)}")
         with project() as p:
             try:
                 rel = p.image(int(image_id))[0]
@@ -230,7 +275,8 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             try:
                 data, media = _to_png(data), "image/png"
             except Exception as exc:
-                raise HTTPException(409, f"image {rel} cannot be decoded: {exc}") from exc
+                raise HTTPException(409, f"image {rel} cannot be decoded: "
+                                         f"{image_error(exc, rel)}") from exc
         return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
     @app.post("/api/label")
@@ -300,7 +346,8 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
                 res = p.query(n, progress=False, log=note, lock=qlock)
             job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
                         "n_labelled": res.n_labelled, "val_acc": res.val_acc,
-                        "skipped_images": len(res.skipped_images), "log": log}
+                        "skipped_images": len(res.skipped_images),
+                        "restored_images": len(res.restored_images), "log": log}
         except DalbtError as exc:
             job.error = str(exc)
         except Exception as exc:  # shown on the page; the server keeps running

@@ -7,13 +7,16 @@ Every reader returns NumPy arrays: images as ``uint8`` of shape ``(N, C, H, W)``
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
+import re
 import struct
+import warnings
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,8 @@ from dalbt.errors import DalbtError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "image_error",
+    "image_warnings",
     "load_images",
     "read_cifar10",
     "read_cifar10_classes",
@@ -322,6 +327,49 @@ def _to_uint8_mode(img, channels: int):
     return img.convert("L" if channels == 1 else "RGB")
 
 
+# How Python shows an in-memory or open file object (PIL puts it in its messages).
+_FILE_OBJECT = re.compile(r"<_io\.\w+ (?:object at 0x[0-9a-fA-F]+|name=[^>]*)>")
+
+
+def image_error(exc: BaseException | Warning | str, name: str) -> str:
+    """The message of an error or warning PIL gave for an image, about ``name`` (the image's
+    path) rather than the file object it was read from (``<_io.BytesIO object at 0x...>``).
+
+    Args:
+        exc: The exception or warning (or its text).
+        name: The image's path as the user knows it.
+
+    Returns:
+        A one-line message (without ``name`` in front).
+    """
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read (unknown or damaged format)"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return _FILE_OBJECT.sub(repr(name), text)
+
+
+@contextlib.contextmanager
+def image_warnings(name: str, emit: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Give the warnings raised while reading one image (PIL's decompression-bomb, EXIF and
+    palette warnings) with the image's path in front, so that each says which file it is about.
+
+    Args:
+        name: The image's path as the user knows it.
+        emit: Where the messages go (``"<name>: <warning>"``); by default they are warned
+            again (same category).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        msg = f"{name}: {image_error(w.message, name)}"
+        if emit is not None:
+            emit(msg)
+        else:
+            warnings.warn(msg, w.category, stacklevel=3)
+
+
 def pil_to_array(img, size: tuple[int, int], channels: int) -> np.ndarray:
     """An open PIL image as a (C, H, W) uint8 array: EXIF orientation applied, converted to
     ``channels`` (1 or 3), resized (bilinear) to ``size`` = (H, W)."""
@@ -363,14 +411,15 @@ def load_images(
     all_gray = True
     for path in paths:
         try:
-            with Image.open(path) as img:
+            with image_warnings(str(path)), Image.open(path) as img:
                 w, h = img.size
                 if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
                     w, h = h, w
                 sizes.append((h, w))
                 all_gray = all_gray and img.mode in GRAY_MODES
         except Exception as exc:
-            raise DalbtError(f"cannot read image {path}: {exc}") from exc
+            raise DalbtError(f"cannot read image {path}: {image_error(exc, str(path))}"
+                             ) from exc
     if image_size is not None:
         target = _to_size(image_size)
     elif sizes:
@@ -382,10 +431,11 @@ def load_images(
     # Pass 2: decode, convert and resize into the preallocated array.
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
+            with image_warnings(str(path)), Image.open(path) as img:
                 out[i] = pil_to_array(img, target, channels)
         except Exception as exc:
-            raise DalbtError(f"cannot read image {path}: {exc}") from exc
+            raise DalbtError(f"cannot read image {path}: {image_error(exc, str(path))}"
+                             ) from exc
     return out
 
 

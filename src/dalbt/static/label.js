@@ -238,8 +238,12 @@
       } else if (q.last) {
         const acc = q.last.val_acc === null ? ""
           : `, validation accuracy ${(100 * q.last.val_acc).toFixed(1)} %`;
+        const images = [
+          q.last.skipped_images ? `${q.last.skipped_images} unusable images left out` : "",
+          q.last.restored_images ? `${q.last.restored_images} restored images back` : "",
+        ].filter(Boolean).join(", ");
         queryStatus(`round ${q.last.round}: queued ${q.last.queued} images ` +
-          `(trained on ${q.last.n_labelled} labels${acc})`);
+          `(trained on ${q.last.n_labelled} labels${acc})` + (images ? `; ${images}` : ""));
       }
       refreshHistory();
     } else if (wasRunning && !q.running) {
