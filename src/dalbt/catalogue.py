@@ -50,6 +50,9 @@ MODELS: dict[str, str] = {
     "resnet18": "CIFAR-style ResNet-18 (3x3 stem, no max pooling), latent 512",
 }
 
+#: Model name -> smallest image side it supports (``dalbt.models.MODELS`` takes it from here).
+MODEL_MIN_IMAGE_SIZE: dict[str, int] = {"lenet": 8, "vgg16": 1, "resnet18": 1}
+
 #: Dataset name -> one-line description, in listing order (the loaders are
 #: ``dalbt.data.DATASETS``).
 DATASETS: dict[str, str] = {

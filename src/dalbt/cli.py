@@ -23,6 +23,7 @@ from dalbt.cli_types import (
     positive_float,
     positive_int,
     seed_list,
+    threads,
 )
 from dalbt.errors import DalbtError, RankZeroFailed
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
                    help="mixed-precision training on CUDA: bf16 (the default of --amp) or fp16 "
                         "(with gradient scaling); ignored with a warning on the CPU")
-    r.add_argument("--threads", type=_positive, default=None,
+    r.add_argument("--threads", type=threads, default=None,
                    help="CPU threads for torch (default: all cores, shared among the "
                         "processes torchrun starts on the machine)")
     r.add_argument("--resume", action="store_true",

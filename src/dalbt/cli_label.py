@@ -3,60 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from dalbt.cli_types import finite_float, int_range, non_negative_float, threads
 from dalbt.errors import DalbtError
 
 COMMANDS = ("init", "query", "serve", "export", "import")
 MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
-MAX_THREADS = 1024
 MAX_BUDGET = 1_000_000
 
 
-def _float(low: float, high: float | None = None, low_open: bool = False,
-           high_open: bool = False) -> Any:
-    """argparse type: a finite float in ``[low, high]`` (an end open when ``*_open``)."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    want = (f"a finite number in {lo}{low:g}, {high:g}{hi}" if high is not None else
-            f"a finite number {'>' if low_open else '>='} {low:g}")
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if (not math.isfinite(v) or v < low or (low_open and v == low)
-                or (high is not None and (v > high or (high_open and v == high)))):
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
-        return v
-
-    return parse
-
-
-def _int_range(low: int, high: int, what: str = "") -> Any:
-    """argparse type: an integer in ``[low, high]``."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"expected {what or 'an integer'} from {low} to "
-                                             f"{high}, got {text}")
-        return v
-
-    return parse
-
-
-_port = _int_range(0, 65535, "a TCP port")
-_threads_type = _int_range(1, MAX_THREADS, "a number of threads")
-_budget = _int_range(1, MAX_BUDGET, "a number of images")
-_image_size = _int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
+_port = int_range(0, 65535, "a TCP port")
+_budget = int_range(1, MAX_BUDGET, "a number of images")
+_image_size = int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
 
 
 def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None:
@@ -83,19 +45,25 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
                    help="1 (grayscale) or 3 (colour); default: 1 if every image is grayscale")
     p.add_argument("--epochs", type=positive, default=50, help="training epochs per query")
     p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--gamma", type=_float(0.0), default=0.001,
+    p.add_argument("--gamma", type=non_negative_float, default=0.001,
                    help="Barlow Twins weight (>= 0)")
-    p.add_argument("--val-fraction", type=_float(0.0, 1.0, high_open=True), default=0.2,
+    p.add_argument("--val-fraction", type=finite_float(0, 1, high_open=True), default=0.2,
                    help="share of labels held out to select the epoch and measure accuracy")
     p.add_argument("--cold-start-epochs", type=non_negative, default=10,
                    help="Barlow Twins epochs before the first query when nothing is labelled")
     p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--who", default=None, help="author recorded for the initial labels")
 
-    q = sub.add_parser("query", help="train on the labels so far and queue the next images")
+    q = sub.add_parser(
+        "query", help="train on the labels so far and queue the next images",
+        description="Train the project's model on the labels so far (labelled images whose hash "
+                    "puts them in the validation share select the epoch and give the accuracy) "
+                    "and queue the next --budget images chosen by the project's strategy; with "
+                    "no label yet, a cold start (Barlow Twins features, then k-centre). Label "
+                    "them with 'dalbt serve DIR'.")
     q.add_argument("directory", help="project directory")
     q.add_argument("--budget", type=_budget, required=True, help="images to queue")
-    q.add_argument("--threads", type=_threads_type, default=None, help="torch CPU threads")
+    q.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     s = sub.add_parser("serve", help="label the queued images in a browser",
@@ -112,7 +80,7 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
     s.add_argument("--budget", type=_budget, default=None,
                    help="batch size of the page's 'train and queue' button (default: the "
                         "size of the last batch, else 20)")
-    s.add_argument("--threads", type=_threads_type, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
 
     e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
     e.add_argument("directory", help="project directory")
@@ -141,7 +109,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from dalbt.project import Project, parse_classes
 
     if args.command == "init":
-        from dalbt.train import TrainConfig
+        from dalbt.recipe import TrainConfig
 
         classes = parse_classes(args.classes, args.classes_file)
         Project.init(args.directory, args.images, classes, labels_csv=args.labels,

@@ -62,6 +62,30 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+MAX_THREADS = 1024  # more than any machine has cores; a bigger value overflows torch
+
+
+def int_range(low: int, high: int, what: str = "") -> Callable[[str], int]:
+    """An argument type for an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"expected {what or 'an integer'} from {low} to "
+                                             f"{high}, got {text}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+#: A number of CPU threads (``--threads``).
+threads = int_range(1, MAX_THREADS, "a number of threads")
+
+
 def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
                  high_open: bool = False) -> Callable[[str], float]:
     """An argument type for a finite number in a range (nan and inf are always rejected).

@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from dalbt import rng as rngs
 from dalbt.data.formats import (
     GRAY_MODES,
     IMAGE_EXTENSIONS,
@@ -40,7 +38,7 @@ from dalbt.data.formats import (
     pil_to_array,
 )
 from dalbt.errors import DalbtError
-from dalbt.train import TrainConfig
+from dalbt.recipe import TrainConfig
 
 DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 2  # 2: images.file_stat
@@ -179,19 +177,18 @@ def validate_config(cfg: ProjectConfig) -> None:
     Raises:
         DalbtError: Naming the first bad setting, its value and what is allowed.
     """
-    from dalbt.models import MODELS
-    from dalbt.strategies import build_strategy
+    from dalbt import catalogue  # no torch: init and the checks answer at once
 
-    if not isinstance(cfg.model, str) or cfg.model not in MODELS:
-        raise DalbtError(f"unknown model {cfg.model!r}; known models: "
-                         f"{', '.join(sorted(MODELS))} (see 'dalbt models')")
+    if not isinstance(cfg.model, str):
+        raise DalbtError(f"the model must be a name, got {cfg.model!r}")
+    catalogue.check_model(cfg.model)
     if not isinstance(cfg.strategy, str):
         raise DalbtError(f"the strategy must be a name, got {cfg.strategy!r}")
     if not isinstance(cfg.strategy_options, dict):
         raise DalbtError(f"strategy options must be KEY=VALUE pairs, got "
                          f"{cfg.strategy_options!r}")
-    build_strategy(cfg.strategy, **cfg.strategy_options)  # unknown name or bad options
-    low = MODELS[cfg.model].min_image_size
+    catalogue.check_strategy(cfg.strategy, cfg.strategy_options)  # unknown name, bad options
+    low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
     if not _is_int(cfg.image_size) or not low <= cfg.image_size <= MAX_IMAGE_SIZE:
         raise DalbtError(f"--image-size must be an integer from {low} to {MAX_IMAGE_SIZE} "
                          f"for model {cfg.model!r}, got {cfg.image_size!r}")
@@ -982,6 +979,9 @@ class Project:
             return self._query(budget, progress, log)
 
     def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
+        import torch
+
+        from dalbt import rng as rngs
         from dalbt.models import build_model
         from dalbt.strategies import QueryContext, build_strategy
         from dalbt.strategies.coreset import k_center_greedy

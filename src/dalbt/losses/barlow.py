@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_LAMBDA = 0.0051
-DEFAULT_GAMMA = 0.001
+from dalbt.recipe import DEFAULT_GAMMA, DEFAULT_LAMBDA
 
 #: ``all_reduce(t)``: the element-wise sum of ``t`` over the processes of a distributed run,
 #: differentiable (see :attr:`dalbt.distributed.Dist.all_reduce`).

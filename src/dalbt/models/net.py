@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dalbt import catalogue
 from dalbt.errors import DalbtError
 from dalbt.models.lenet import LeNetEncoder
 from dalbt.models.resnet import ResNetEncoder
@@ -46,18 +47,10 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "lenet": ModelSpec(
-        "LeNet-5 style CNN (paper's MNIST/Fashion-MNIST encoder), latent 60", 60, 8, LeNetEncoder
-    ),
-    "vgg16": ModelSpec(
-        "VGG16 with batch norm, CIFAR-style (paper's CIFAR-10 encoder), latent 512",
-        512,
-        1,
-        VGGEncoder,
-    ),
-    "resnet18": ModelSpec(
-        "CIFAR-style ResNet-18 (3x3 stem, no max pooling), latent 512", 512, 1, ResNetEncoder
-    ),
+    # descriptions and minimum sizes live in the torch-free catalogue (listing, validation)
+    name: ModelSpec(catalogue.MODELS[name], latent, catalogue.MODEL_MIN_IMAGE_SIZE[name], enc)
+    for name, latent, enc in (("lenet", 60, LeNetEncoder), ("vgg16", 512, VGGEncoder),
+                              ("resnet18", 512, ResNetEncoder))
 }
 
 
