@@ -1,6 +1,7 @@
 """AL loop and store: determinism, shared initial sets, transactional rounds, resume."""
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -105,10 +106,18 @@ def test_killed_process_loses_at_most_the_current_round(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     watchdog.cancel()
     proc.wait()
+    alone = tmp_path / "alone"  # the database file copied without its WAL: a backup
+    alone.mkdir()
+    shutil.copy(out / "dalbt.sqlite", alone)
+    con = sqlite3.connect(alone / "dalbt.sqlite")
+    in_file = [r[0] for r in con.execute("SELECT round FROM rounds ORDER BY round")]
+    con.close()
     con = sqlite3.connect(out / "dalbt.sqlite")
     done = [r[0] for r in con.execute("SELECT round FROM rounds ORDER BY round")]
     con.close()
     assert done[:2] == [0, 1] and done == list(range(len(done))) and len(done) < 13
+    # each round is checkpointed into the file once committed (a kill may fall in between)
+    assert in_file in (done, done[:-1]) and in_file[:2] == [0, 1]
     res = subprocess.run(cmd[:cmd.index("--rounds") + 1] + ["4"] + cmd[cmd.index("--rounds") + 2:]
                          + ["--resume"], capture_output=True, text=True, timeout=300)
     # a different --rounds is a different run: it must not mix with the killed one

@@ -7,6 +7,8 @@ which the oracle labels for round r + 1. The loop knows nothing about any partic
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
 from dalbt.data import ImageDataset, load_dataset
-from dalbt.data.pool import Pool, make_splits
+from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
 from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
@@ -158,11 +160,26 @@ def _checkpoint_path(directory: Path, run_id: int, round_: int) -> Path:
     return directory / "checkpoints" / f"run-{run_id}-round-{round_}.pt"
 
 
+def _digest_path(path: Path) -> Path:
+    """The checkpoint's SHA-256 (damage inside the tensor data would load silently)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def _save_checkpoint(path: Path, model: torch.nn.Module) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    _digest_path(path).unlink(missing_ok=True)  # killed before the new digest: torch checks
     os.replace(tmp, path)
+    side_tmp = path.with_suffix(".sha256.tmp")
+    side_tmp.write_text(digest + "\n")
+    os.replace(side_tmp, _digest_path(path))
+
+
+def _remove_checkpoint(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _digest_path(path).unlink(missing_ok=True)
 
 
 def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data: ImageDataset,
@@ -173,9 +190,12 @@ def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data:
     reads and writes them; the other ranks get them by broadcast)."""
     path = directory / "checkpoints" / f"run-{run_id}-pretrained.pt" if directory else None
     if dist.from_main(lambda: path is not None and path.exists()):
-        if not dist.active:
-            return torch.load(path, map_location=cfg.train.device)
-        return dist.from_main(lambda: torch.load(path, map_location="cpu"))
+        what = f"pre-training checkpoint of run {run_id}"
+        fix = "delete it to pre-train again (same seed, same weights), or restore it from a backup"
+        state = dist.from_main(lambda: _read_checkpoint(
+            path, cfg.train.device if not dist.active else "cpu", what, fix))
+        _apply_state(new_model(0), state, path, what, fix)  # fails here, not in a round
+        return state
     model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
     bar = tqdm(total=cfg.train.pretrain_epochs, desc="pre-train", unit="ep", leave=False,
                disable=not progress)
@@ -194,16 +214,106 @@ def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data:
     return model.state_dict()
 
 
+def _read_checkpoint(path: Path, map_location: Any, what: str, fix: str) -> dict:
+    """``torch.load`` of a state dict, with a damaged file as a one-line DalbtError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DalbtError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    side = _digest_path(path)
+    if side.exists() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise DalbtError(f"the {what} {path} does not match its checksum {side.name}, the "
+                         f"file is damaged: {fix}")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location)
+    except Exception as exc:  # a truncated or garbled file fails in many ways
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise DalbtError(f"cannot read the {what} {path} ({type(exc).__name__}: {first}); the "
+                         f"file is truncated or damaged: {fix}") from None
+    if not isinstance(state, dict):
+        raise DalbtError(f"the {what} {path} holds a {type(state).__name__}, not model "
+                         f"weights: {fix}")
+    return state
+
+
+def _apply_state(model: torch.nn.Module, state: dict, path: Path | None, what: str,
+                 fix: str) -> None:
+    """``model.load_state_dict`` with weights of another model as a one-line DalbtError."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise DalbtError(f"the {what} {path} does not fit the run's model ({first}): {fix}"
+                         ) from None
+
+
 def _load_checkpoint(path: Path | None, device: torch.device, dist: Dist,
-                     missing: str) -> dict:
+                     missing: str, what: str = "checkpoint", fix: str = "") -> dict:
     """A checkpoint that rank 0 reads (the others get it by broadcast); ``missing`` is the
     error when it does not exist."""
     def load() -> dict:
         if path is None or not path.exists():
             raise DalbtError(missing)
-        return torch.load(path, map_location=device if not dist.active else "cpu")
+        return _read_checkpoint(path, device if not dist.active else "cpu", what, fix)
 
     return dist.from_main(load)
+
+
+def _resume_warm_start(model: torch.nn.Module, directory: Path | None, run_id: int,
+                       round_: int, device: torch.device, dist: Dist) -> None:
+    """Load the model of round ``round_ - 1`` into ``model`` (``--warm-start``)."""
+    prev = _checkpoint_path(directory, run_id, round_ - 1) if directory else None
+    what = f"warm-start checkpoint of run {run_id} round {round_ - 1}"
+    fix = (f"restore it from a backup, or delete run {run_id} with 'python -m dalbt.store "
+           f"{directory} --delete-run {run_id}' and run it again, or rerun without --resume "
+           "into another --out directory")
+    state = _load_checkpoint(prev, device, dist, f"cannot resume warm-start run {run_id} at "
+                             f"round {round_}: the {what} {prev} is missing; {fix}", what, fix)
+    _apply_state(model, state, prev, what, fix)
+
+
+def _check_replay(store: Store, run: RunRecord, done: list[dict[str, Any]], cfg: RunConfig,
+                  splits: Splits, ood: np.ndarray) -> None:
+    """Check the recorded rounds before they are replayed: numbered 0, 1, ...; each one's
+    labelled count what the earlier rounds give; each one's queries distinct indices of the
+    pool as it was then (in range, not validation, not labelled or set aside before)."""
+    n = len(ood)
+    trial = Pool.from_splits(n, splits)
+    validation = np.zeros(n, dtype=bool)
+    validation[splits.validation] = True
+    for i, rec in enumerate(done):
+        r, q = rec["round"], rec["queried"]
+
+        def bad(why: str, r: int = r) -> DalbtError:
+            return store.damaged(run.id, f"round {r}", why)
+
+        if r != i:
+            raise bad(f"round {i} is missing before it")
+        if r > cfg.rounds or (r == cfg.rounds and len(q)):
+            raise bad(f"the run has rounds 0 to {cfg.rounds}, and the last one queries nothing")
+        if rec["n_labelled"] != len(trial.labelled):
+            raise bad(f"rounds.n_labelled is {rec['n_labelled']}, but the initial set and "
+                      f"the earlier rounds' queries label {len(trial.labelled)} images")
+        out = q[(q < 0) | (q >= n)]
+        if out.size:
+            raise bad(f"rounds.queried holds index {out[0]}, outside the {n} training images")
+        values, counts = np.unique(q, return_counts=True)
+        if (counts > 1).any():
+            raise bad(f"rounds.queried holds index {values[counts > 1][0]} more than once")
+        if validation[q].any():
+            raise bad(f"rounds.queried holds index {q[validation[q]][0]} of the validation "
+                      "split")
+        state = trial.state[q]
+        if (state >= 0).any():
+            k = int(np.flatnonzero(state >= 0)[0])
+            raise bad(f"rounds.queried holds index {q[k]}, already labelled in round "
+                      f"{state[k]}")
+        if (state == HELD_OUT).any():
+            raise bad(f"rounds.queried holds index {q[state == HELD_OUT][0]}, set aside in an "
+                      "earlier round")
+        trial.label(q[~ood[q]], r + 1)
+        if cfg.ood_policy == "discard":
+            trial.set_aside(q[ood[q]])
 
 
 def run_experiment(
@@ -263,10 +373,20 @@ def run_experiment(
                              "--out")
         if run is None:
             run = store.create_run(cfg.to_dict(), splits.initial, key=key)
+            stale = sorted((store.directory / "checkpoints").glob(f"run-{run.id}-*.pt"))
+            if stale:  # they belong to a run of this id that the database no longer holds
+                store.delete_run(run.id)
+                raise DalbtError(
+                    f"{stale[0]} belongs to a run {run.id} that {store.path} no longer holds "
+                    f"(did the database lose it?): restore {store.path.name} from a backup, or "
+                    f"delete {store.directory / 'checkpoints'}/run-{run.id}-*.pt to start this "
+                    "run afresh, or use another --out directory")
         elif not np.array_equal(run.initial, splits.initial):
             raise DalbtError(f"run {run.id} in {store.directory} was started from another "
                              "initial set than this dataset gives now; the data files changed")
-        return run, store.rounds(run.id)
+        rounds = store.rounds(run.id)
+        _check_replay(store, run, rounds, cfg, splits, ood)
+        return run, rounds
 
     # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
     run, done = dist.from_main(open_run)
@@ -312,10 +432,7 @@ def run_experiment(
             if pretrained is not None:
                 model.load_state_dict(pretrained)
             if cfg.train.warm_start and r > 0:
-                prev = _checkpoint_path(directory, run.id, r - 1) if directory else None
-                model.load_state_dict(_load_checkpoint(
-                    prev, device, dist, f"cannot resume a warm-start run: checkpoint {prev} is "
-                    "missing"))
+                _resume_warm_start(model, directory, run.id, r, device, dist)
         labelled = pool.labelled
         bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
                    disable=not progress)
@@ -398,7 +515,7 @@ def run_experiment(
         if queried.size:
             oracle(queried, r + 1)
         if cfg.train.warm_start and r > 0 and directory is not None:
-            _checkpoint_path(directory, run.id, r - 1).unlink(missing_ok=True)
+            _remove_checkpoint(_checkpoint_path(directory, run.id, r - 1))
         ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
         log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
             f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
