@@ -94,9 +94,7 @@ def test_pretraining_lowers_barlow_loss_and_is_reused_on_resume(tmp_path, digits
 
     monkeypatch.setattr(dalbt.loop, "pretrain_barlow", fail)
     with Store(tmp_path / "pre") as store:  # a resumed run reuses the stored weights
-        store.conn.execute("DELETE FROM rounds WHERE round = 1")
-        store.conn.execute("UPDATE runs SET status = 'running'")
-        store.conn.commit()
+        store.delete_rounds(run.id, 1)
     _, again = _run(tmp_path, "pre", cfg, digits, resume=True)
     assert again[1]["test_acc"] == pre[1]["test_acc"]
 
