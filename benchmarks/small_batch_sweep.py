@@ -87,6 +87,11 @@ def main() -> None:
         lines.append(f"| {n} | {rem} | {lg.mean():.1f} ({lg.min():.1f}) | "
                      f"{mg.mean():.1f} ({mg.min():.1f}) |")
     table = "\n".join(lines)
+    with open(out / "sweep.csv", "w") as f:
+        f.write("labelled,seed,before,after\n")
+        for i, n in enumerate(counts):
+            for j, seed in enumerate(args.seeds):
+                f.write(f"{n},{seed},{acc['legacy'][i, j]:.6f},{acc['merged'][i, j]:.6f}\n")
     (out / "sweep.md").write_text(table + "\n")
     print(table)
 
@@ -102,13 +107,15 @@ def main() -> None:
         ax.plot(counts, m.mean(1), style, label=label)
         ax.fill_between(counts, m.min(1), m.max(1), alpha=0.15)
     ax.set_xlabel(f"labelled images (batch {b})")
-    ax.set_ylabel(f"round-0 test accuracy (%), mean and range of {len(args.seeds)} seeds")
+    ax.set_ylabel("round-0 test accuracy (%)")
+    ax.set_title(f"digits, random, {args.epochs} epochs: mean and range of "
+                 f"{len(args.seeds)} seeds", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
-    print(f"\n{out / 'sweep.md'}, {out / 'sweep.png'}")
+    print(f"\n{out / 'sweep.md'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
 
 
 if __name__ == "__main__":
