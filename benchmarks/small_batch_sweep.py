@@ -2,8 +2,8 @@
 
 With batch 64, 130 labelled images used to end every epoch with a batch of 2, whose Barlow
 Twins term (per-dimension standardisation over 2 samples) wrecked training: test accuracy fell
-from 59 % at 128 labels to 15 % at 130 on digits. Training now merges a last batch smaller
-than half the batch size into the one before it (``dalbt.train.batches``). This script runs
+from 59 % at 128 labels to 15 % at 130 on digits. Training now cuts a remainder smaller than
+half the batch size and the full batch before it into two halves (``dalbt.train.batches``). This script runs
 the real loop (``run_experiment``, random strategy, round 0 only) for every labelled count in
 a range, with the current batching and with the old one (a remainder kept as its own batch,
 a singleton dropped), and writes a table and a plot: the current curve should be smooth.
@@ -63,11 +63,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("digits")
     counts = list(range(args.lo, args.hi + 1))
-    acc = {"merged": np.zeros((len(counts), len(args.seeds))), "legacy": None}
-    acc["legacy"] = np.zeros_like(acc["merged"])
+    acc = {"recut": np.zeros((len(counts), len(args.seeds))), "legacy": None}
+    acc["legacy"] = np.zeros_like(acc["recut"])
     jobs = [(m, i, j) for m in acc for i in range(len(counts)) for j in range(len(args.seeds))]
     for mode, i, j in tqdm(jobs, desc="sweep", unit="run"):
-        dalbt.train.batches = CURRENT if mode == "merged" else legacy_batches
+        dalbt.train.batches = CURRENT if mode == "recut" else legacy_batches
         try:
             acc[mode][i, j] = round0_test_acc(data, counts[i], args.seeds[j], args.epochs,
                                               args.batch_size)
@@ -79,11 +79,11 @@ def main() -> None:
     b = args.batch_size
     lines = [f"Round-0 test accuracy (%) on digits, random, {args.epochs} epochs, batch {b}, "
              f"200 validation images, mean over seeds {', '.join(map(str, args.seeds))}.", "",
-             "| labelled | last batch before | before (min) | after: merged (min) |",
+             "| labelled | last batch before | before (min) | after: re-cut (min) |",
              "|---:|---:|---:|---:|"]
     for i, n in enumerate(counts):
         rem = n % b or b
-        lg, mg = acc["legacy"][i] * 100, acc["merged"][i] * 100
+        lg, mg = acc["legacy"][i] * 100, acc["recut"][i] * 100
         lines.append(f"| {n} | {rem} | {lg.mean():.1f} ({lg.min():.1f}) | "
                      f"{mg.mean():.1f} ({mg.min():.1f}) |")
     table = "\n".join(lines)
@@ -91,7 +91,7 @@ def main() -> None:
         f.write("labelled,seed,before,after\n")
         for i, n in enumerate(counts):
             for j, seed in enumerate(args.seeds):
-                f.write(f"{n},{seed},{acc['legacy'][i, j]:.6f},{acc['merged'][i, j]:.6f}\n")
+                f.write(f"{n},{seed},{acc['legacy'][i, j]:.6f},{acc['recut'][i, j]:.6f}\n")
     (out / "sweep.md").write_text(table + "\n")
     print(table)
 
@@ -102,7 +102,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, label, style in (("legacy", "before: remainder is its own batch", "o--"),
-                               ("merged", "after: small remainder merged", "s-")):
+                               ("recut", "after: small remainder re-cut with the batch before", "s-")):
         m = acc[mode] * 100
         ax.plot(counts, m.mean(1), style, label=label)
         ax.fill_between(counts, m.min(1), m.max(1), alpha=0.15)

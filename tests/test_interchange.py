@@ -401,9 +401,12 @@ def test_csv_export_neutralises_formulas_and_round_trips(tmp_path, digits):
         src.add_label(ids[name], classes[k % 3], who=who, source="web")
     text = export_project(src, "csv")
     cells = [c for row in csv.reader(io.StringIO(text)) for c in row]
-    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    # a plain number such as the class -1 is no formula: left as it is
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")
+                and c != "-1"], cells
     assert "'=HYPERLINK(\"http://evil.example\",\"click\")" in cells
-    assert {"'=1+1", "'-1", "'=cmd.png", "'-x.png", "'@y.png", "'+z.png", "'+1+2", "'-2+3",
+    assert "-1" in cells and "'-1" not in cells
+    assert {"'=1+1", "'=cmd.png", "'-x.png", "'@y.png", "'+z.png", "'+1+2", "'-2+3",
             "'@SUM(A1)", "'\tTab", "'\rCR", "''=already quoted", "'''-twice"} <= set(cells)
     assert {"'plain", "a=b", "cat"} <= set(cells)  # nothing to protect: as they are
     summary = import_file(dst, write(tmp_path, "labels.csv", text))
@@ -436,3 +439,12 @@ def test_hostile_json_is_a_one_line_error_naming_the_file(project, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith(f"dalbt: error: {says}") and err.count("\n") == 1
     assert project.label_history() == []
+
+
+def test_csv_safe_leaves_plain_numbers_and_round_trips_everything():
+    from dalbt.interchange import csv_safe, csv_unsafe
+
+    assert [csv_safe(v) for v in ("-1", "+1.5", "-3e2", ".5")] == ["-1", "+1.5", "-3e2", ".5"]
+    assert csv_safe("-1+2") == "'-1+2" and csv_safe("=1") == "'=1" and csv_safe("@x") == "'@x"
+    for v in ("-1", "=HYPERLINK(\"x\")", "'-1", "''=1", "a", "+", "-", "\tx"):
+        assert csv_unsafe(csv_safe(v)) == v

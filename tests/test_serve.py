@@ -474,3 +474,16 @@ def test_hostile_ids_and_bodies_are_4xx_with_a_json_message(proj, method, url, b
     assert r.headers["x-content-type-options"] == "nosniff"
     assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 0
     assert db_rows(proj, "SELECT COUNT(*) FROM queue WHERE status != 'pending'")[0][0] == 0
+
+
+def test_a_chunked_body_cannot_escape_the_size_limit(proj):
+    c = TestClient(create_app(proj), base_url="http://127.0.0.1",
+                   raise_server_exceptions=False)
+
+    def chunks():  # no Content-Length: sent with Transfer-Encoding: chunked
+        for _ in range(400):
+            yield b" " * 50_000
+
+    r = c.post("/api/label", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 411 and "Content-Length" in r.json()["detail"]
+    assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 0

@@ -10,6 +10,7 @@ from dalbt.train import (
     batches,
     infer,
     min_batch,
+    n_batches,
     pretrain_barlow,
     train_round,
 )
@@ -25,15 +26,24 @@ def _model(d, seed=0):
                        projector_dims=(32, 32))
 
 
-def test_batches_merge_a_small_remainder_into_the_last_full_batch():
+def test_batches_recut_a_small_remainder_with_the_last_full_batch():
     assert min_batch(64) == 32 and min_batch(3) == 2 and min_batch(2) == 2
-    assert [len(b) for b in batches(129, 64)] == [64, 65]
-    assert [len(b) for b in batches(130, 64)] == [64, 66]
-    assert [len(b) for b in batches(159, 64)] == [64, 95]
+    assert [len(b) for b in batches(129, 64)] == [64, 33, 32]
+    assert [len(b) for b in batches(130, 64)] == [64, 33, 33]
+    assert [len(b) for b in batches(159, 64)] == [64, 48, 47]
     assert [len(b) for b in batches(160, 64)] == [64, 64, 32]  # 32 = the minimum: kept
+    assert [len(b) for b in batches(90, 64)] == [45, 45]  # still two steps an epoch
     assert [len(b) for b in batches(128, 64)] == [64, 64]
     assert [len(b) for b in batches(20, 64)] == [20]  # fewer than a batch: one batch of all
+    assert [len(b) for b in batches(5, 2)] == [2, 3]  # halves of 3 would leave a 1: merged
     assert [len(b) for b in batches(130, 64, min_size=1)] == [64, 64, 2]
+    for n in range(1, 300):
+        for size in (2, 3, 8, 64):
+            cut = [len(b) for b in batches(n, size)]
+            assert sum(cut) == n and len(cut) == n_batches(n, size)
+            assert min(cut) >= min(n, min_batch(size)), (n, size, cut)
+            if size > 2:  # an epoch keeps ceil(n / size) steps
+                assert len(cut) == -(-n // size), (n, size, cut)
     g = torch.Generator().manual_seed(0)
     assert sorted(torch.cat(batches(10, 3, g)).tolist()) == list(range(10))
     # the same permutation whatever the cut
@@ -68,7 +78,7 @@ def test_pretraining_never_steps_on_a_small_remainder(digits):
     cfg = TrainConfig(pretrain_epochs=1, pretrain_batch=64)
     pretrain_barlow(model, digits.x_train, np.arange(130), cfg,
                     torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
-    assert sorted(sizes) == [64, 64, 66, 66]  # two views of the batches 64 and 64 + 2
+    assert sorted(sizes) == [33, 33, 33, 33, 64, 64]  # two views of 64, 33, 33 (not 2)
 
 
 def test_joint_training_learns_and_selects_on_validation(digits):

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from dalbt import catalogue
 from dalbt.cli_label import COMMANDS, add_parsers, dispatch
 from dalbt.cli_types import (
+    batch_size,
     dims,
     finite_float,
     non_negative_float,
@@ -22,8 +23,10 @@ from dalbt.cli_types import (
     option,
     positive_float,
     positive_int,
+    seed,
     seed_list,
     threads,
+    width,
 )
 from dalbt.errors import DalbtError, RankZeroFailed
 
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", type=_positive, default=100, help="images queried per round")
     r.add_argument("--rounds", type=_non_negative, default=10, help="query rounds")
     r.add_argument("--epochs", type=_positive, default=20, help="epochs per round")
-    r.add_argument("--batch-size", type=_positive, default=64, help="training batch size")
+    r.add_argument("--batch-size", type=batch_size, default=64, help="training batch size")
     r.add_argument("--lr", type=positive_float, default=1e-3,
                    help="Adam learning rate (> 0)")
     r.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain-epochs", type=_non_negative, default=0,
                    help="Barlow Twins pre-training epochs on the whole pool before round 0; "
                         "each round fine-tunes from it")
-    r.add_argument("--pretrain-batch", type=_positive, default=256,
+    r.add_argument("--pretrain-batch", type=batch_size, default=256,
                    help="batch size of the pre-training")
     r.add_argument("--unknown-classes", type=lambda t: [c for c in t.split(",") if c],
                    default=[], metavar="A,B,...",
@@ -129,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "goes back to the pool (return, the paper) or is set aside (discard)")
     r.add_argument("--eval-every", type=_positive, default=1,
                    help="validate every N epochs")
-    r.add_argument("--latent-dim", type=_positive, default=None,
+    r.add_argument("--latent-dim", type=width, default=None,
                    help="dimension of the latent z (default: the model's, see 'dalbt models')")
     r.add_argument("--projector", type=_dims, default=(256, 256, 256),
                    help="projector widths (default: 256-256-256)")
-    r.add_argument("--seed", type=_non_negative, nargs="+", default=[0],
+    r.add_argument("--seed", type=seed, nargs="+", default=[0],
                    help="one or more seeds, one run each (default: 0)")
     r.add_argument("--out", default="runs/default", help="experiment directory")
     r.add_argument("--device", default="auto",

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from dalbt.recipe import FLOAT32_MAX, MAX_BATCH, MAX_LR, MAX_SEED, MAX_WIDTH
+
 __all__ = [
     "dims",
     "finite_float",
@@ -84,6 +86,12 @@ def int_range(low: int, high: int, what: str = "") -> Callable[[str], int]:
 
 #: A number of CPU threads (``--threads``).
 threads = int_range(1, MAX_THREADS, "a number of threads")
+#: A training batch size (``--batch-size``, ``--pretrain-batch``).
+batch_size = int_range(2, MAX_BATCH, "a batch size")
+#: A layer width (``--latent-dim``).
+width = int_range(1, MAX_WIDTH, "a width")
+#: A run's seed (``--seed``).
+seed = int_range(0, MAX_SEED, "a seed")
 
 
 def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -105,13 +113,15 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
     if high is not None:
         parts.append(f"{'<' if high_open else '<='} {high:g}")
     expected = "a finite number" + (" " + " and ".join(parts) if parts else "")
+    if high is None:
+        expected += f" (at most {FLOAT32_MAX:.1e})"
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             v = math.nan
-        ok = math.isfinite(v)
+        ok = math.isfinite(v) and abs(v) <= FLOAT32_MAX
         if ok and low is not None:
             ok = v > low if low_open else v >= low
         if ok and high is not None:
@@ -125,7 +135,7 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
 
 
 #: A finite number > 0 (``--lr``).
-positive_float = finite_float(0, low_open=True)
+positive_float = finite_float(0, MAX_LR, low_open=True)
 #: A finite number >= 0 (``--gamma``, ``--lambd``, ``--weight-decay``).
 non_negative_float = finite_float(0)
 
@@ -137,8 +147,8 @@ def dims(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected widths like 256-256-256, got {text!r}"
                                          ) from None
-    if not out or min(out) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    if not out or min(out) <= 0 or max(out) > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected widths from 1 to {MAX_WIDTH}, got {text!r}")
     return out
 
 

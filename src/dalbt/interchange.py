@@ -112,14 +112,17 @@ _UPLOADED = re.compile(r"/data/upload/\d+/[0-9a-f]{8}-(.+)")
 _SHOWN = 3  # examples of each problem in messages
 # A text a spreadsheet would run as a formula (after any quotes): =, +, -, @, tab, CR.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def csv_safe(value: Any) -> Any:
     """A CSV cell that spreadsheets show as text: ``'`` in front of a string that starts with
     ``= + - @``, tab or carriage return, or with quotes and then one of those (so that
-    :func:`csv_unsafe` can tell the added ``'`` from one that was there). Other values as
-    they are."""
-    return "'" + value if isinstance(value, str) and _FORMULA.match(value) else value
+    :func:`csv_unsafe` can tell the added ``'`` from one that was there). Plain numbers such
+    as ``-1`` are no formula and stay as they are, and so do other values."""
+    if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
 
 
 def csv_unsafe(cell: str) -> str:

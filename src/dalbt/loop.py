@@ -26,6 +26,7 @@ from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
 from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
+from dalbt.recipe import MAX_SEED, MAX_WIDTH, check_int
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import QueryContext, build_strategy
 from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs, pretrain_barlow
@@ -114,17 +115,17 @@ def validate(cfg: RunConfig, data: ImageDataset) -> None:
         raise DalbtError(f"--budget must be positive, got {cfg.budget}")
     if cfg.rounds < 0:
         raise DalbtError(f"--rounds must be >= 0, got {cfg.rounds}")
-    if cfg.train.epochs <= 0:
-        raise DalbtError(f"--epochs must be positive, got {cfg.train.epochs}")
-    if cfg.train.batch_size < 2:
-        raise DalbtError(f"--batch-size must be at least 2, got {cfg.train.batch_size}")
+    cfg.train.check()
+    check_int("--seed", cfg.seed, 0, MAX_SEED)
+    if cfg.latent_dim is not None:
+        check_int("--latent-dim", cfg.latent_dim, 1, MAX_WIDTH)
+    for width in cfg.projector_dims:
+        check_int("--projector width", width, 1, MAX_WIDTH)
     if cfg.ood_policy not in ("return", "discard"):
         raise DalbtError(f"--ood-policy must be 'return' or 'discard', got {cfg.ood_policy!r}")
     if cfg.train.ssl_unlabelled and cfg.train.gamma <= 0:
         raise DalbtError("--ssl-pool adds the Barlow Twins loss on pool images: it needs "
                          "--gamma > 0")
-    if cfg.train.pretrain_epochs < 0 or cfg.train.pretrain_batch < 2:
-        raise DalbtError("--pretrain-epochs must be >= 0 and --pretrain-batch >= 2")
     ood = data.ood.numpy() if data.ood is not None else np.zeros(data.n_train, dtype=bool)
     if (data.y_train.numpy()[~ood] < 0).any():
         raise DalbtError(f"dataset {data.name!r} has unlabelled training images; a simulated "

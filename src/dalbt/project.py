@@ -985,7 +985,7 @@ class Project:
         from dalbt.models import build_model
         from dalbt.strategies import QueryContext, build_strategy
         from dalbt.strategies.coreset import k_center_greedy
-        from dalbt.train import infer, mc_dropout_probs, pretrain_barlow
+        from dalbt.train import infer, mc_dropout_probs, n_batches, pretrain_barlow
 
         cfg = self.config
         round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
@@ -1046,7 +1046,7 @@ class Project:
         else:
             method = cfg.strategy
             model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, round_))
-            steps = math.ceil(len(lab_pos) / cfg.train.batch_size)
+            steps = n_batches(len(lab_pos), cfg.train.batch_size)
             train_cfg = replace(cfg.train, epochs=max(cfg.train.epochs,
                                                       math.ceil(cfg.min_steps / steps)))
             res = strategy.train_model(

@@ -3,10 +3,42 @@ read and validate it without loading torch)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
+
+from dalbt.errors import DalbtError
 
 DEFAULT_LAMBDA = 0.0051  # Barlow Twins off-diagonal weight (Zbontar et al. 2021)
 DEFAULT_GAMMA = 0.001  # weight of the Barlow Twins term in the joint loss (DALBT paper)
+
+# Upper limits of settings: beyond them torch overflows (float32, C long) or memory runs out
+# long before a useful run, so they are refused with a message instead of a traceback.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_BATCH = 1 << 20
+MAX_WIDTH = 1 << 16  # latent and projector widths
+MAX_SEED = 2**63 - 1  # SQLite's largest integer
+MAX_EPOCHS = 1 << 30
+MAX_LR = 1e6  # Adam's first step is lr / 0.1: far above it float32 overflows mid-step
+
+
+def check_int(flag: str, value: object, low: int, high: int) -> None:
+    """Raise :class:`DalbtError` unless ``value`` is an integer in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not low <= int(value) <= high:
+        raise DalbtError(f"{flag} must be an integer from {low} to {high}, got {value!r}")
+
+
+def check_float(flag: str, value: object, positive: bool = False,
+                high: float = FLOAT32_MAX) -> None:
+    """Raise :class:`DalbtError` unless ``value`` is a finite number >= 0 (> 0 if
+    ``positive``) and at most ``high``."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(float(value)) and 0 <= float(value) <= high
+          and (float(value) > 0 or not positive))
+    if not ok:
+        raise DalbtError(f"{flag} must be a finite number {'>' if positive else '>='} 0 and at "
+                         f"most {high:g}, got {value!r}")
 
 
 @dataclass
@@ -48,3 +80,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Raise :class:`DalbtError` naming the first setting out of range (flags as the CLI
+        spells them)."""
+        check_int("--epochs", self.epochs, 1, MAX_EPOCHS)
+        check_int("--batch-size", self.batch_size, 2, MAX_BATCH)
+        check_float("--lr", self.lr, positive=True, high=MAX_LR)
+        check_float("--weight-decay", self.weight_decay)
+        check_float("--gamma", self.gamma)
+        check_float("--lambd", self.lambd)
+        check_int("--eval-every", self.eval_every, 1, MAX_EPOCHS)
+        check_int("--pretrain-epochs", self.pretrain_epochs, 0, MAX_EPOCHS)
+        check_int("--pretrain-batch", self.pretrain_batch, 2, MAX_BATCH)
+        if self.amp not in (None, "bf16", "fp16"):
+            raise DalbtError(f"--amp must be bf16 or fp16, got {self.amp!r}")

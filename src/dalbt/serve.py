@@ -194,7 +194,10 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             if ctype != "application/json":
                 return JSONResponse({"detail": "send the request body as application/json"},
                                     status_code=415, headers=SECURITY_HEADERS)
-            length = request.headers.get("content-length", "0")
+            length = request.headers.get("content-length")
+            if length is None:  # a chunked body would escape the size limit
+                return JSONResponse({"detail": "send the request body with a Content-Length"},
+                                    status_code=411, headers=SECURITY_HEADERS)
             if not (length.isascii() and length.isdigit() and len(length) < 12
                     and int(length) <= MAX_BODY):
                 return JSONResponse({"detail": f"request body too large (at most {MAX_BODY} "

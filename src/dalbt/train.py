@@ -165,8 +165,8 @@ def check_finite(what: str, epoch: int, losses: dict[str, float], lr: float,
         which = ", ".join(f"{k} = {v}" for k, v in bad.items())
         raise TrainingDiverged(
             f"{what} diverged in epoch {epoch} ({which}): the learning rate {lr:g} is probably "
-            "too high (the paper uses 1e-3); nothing of this round was stored, so rerun with a "
-            "smaller --lr")
+            "too high (the paper uses 1e-3), or a loss weight (--gamma, --lambd); nothing of "
+            "this round was stored, so rerun with smaller values")
 
 
 def to_float(x: Tensor, device: torch.device | str) -> Tensor:
@@ -185,25 +185,39 @@ def min_batch(size: int) -> int:
     return max(2, (size + 1) // 2)
 
 
+def _cut(n: int, size: int, min_size: int) -> list[int]:
+    """Batch sizes :func:`batches` cuts ``n`` positions into."""
+    sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    if len(sizes) > 1 and sizes[-1] < min_size:
+        tail = sizes[-2] + sizes[-1]
+        # re-cut the last full batch and the small remainder into two near-equal halves (the
+        # epoch keeps its number of steps); merge them only where a half would still be short
+        sizes[-2:] = [(tail + 1) // 2, tail // 2] if tail // 2 >= min_size else [tail]
+    return sizes
+
+
+def n_batches(n: int, size: int) -> int:
+    """How many batches :func:`batches` cuts ``n`` positions into (optimiser steps an epoch)."""
+    return len(_cut(n, size, min_batch(size)))
+
+
 def batches(n: int, size: int, generator: torch.Generator | None = None,
             min_size: int | None = None) -> list[Tensor]:
     """Positions 0..n-1 split into mini-batches, shuffled when a generator is given.
 
-    A last batch smaller than ``min_size`` (default :func:`min_batch`) joins the one before it,
-    so every batch holds between ``min_size`` and ``size + min_size - 1`` positions (or all
-    ``n`` when ``n < size``). The order drawn is the same whatever ``min_size``: only the cut
-    of the last two batches changes.
+    Batches of ``size``; when the remainder is smaller than ``min_size`` (default
+    :func:`min_batch`), the last full batch and the remainder are cut again into two halves
+    (130 at batch 64: 64, 33, 33 instead of 64, 64, 2), so that no step sees a handful of
+    samples and an epoch keeps its ``ceil(n / size)`` steps. ``n < size`` gives one batch of
+    all. The order drawn is the same whatever ``min_size``: only the cut changes, and only
+    where the remainder is small.
 
     Returns:
         (b,) int64 position tensors, together a permutation of 0..n-1.
     """
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    out = list(order.split(size))
     floor = min_batch(size) if min_size is None else min_size
-    if len(out) > 1 and len(out[-1]) < floor:
-        last = out.pop()
-        out[-1] = torch.cat([out[-1], last])
-    return out
+    return list(order.split(_cut(n, size, floor)))
 
 
 @torch.inference_mode()

@@ -9,7 +9,6 @@ jointly trained encoder, with the labelled set as the initial centres.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -140,15 +139,6 @@ class _Cycler:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def _n_batches(n: int, size: int) -> int:
-    """Number of batches :func:`dalbt.train.batches` gives (a small remainder joins the last
-    full batch)."""
-    from dalbt.train import min_batch
-
-    k = math.ceil(n / size)
-    return k - 1 if k > 1 and 0 < n % size < min_batch(size) else k
-
-
 class MoBYv2ALStrategy(Strategy):
     """MoBYv2AL (Caramalau, Bhattarai, Stoyanov & Kim, 2022, "MoBYv2AL: Self-supervised Active
     Learning for Image Classification", BMVC).
@@ -256,7 +246,7 @@ class MoBYv2ALStrategy(Strategy):
                validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                augment_gen: torch.Generator, on_epoch: Callable | None,
                unlabelled: np.ndarray | None) -> Any:
-        from dalbt.train import BestOnValidation, batches, check_finite, to_float
+        from dalbt.train import BestOnValidation, batches, check_finite, n_batches, to_float
 
         device = torch.device(cfg.device)
         learner = self.make_learner(model)
@@ -270,7 +260,7 @@ class MoBYv2ALStrategy(Strategy):
         cycler = _Cycler(len(pool), shuffle_gen) if use_unl else None
         val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
         selector = BestOnValidation(x_train[val], y_train[val], cfg)
-        total_steps = max(1, cfg.epochs * _n_batches(len(lab), cfg.batch_size))
+        total_steps = max(1, cfg.epochs * n_batches(len(lab), cfg.batch_size))
         step = 0
         ce_mean = con_mean = float("nan")
         for epoch in range(1, cfg.epochs + 1):

@@ -305,8 +305,8 @@ class PT4ALStrategy(Strategy):
         factory = ctx.require("model_factory")
         device = torch.device(ctx.device)
         base = np.random.SeedSequence(key[1])
-        init_seed, shuffle_seed, global_seed = (
-            int(s >> np.uint64(1)) for s in base.generate_state(3, np.uint64))
+        init_seed, shuffle_seed, global_seed, tie_seed = (
+            int(s >> np.uint64(1)) for s in base.generate_state(4, np.uint64))
         with isolated_torch_rng(init_seed, "cpu"):
             model = factory(init_seed)
             net = RotationNet(model.encoder, model.latent_dim).to(device)
@@ -318,7 +318,10 @@ class PT4ALStrategy(Strategy):
                 net, images, candidates, self.pretext_epochs, self.batch, float(cfg.lr),
                 float(cfg.weight_decay), gen, device)
         losses = rotation_losses(net, images, candidates, device)
-        self.batches = pretext_batches(losses, candidates, key[0], rng=ctx.rng)
+        # equal losses in an order drawn from the pretext seed, not from the query's stream:
+        # the batches are built once per run, and a resumed run builds them at a later round
+        self.batches = pretext_batches(losses, candidates, key[0],
+                                       rng=np.random.default_rng(tie_seed))
         self._key = key
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
