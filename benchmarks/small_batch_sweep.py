@@ -3,10 +3,11 @@
 With batch 64, 130 labelled images used to end every epoch with a batch of 2, whose Barlow
 Twins term (per-dimension standardisation over 2 samples) wrecked training: test accuracy fell
 from 59 % at 128 labels to 15 % at 130 on digits. Training now cuts a remainder smaller than
-half the batch size and the full batch before it into two halves (``dalbt.train.batches``). This script runs
-the real loop (``run_experiment``, random strategy, round 0 only) for every labelled count in
-a range, with the current batching and with the old one (a remainder kept as its own batch,
-a singleton dropped), and writes a table and a plot: the current curve should be smooth.
+half the batch size and the full batch before it into two halves (``dalbt.train.batches``).
+This script runs the real loop (``run_experiment``, random strategy, round 0 only) for every
+labelled count in a range, with the current batching and with the old one (a remainder kept
+as its own batch, a singleton dropped), and writes a table and a plot: the current curve
+should be smooth.
 
 Usage: python benchmarks/small_batch_sweep.py [--lo 120] [--hi 140] [--seeds 0 1 2]
        [--epochs 30] [--out benchmarks/results/small-batch-sweep]
@@ -102,7 +103,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, label, style in (("legacy", "before: remainder is its own batch", "o--"),
-                               ("recut", "after: small remainder re-cut with the batch before", "s-")):
+                               ("recut", "after: small remainder re-cut", "s-")):
         m = acc[mode] * 100
         ax.plot(counts, m.mean(1), style, label=label)
         ax.fill_between(counts, m.min(1), m.max(1), alpha=0.15)
