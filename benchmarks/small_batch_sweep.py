@@ -60,12 +60,27 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/small-batch-sweep")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the table and plot from OUT/sweep.csv")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        raw = np.loadtxt(out / "sweep.csv", delimiter=",", skiprows=1)
+        counts = sorted({int(n) for n in raw[:, 0]})
+        args.seeds = sorted({int(s) for s in raw[:, 1]})
+        shape = (len(counts), len(args.seeds))
+        acc = {"legacy": raw[:, 2].reshape(shape), "recut": raw[:, 3].reshape(shape)}
+    else:
+        counts, acc = run_sweep(args)
+    write_outputs(out, counts, acc, args)
+
+
+def run_sweep(args: argparse.Namespace) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Round-0 test accuracy (count, seed) with the old and the current batching."""
     torch.set_num_threads(args.threads)
     data = load_dataset("digits")
     counts = list(range(args.lo, args.hi + 1))
-    acc = {"recut": np.zeros((len(counts), len(args.seeds))), "legacy": None}
-    acc["legacy"] = np.zeros_like(acc["recut"])
+    acc = {mode: np.zeros((len(counts), len(args.seeds))) for mode in ("recut", "legacy")}
     jobs = [(m, i, j) for m in acc for i in range(len(counts)) for j in range(len(args.seeds))]
     for mode, i, j in tqdm(jobs, desc="sweep", unit="run"):
         dalbt.train.batches = CURRENT if mode == "recut" else legacy_batches
@@ -74,19 +89,27 @@ def main() -> None:
                                               args.batch_size)
         finally:
             dalbt.train.batches = CURRENT
+    return counts, acc
 
-    out = Path(args.out)
+
+def write_outputs(out: Path, counts: list[int], acc: dict[str, np.ndarray],
+                  args: argparse.Namespace) -> None:
+    """sweep.csv (raw), sweep.md (table with steps per epoch) and sweep.png."""
     out.mkdir(parents=True, exist_ok=True)
     b = args.batch_size
     lines = [f"Round-0 test accuracy (%) on digits, random, {args.epochs} epochs, batch {b}, "
-             f"200 validation images, mean over seeds {', '.join(map(str, args.seeds))}.", "",
-             "| labelled | last batch before | before (min) | after: re-cut (min) |",
-             "|---:|---:|---:|---:|"]
+             f"200 validation images, mean (min) over seeds {', '.join(map(str, args.seeds))}; "
+             "steps = optimiser steps per epoch.", "",
+             "| labelled | batches before | steps before | accuracy before | batches after | "
+             "steps after | accuracy after |",
+             "|---:|---|---:|---:|---|---:|---:|"]
     for i, n in enumerate(counts):
-        rem = n % b or b
+        old = [len(x) for x in legacy_batches(n, b)]
+        new = [len(x) for x in CURRENT(n, b)]
         lg, mg = acc["legacy"][i] * 100, acc["recut"][i] * 100
-        lines.append(f"| {n} | {rem} | {lg.mean():.1f} ({lg.min():.1f}) | "
-                     f"{mg.mean():.1f} ({mg.min():.1f}) |")
+        lines.append(f"| {n} | {'+'.join(map(str, old))} | {len(old)} | "
+                     f"{lg.mean():.1f} ({lg.min():.1f}) | {'+'.join(map(str, new))} | "
+                     f"{len(new)} | {mg.mean():.1f} ({mg.min():.1f}) |")
     table = "\n".join(lines)
     with open(out / "sweep.csv", "w") as f:
         f.write("labelled,seed,before,after\n")
@@ -107,13 +130,16 @@ def main() -> None:
         m = acc[mode] * 100
         ax.plot(counts, m.mean(1), style, label=label)
         ax.fill_between(counts, m.min(1), m.max(1), alpha=0.15)
-    ax.set_xlabel(f"labelled images (batch {b})")
+    edge = [n for n in counts if n % b == 1]
+    for n in edge:
+        ax.axvline(n - 0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(f"labelled images (batch {b}; dotted: one more step per epoch from here)")
     ax.set_ylabel("round-0 test accuracy (%)")
     ax.set_title(f"digits, random, {args.epochs} epochs: mean and range of "
                  f"{len(args.seeds)} seeds", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     print(f"\n{out / 'sweep.md'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
