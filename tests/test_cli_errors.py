@@ -21,12 +21,12 @@ RUN = ["run", "--dataset", "digits", "--rounds", "0", "--epochs", "1"]
 
 CASES = [
     # --- run: numbers at parse time (item 3) ---
-    (["run", "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
-    (["run", "--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    (["run", "--lr", "nan"], "argument --lr: expected a finite number > 0 and <= 1e+06, got 'nan'"),
+    (["run", "--lr", "inf"], "argument --lr: expected a finite number > 0 and <= 1e+06, got 'inf'"),
     (["run", "--lr=-inf"], "argument --lr: expected a finite number > 0"),
-    (["run", "--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    (["run", "--lr", "0"], "argument --lr: expected a finite number > 0 and <= 1e+06, got '0'"),
     (["run", "--lr=-1e-3"], "argument --lr"),
-    (["run", "--lr", "fast"], "argument --lr: expected a finite number > 0, got 'fast'"),
+    (["run", "--lr", "fast"], "argument --lr: expected a finite number > 0 and <= 1e+06"),
     (["run", "--gamma", "nan"], "argument --gamma: expected a finite number >= 0, got 'nan'"),
     (["run", "--gamma", "-1"], "argument --gamma: expected a finite number >= 0, got '-1'"),
     (["run", "--gamma", "inf"], "argument --gamma"),
@@ -36,8 +36,22 @@ CASES = [
     (["run", "--weight-decay=-1e-5"], "argument --weight-decay"),
     (["run", "--budget", "0"], "argument --budget: must be positive"),
     (["run", "--epochs", "ten"], "argument --epochs: expected an integer"),
-    (["run", "--seed", "-1"], "argument --seed: must be >= 0"),
+    (["run", "--seed", "-1"], "argument --seed: expected a seed from 0 to"),
     (["run", "--projector", "0-16"], "argument --projector"),
+    # --- run: values too large for torch or SQLite (they overflowed inside Adam, torch or
+    # sqlite3 with a traceback) ---
+    (["run", "--lr", "1e300"], "argument --lr: expected a finite number > 0 and <= 1e+06"),
+    (["run", "--weight-decay", "1e300"], "argument --weight-decay: expected a finite number >= 0 "
+     "that float32 can hold"),
+    (["run", "--gamma", "1e39"], "that float32 can hold"),
+    (["run", "--seed", "99999999999999999999999999"], "argument --seed: expected a seed"),
+    (["run", "--batch-size", "99999999999999999999"], "argument --batch-size: expected a batch "
+     "size from 2 to"),
+    (["run", "--batch-size", "1"], "argument --batch-size: expected a batch size from 2"),
+    (["run", "--pretrain-batch", "99999999999999999999"], "argument --pretrain-batch"),
+    (["run", "--projector", "99999999999-2"], "argument --projector: expected widths from 1"),
+    (["run", "--latent-dim", "99999999999"], "argument --latent-dim: expected a width"),
+    (["run", "--threads", "100000000000"], "argument --threads: expected a number of threads"),
     (["run", "--ood-policy", "keep"], "invalid choice"),
     # --- run: strategy options (item 6), checked against the catalogue before torch loads ---
     ([*RUN, "-O", "tail_frac=abc"],

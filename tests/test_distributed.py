@@ -254,7 +254,8 @@ def _compare_training(dist, x, y, cfg, n_lab):
         torch.testing.assert_close(b, a, rtol=0, atol=cfg.lr / 10, msg=name)
     close = [torch.isclose(b, a, rtol=0, atol=1e-6).float().mean()
              for a, b in zip(m1.parameters(), m2.parameters(), strict=True)]
-    assert float(torch.stack(close).mean()) > 0.95
+    # (uneven shards, e.g. 6 + 5 of a batch of 11, leave a few more weights at rounding level)
+    assert float(torch.stack(close).mean()) > 0.9, (n_lab, float(torch.stack(close).mean()))
     # Every rank ends with the same weights.
     flat = torch.cat([p.detach().flatten() for p in m2.parameters()])
     everyone = [torch.empty_like(flat) for _ in range(dist.world_size)]
@@ -290,9 +291,9 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
     assert accuracy(model, x[:31], y[:31], dist=dist) == accuracy(model, x[:31], y[:31])
 
     # One distributed training round = the one-process round (up to rounding): batches of
-    # 16 + 16 + 5 split across the ranks, Barlow Twins on labelled + pool images (projector
-    # batch norm synced), validation sharded; then cross-entropy only with a last batch of one
-    # image (rank 0's shard of it is empty).
+    # 16 + 11 + 10 (37 at batch 16: a remainder of 5 is re-cut with the batch before) split
+    # unevenly across the ranks, Barlow Twins on labelled + pool images (projector batch norm
+    # synced), validation sharded; then cross-entropy only, 33 = 16 + 9 + 8.
     for cfg, n_lab in ((TrainConfig(epochs=2, batch_size=16, gamma=0.5, ssl_unlabelled=True), 37),
                        (TrainConfig(epochs=2, batch_size=16, gamma=0.0), 33)):
         _compare_training(dist, x, y, cfg, n_lab)

@@ -26,7 +26,7 @@ def _model(d):
 def test_check_finite_names_the_loss_and_the_learning_rate():
     check_finite("training", 1, {"ce": 2.3, "bt": 150.0}, 1e-3)  # healthy: no error
     for losses in ({"ce": float("nan")}, {"bt": float("inf")}, {"ce": EXPLODED_CE * 10}):
-        with pytest.raises(TrainingDiverged, match=r"epoch 3 .*learning rate 0\.5 .*--lr"):
+        with pytest.raises(TrainingDiverged, match=r"epoch 3 .*learning rate 0\.5 .*--gamma"):
             check_finite("training", 3, losses, 0.5)
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -83,3 +83,18 @@ def test_cli_prints_library_warnings_as_one_dalbt_warning_line(capsys):
     _warnings_to_stderr()  # idempotent: one handler
     logging.getLogger("dalbt.strategies.weibull").warning("weibull: degenerate Weibull fit: x")
     assert capsys.readouterr().err == "dalbt: warning: weibull: degenerate Weibull fit: x\n"
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("lr: .nan", "--lr must be a finite number > 0"),
+    ("lr: 1.0e+300", "--lr must be a finite number > 0 and at most 1e+06"),
+    ("gamma: .inf", "--gamma must be a finite number >= 0"),
+    ("batch_size: 99999999999", "--batch-size must be an integer from 2 to"),
+])
+def test_bench_config_with_an_unusable_number_is_one_line(tmp_path, capsys, setting, says):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: bad\ndataset: digits\ninitial: 20\nbudget: 10\nrounds: 1\n"
+                   f"val_size: 100\nepochs: 1\n{setting}\nstrategies: [random]\nseeds: [0]\n")
+    assert main(["bench", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dalbt: error:") and says in err[0], err

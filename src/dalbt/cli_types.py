@@ -113,21 +113,22 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
     if high is not None:
         parts.append(f"{'<' if high_open else '<='} {high:g}")
     expected = "a finite number" + (" " + " and ".join(parts) if parts else "")
-    if high is None:
-        expected += f" (at most {FLOAT32_MAX:.1e})"
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             v = math.nan
-        ok = math.isfinite(v) and abs(v) <= FLOAT32_MAX
+        ok = math.isfinite(v)
         if ok and low is not None:
             ok = v > low if low_open else v >= low
         if ok and high is not None:
             ok = v < high if high_open else v <= high
         if not ok:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if abs(v) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected {expected} that float32 can hold (at "
+                                             f"most {FLOAT32_MAX:.1e}), got {text!r}")
         return v
 
     parse.__name__ = "finite number"  # what argparse names the type in its own messages
