@@ -461,14 +461,14 @@ def test_cli_query_and_serve_reject_out_of_range_numbers(tmp_path, command, args
     ({"strategy": "nosuch"}, "unknown strategy 'nosuch'"),
     ({"strategy_options": {"nosuch": 1}}, "bad options"),
     ({"train": {"gamma": float("nan")}}, "--gamma must be a finite number >= 0, got nan"),
-    ({"train": {"lr": float("inf")}}, "train.lr must be a finite number > 0"),
-    ({"train": {"lr": 0.0}}, "train.lr"),
-    ({"train": {"batch_size": 0}}, "--batch-size must be an integer >= 1"),
+    ({"train": {"lr": float("inf")}}, "--lr must be a finite number > 0"),
+    ({"train": {"lr": 0.0}}, "--lr"),
+    ({"train": {"batch_size": 0}}, "--batch-size must be an integer from 2"),
     ({"val_fraction": float("nan")}, "--val-fraction"),
-    ({"image_size": 10_000}, "--image-size must be an integer from 8 to 512"),
+    ({"image_size": 10_000}, "--image-size for model 'lenet' must be an integer from 8 to 512"),
     ({"image_size": 2.5}, "--image-size"),
     ({"cold_start_epochs": -1}, "--cold-start-epochs"),
-    ({"train": {"amp": "fp8"}}, "train.amp"),
+    ({"train": {"amp": "fp8"}}, "--amp"),
 ])
 def test_init_validates_settings_before_writing(tmp_path, settings, match):
     write_digits(tmp_path / "images", 4)

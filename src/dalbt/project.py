@@ -38,7 +38,7 @@ from dalbt.data.formats import (
     pil_to_array,
 )
 from dalbt.errors import DalbtError
-from dalbt.recipe import TrainConfig
+from dalbt.recipe import MAX_EPOCHS, MAX_SEED, TrainConfig, check_int
 
 DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 2  # 2: images.file_stat
@@ -156,16 +156,6 @@ class ProjectConfig:
 
 
 MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
-AMP_MODES = (None, "bf16", "fp16")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
-            and math.isfinite(v))
 
 
 def validate_config(cfg: ProjectConfig) -> None:
@@ -189,32 +179,19 @@ def validate_config(cfg: ProjectConfig) -> None:
                          f"{cfg.strategy_options!r}")
     catalogue.check_strategy(cfg.strategy, cfg.strategy_options)  # unknown name, bad options
     low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
-    if not _is_int(cfg.image_size) or not low <= cfg.image_size <= MAX_IMAGE_SIZE:
-        raise DalbtError(f"--image-size must be an integer from {low} to {MAX_IMAGE_SIZE} "
-                         f"for model {cfg.model!r}, got {cfg.image_size!r}")
-    if cfg.channels not in (1, 3) or not _is_int(cfg.channels):
+    check_int(f"--image-size for model {cfg.model!r}", cfg.image_size, low, MAX_IMAGE_SIZE)
+    if cfg.channels not in (1, 3) or isinstance(cfg.channels, bool | float):
         raise DalbtError(f"--channels must be 1 or 3, got {cfg.channels!r}")
-    t = cfg.train
-    ints = [("--seed", cfg.seed, 0), ("--cold-start-epochs", cfg.cold_start_epochs, 0),
-            ("--epochs", t.epochs, 1), ("--batch-size", t.batch_size, 1),
-            ("min_val", cfg.min_val, 0), ("min_steps", cfg.min_steps, 0),
-            ("planned_rounds", cfg.planned_rounds, 1), ("train.eval_every", t.eval_every, 1),
-            ("train.pretrain_epochs", t.pretrain_epochs, 0),
-            ("train.pretrain_batch", t.pretrain_batch, 1)]
-    for name, value, least in ints:
-        if not _is_int(value) or value < least:
-            raise DalbtError(f"{name} must be an integer >= {least}, got {value!r}")
-    floats = [("--gamma", t.gamma, False), ("train.lambd", t.lambd, False),
-              ("train.weight_decay", t.weight_decay, False), ("train.lr", t.lr, True)]
-    for name, value, strict in floats:
-        if not _is_number(value) or value < 0 or (strict and value == 0):
-            raise DalbtError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
-                             f"got {value!r}")
-    if not _is_number(cfg.val_fraction) or not 0 <= cfg.val_fraction < 1:
+    cfg.train.check()  # the recipe's own ranges, as 'dalbt run' checks them
+    for name, value, least in (("--seed", cfg.seed, 0),
+                               ("--cold-start-epochs", cfg.cold_start_epochs, 0),
+                               ("min_val", cfg.min_val, 0), ("min_steps", cfg.min_steps, 0),
+                               ("planned_rounds", cfg.planned_rounds, 1)):
+        check_int(name, value, least, MAX_SEED if name == "--seed" else MAX_EPOCHS)
+    if isinstance(cfg.val_fraction, bool) or not isinstance(cfg.val_fraction, numbers.Real) \
+            or not 0 <= cfg.val_fraction < 1:  # nan fails the comparison
         raise DalbtError(f"--val-fraction must be a finite number in [0, 1), got "
                          f"{cfg.val_fraction!r}")
-    if t.amp not in AMP_MODES:
-        raise DalbtError(f"train.amp must be one of bf16, fp16 or None, got {t.amp!r}")
 
 
 @dataclass(frozen=True)

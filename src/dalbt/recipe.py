@@ -37,8 +37,10 @@ def check_float(flag: str, value: object, positive: bool = False,
           and math.isfinite(float(value)) and 0 <= float(value) <= high
           and (float(value) > 0 or not positive))
     if not ok:
-        raise DalbtError(f"{flag} must be a finite number {'>' if positive else '>='} 0 and at "
-                         f"most {high:g}, got {value!r}")
+        too_big = isinstance(value, numbers.Real) and float(value) > high
+        most = f" and at most {high:g}" if high < FLOAT32_MAX or too_big else ""
+        raise DalbtError(f"{flag} must be a finite number {'>' if positive else '>='} 0{most}, "
+                         f"got {value!r}")
 
 
 @dataclass
