@@ -94,3 +94,12 @@ def test_needs_images_and_a_labelled_set():
     ctx.labelled = np.empty(0, dtype=np.int64)
     with pytest.raises(RuntimeError, match="labelled"):
         build_strategy("vaal", steps=1).select(ctx, 2)
+
+
+def test_rank_lowest_first_orders_ties_from_the_query_stream():
+    scores, idx = torch.zeros(20), np.arange(100, 120)
+    assert rank_lowest_first(scores, idx, 5).tolist() == [100, 101, 102, 103, 104]  # rng=None
+    a = rank_lowest_first(scores, idx, 5, rng=np.random.default_rng(0)).tolist()
+    assert a == rank_lowest_first(scores, idx, 5, rng=np.random.default_rng(0)).tolist()
+    assert a != rank_lowest_first(scores, idx, 5, rng=np.random.default_rng(1)).tolist()
+    assert a != [100, 101, 102, 103, 104]
