@@ -30,9 +30,6 @@ from dalbt.cli_types import (
 )
 from dalbt.errors import DalbtError, RankZeroFailed
 
-# The argument types under the names cli_label's add_parsers receives them by.
-_option, _positive, _non_negative, _dims = option, positive_int, non_negative_int, dims
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default after its help, unless the default says nothing (None, False,
@@ -95,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. -O distance=cosine); a bad or "
                         "unknown one is reported with the strategy's valid options")
-    r.add_argument("--initial", type=_positive, default=100, help="initial labelled images")
-    r.add_argument("--budget", type=_positive, default=100, help="images queried per round")
-    r.add_argument("--rounds", type=_non_negative, default=10, help="query rounds")
-    r.add_argument("--epochs", type=_positive, default=20, help="epochs per round")
+    r.add_argument("--initial", type=positive_int, default=100, help="initial labelled images")
+    r.add_argument("--budget", type=positive_int, default=100, help="images queried per round")
+    r.add_argument("--rounds", type=non_negative_int, default=10, help="query rounds")
+    r.add_argument("--epochs", type=positive_int, default=20, help="epochs per round")
     r.add_argument("--batch-size", type=batch_size, default=64, help="training batch size")
     r.add_argument("--lr", type=positive_float, default=1e-3,
                    help="Adam learning rate (> 0)")
@@ -110,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Barlow Twins off-diagonal weight (>= 0)")
     r.add_argument("--warm-start", action="store_true",
                    help="continue from the previous round's model (default: re-initialise)")
-    r.add_argument("--val-size", type=_non_negative, default=None,
+    r.add_argument("--val-size", type=non_negative_int, default=None,
                    help="validation images held out for model selection "
                         "(default: min(5000, 10%% of train))")
     r.add_argument("--ssl-pool", action="store_true",
                    help="semi-supervised: Barlow Twins loss also on unlabelled pool images")
-    r.add_argument("--pretrain-epochs", type=_non_negative, default=0,
+    r.add_argument("--pretrain-epochs", type=non_negative_int, default=0,
                    help="Barlow Twins pre-training epochs on the whole pool before round 0; "
                         "each round fine-tunes from it")
     r.add_argument("--pretrain-batch", type=batch_size, default=256,
@@ -130,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ood-policy", choices=["return", "discard"], default="return",
                    help="a queried out-of-distribution image costs budget, gets no label and "
                         "goes back to the pool (return, the paper) or is set aside (discard)")
-    r.add_argument("--eval-every", type=_positive, default=1,
+    r.add_argument("--eval-every", type=positive_int, default=1,
                    help="validate every N epochs")
     r.add_argument("--latent-dim", type=width, default=None,
                    help="dimension of the latent z (default: the model's, see 'dalbt models')")
-    r.add_argument("--projector", type=_dims, default=(256, 256, 256),
+    r.add_argument("--projector", type=dims, default=(256, 256, 256),
                    help="projector widths (default: 256-256-256)")
     r.add_argument("--seed", type=seed, nargs="+", default=[0],
                    help="one or more seeds, one run each (default: 0)")
@@ -176,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list-presets", action="store_true", help="list the shipped presets")
     b.add_argument("--out", default=None,
                    help="experiment directory (default: runs/<bench name>)")
-    b.add_argument("--jobs", type=_positive, default=1,
+    b.add_argument("--jobs", type=positive_int, default=1,
                    help="parallel worker processes (each gets cores / jobs torch threads)")
     b.add_argument("--full-data", action="store_true",
                    help="also train the full-data reference run (the accuracy ceiling)")
@@ -192,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "one's options (-O KEY=VALUE), their types and defaults.")
     st.add_argument("--options", action="store_true", help="list each strategy's options")
     sub.add_parser("models", help="list the models", description="List the models.")
-    add_parsers(sub, _option, _positive, _non_negative)
+    add_parsers(sub)
     return p
 
 

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dalbt.cli_types import finite_float, int_range, non_negative_float, threads
+from dalbt.cli_types import (
+    batch_size,
+    finite_float,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_int,
+    threads,
+)
 from dalbt.errors import DalbtError
 
 COMMANDS = ("init", "query", "serve", "export", "import")
@@ -21,7 +30,7 @@ _budget = int_range(1, MAX_BUDGET, "a number of images")
 _image_size = int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
 
 
-def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None:
+def add_parsers(sub: Any) -> None:
     """Add the labelling sub-commands to the ``dalbt`` parser's sub-parsers."""
     p = sub.add_parser("init", help="create a labelling project on a folder of images",
                        description="Create a labelling project in DIR on the images under "
@@ -43,15 +52,15 @@ def add_parsers(sub: Any, option: Any, positive: Any, non_negative: Any) -> None
                    help="side the images are resized to (default: most common size, max 64)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 (grayscale) or 3 (colour); default: 1 if every image is grayscale")
-    p.add_argument("--epochs", type=positive, default=50, help="training epochs per query")
-    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--epochs", type=positive_int, default=50, help="training epochs per query")
+    p.add_argument("--batch-size", type=batch_size, default=64)
     p.add_argument("--gamma", type=non_negative_float, default=0.001,
                    help="Barlow Twins weight (>= 0)")
     p.add_argument("--val-fraction", type=finite_float(0, 1, high_open=True), default=0.2,
                    help="share of labels held out to select the epoch and measure accuracy")
-    p.add_argument("--cold-start-epochs", type=non_negative, default=10,
+    p.add_argument("--cold-start-epochs", type=non_negative_int, default=10,
                    help="Barlow Twins epochs before the first query when nothing is labelled")
-    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--who", default=None, help="author recorded for the initial labels")
 
     q = sub.add_parser(
