@@ -273,6 +273,21 @@ def _resume_warm_start(model: torch.nn.Module, directory: Path | None, run_id: i
     _apply_state(model, state, prev, what, fix)
 
 
+def label_queries(pool: Pool, queried: np.ndarray, round_: int, ood: np.ndarray,
+                  policy: str) -> int:
+    """The simulated oracle: label the in-distribution queries; out-of-distribution ones cost
+    budget, get no label and go back to the pool (``return``) or are set aside (``discard``).
+
+    Returns:
+        How many of ``queried`` were out of distribution.
+    """
+    out = queried[ood[queried]]
+    pool.label(queried[~ood[queried]], round_)
+    if policy == "discard":
+        pool.set_aside(out)
+    return len(out)
+
+
 def _check_replay(store: Store, run: RunRecord, done: list[dict[str, Any]], cfg: RunConfig,
                   splits: Splits, ood: np.ndarray) -> None:
     """Check the recorded rounds before they are replayed: numbered 0, 1, ...; each one's
@@ -312,9 +327,7 @@ def _check_replay(store: Store, run: RunRecord, done: list[dict[str, Any]], cfg:
         if (state == HELD_OUT).any():
             raise bad(f"rounds.queried holds index {q[state == HELD_OUT][0]}, set aside in an "
                       "earlier round")
-        trial.label(q[~ood[q]], r + 1)
-        if cfg.ood_policy == "discard":
-            trial.set_aside(q[ood[q]])
+        label_queries(trial, q, r + 1, ood, cfg.ood_policy)
 
 
 def run_experiment(
@@ -399,13 +412,7 @@ def run_experiment(
     pool = Pool.from_splits(data.n_train, splits)
 
     def oracle(queried: np.ndarray, round_: int) -> int:
-        """Label the in-distribution queries; OOD ones cost budget, get no label and go back
-        to the pool or are set aside. Returns how many were out of distribution."""
-        out = queried[ood[queried]]
-        pool.label(queried[~ood[queried]], round_)
-        if cfg.ood_policy == "discard":
-            pool.set_aside(out)
-        return len(out)
+        return label_queries(pool, queried, round_, ood, cfg.ood_policy)
 
     for rec in done:
         oracle(rec["queried"], rec["round"] + 1)
