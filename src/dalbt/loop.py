@@ -21,15 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
+from dalbt.al_round import RoundData, run_round
 from dalbt.data import ImageDataset, load_dataset
 from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
-from dalbt.distributed import SINGLE, Dist, Lead
+from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.recipe import MAX_SEED, MAX_WIDTH, check_int
 from dalbt.store import RunRecord, Store, config_key
-from dalbt.strategies import QueryContext, build_strategy
-from dalbt.train import TrainConfig, accuracy, infer, mc_dropout_probs, pretrain_barlow
+from dalbt.strategies import build_strategy
+from dalbt.train import TrainConfig, pretrain_barlow
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
 # can be resumed on another device or with the data in another directory.
@@ -434,6 +435,10 @@ def run_experiment(
                                        new_model, progress, log, dist)
 
     model = None
+    round_data = RoundData(images=data.x_train, targets=data.y_train,
+                           num_classes=data.num_classes, labelled=pool.labelled,
+                           validation=splits.validation, unlabelled=pool.unlabelled,
+                           candidates=outside_validation, test=(data.x_test, data.y_test))
     for r in range(start, cfg.rounds + 1):
         if model is None or not cfg.train.warm_start:
             model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0 if cfg.train.warm_start else r))
@@ -441,82 +446,19 @@ def run_experiment(
                 model.load_state_dict(pretrained)
             if cfg.train.warm_start and r > 0:
                 _resume_warm_start(model, directory, run.id, r, device, dist)
-        labelled = pool.labelled
-        bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
-                   disable=not progress)
-        t0 = time.perf_counter()
-        # Training sees the labels the oracle gave and the validation labels; nothing else.
-        visible = torch.full_like(data.y_train, -1)
-        seen = torch.as_tensor(np.concatenate([labelled, splits.validation]))
-        visible[seen] = data.y_train[seen]
-        res = strategy.train_model(
-            model, data.x_train, visible, labelled, splits.validation, cfg.train,
-            rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
-            rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
-            on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)),
-            unlabelled=pool.unlabelled, dist=dist)
-        dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
-        bar.close()
-        t_train = time.perf_counter() - t0
-        test_acc = accuracy(model, data.x_test, data.y_test, dist=dist)
-
-        queried = np.empty(0, dtype=np.int64)
-        t_score = t_select = 0.0
-        if r < cfg.rounds:
-            sbar = tqdm(desc=f"round {r} score", unit="img", leave=False,
-                        disable=not progress or not strategy.requires)
-            scored: list[dict[str, Any]] = []
-
-            def score(idx: np.ndarray, sbar=sbar, model=model, scored=scored) -> Any:
-                if dist.is_main:
-                    sbar.total = (sbar.total or 0) + len(idx)
-                out = infer(model, data.x_train, idx, progress=sbar.update, dist=dist)
-                if save_scores and dist.is_main:
-                    scored.append({"kind": "outputs", "indices": torch.as_tensor(out.indices),
-                                   "logits": out.logits, "latents": out.latents})
-                return out
-
-            def mc_score(idx: np.ndarray, t: int, g: torch.Generator, model=model,
-                         scored=scored) -> Any:
-                probs = mc_dropout_probs(model, data.x_train, idx, t, g, dist=dist)
-                if save_scores and dist.is_main:
-                    scored.append({"kind": "mc_probs", "indices": torch.as_tensor(idx),
-                                   "probs": probs})
-                return probs
-
-            # The strategy runs once, on rank 0; its scoring requests run sharded on all ranks.
-            lead = Lead(dist, {"score": score, "mc_score": mc_score})
-
-            def query(r=r, labelled=labelled, lead=lead) -> tuple[np.ndarray, float, float]:
-                ctx = QueryContext(unlabelled=pool.unlabelled, labelled=labelled,
-                                   labelled_targets=data.y_train[labelled].numpy(),
-                                   num_classes=data.num_classes,
-                                   rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r),
-                                   scorer=lambda idx: lead.call("score", idx),
-                                   round=r, total_rounds=cfg.rounds, images=data.x_train,
-                                   train_config=cfg.train,
-                                   device=str(device), model_factory=new_model,
-                                   candidates=outside_validation,
-                                   mc_scorer=lambda idx, t, g: lead.call("mc_score", idx, t, g))
-                t0 = time.perf_counter()
-                strategy.prepare(ctx)
-                ctx.prefetch(strategy.requires)
-                t_score = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                queried = strategy.select(ctx, cfg.budget)
-                return queried, t_score, time.perf_counter() - t0
-
-            queried, t_score, t_select = lead.run(query)
-            sbar.close()
-            if save_scores and directory is not None:
-                _save_scores(directory / "scores" / f"run-{run.id}-round-{r}.pt", r, scored,
-                             queried)
+        round_data.labelled = round_data.known = pool.labelled
+        round_data.unlabelled = pool.unlabelled
+        res = run_round(strategy, round_data, cfg.train, seed=cfg.seed, round_=r,
+                        budget=cfg.budget if r < cfg.rounds else 0, new_model=new_model,
+                        model=model, total_rounds=cfg.rounds, dist=dist, progress=progress,
+                        keep_scores=save_scores)
+        queried = res.queried
+        if save_scores and directory is not None and r < cfg.rounds:
+            _save_scores(directory / "scores" / f"run-{run.id}-round-{r}.pt", r, res.scored,
+                         queried)
         if cfg.train.warm_start and directory is not None:
             _save_checkpoint(_checkpoint_path(directory, run.id, r), model)
-        metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
-                   "best_epoch": res.best_epoch, "train_ce": res.train_ce,
-                   "train_bt": res.train_bt, "t_train": t_train, "t_score": t_score,
-                   "t_select": t_select}
+        metrics = {"n_labelled": len(round_data.labelled), **res.metrics()}
         metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
         if store is not None:
             store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
@@ -525,9 +467,9 @@ def run_experiment(
         if cfg.train.warm_start and r > 0 and directory is not None:
             _remove_checkpoint(_checkpoint_path(directory, run.id, r - 1))
         ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
-        log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
-            f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
-            f"score {t_score:.1f}s  select {t_select:.2f}s{ood_note}")
+        log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {metrics['n_labelled']:6d}  "
+            f"val {metrics['val_acc']:.4f}  test {res.test_acc:.4f}  train {res.t_train:.1f}s  "
+            f"score {res.t_score:.1f}s  select {res.t_select:.2f}s{ood_note}")
     return dist.from_main(lambda: (store.find_run(key) if store is not None else None) or run)
 
 

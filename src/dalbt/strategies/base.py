@@ -136,6 +136,9 @@ class Strategy:
     # Dropout on the latent before the classifier that the run's models are trained with
     # (MC-dropout strategies need > 0; everything else trains the plain DALBT model).
     train_dropout: float = 0.0
+    # True when the strategy reads no label and no classifier output, so that it can choose
+    # the first images to label (the cold start: features of a self-supervised encoder only).
+    label_free: ClassVar[bool] = False
 
     def prepare(self, ctx: QueryContext) -> None:
         """Hook run before scoring each round: strategies that train models of their own
