@@ -206,8 +206,8 @@ def _query(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainC
 def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed: int,
               round_: int, budget: int, new_model: ModelFactory, model: nn.Module | None = None,
               total_rounds: int | None = None, cold_start_epochs: int = 0,
-              dist: Dist = SINGLE, progress: bool = False, keep_scores: bool = False
-              ) -> RoundResult:
+              trained: TrainResult | None = None, dist: Dist = SINGLE, progress: bool = False,
+              keep_scores: bool = False) -> RoundResult:
     """One AL round: train (or cold-start), measure, query.
 
     Args:
@@ -223,6 +223,8 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
         total_rounds: Query rounds the caller plans (strategies that plan ahead read it).
         cold_start_epochs: With no labelled image: Barlow Twins epochs on ``candidates``
             before the strategy picks on the encoder's features (0: untrained features).
+        trained: ``model`` is already trained on this labelled set (this is its training
+            summary): the round measures and queries without training again.
         dist: This process's place in a distributed run (every rank calls with the same
             arguments; the strategy runs on rank 0).
         progress: Show progress bars.
@@ -235,11 +237,17 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
         TrainingDiverged: The training loss became non-finite.
     """
     cold = len(data.labelled) == 0
+    if trained is not None and (model is None or cold):
+        raise ValueError("trained= needs the trained model and a labelled set")
     if model is None:
         model = new_model(rngs.int_seed(seed, rngs.PRETRAIN if cold else rngs.INIT, round_))
     t0 = time.perf_counter()
-    res = _train(model, strategy, data, recipe, seed, round_, cold_start_epochs, dist, progress)
-    dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
+    if trained is not None:
+        res: TrainResult | None = trained
+    else:
+        res = _train(model, strategy, data, recipe, seed, round_, cold_start_epochs, dist,
+                     progress)
+        dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
     result = RoundResult(model=model, train=res, test_acc=None,
                          queried=np.empty(0, dtype=np.int64), guesses=None,
                          t_train=time.perf_counter() - t0)

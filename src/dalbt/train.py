@@ -252,7 +252,7 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
         if progress is not None:
             progress(len(chunk) * dist.world_size)
     model.train(was_training)
-    k = model.classifier.out_features
+    k = model.num_classes
     d = model.latent_dim
     logits_t = torch.cat(logits) if logits else torch.empty(0, k)
     latents_t = torch.cat(latents) if latents else torch.empty(0, d)
@@ -349,7 +349,7 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    d = model.classifier.in_features
+    d = model.latent_dim
     idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
     lo, hi = dist.shard(len(idx))
     out = []
@@ -364,7 +364,7 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
         logits = model.classifier(z.unsqueeze(0) * keep / (1.0 - p))  # (T, B, K)
         out.append(torch.softmax(logits.float(), dim=-1).permute(1, 0, 2).cpu())
     model.train(was_training)
-    k = model.classifier.out_features
+    k = model.num_classes
     return dist.gather_rows(torch.cat(out) if out else torch.empty(0, samples, k), len(idx))
 
 
