@@ -129,3 +129,37 @@ def test_mc_dropout_strategy_trains_with_dropout(digits):
     q = learner.query(6)
     assert len(set(q.tolist())) == 6 and learner.model is not None
     assert learner.model.dropout.p > 0
+
+
+def test_public_names_load_and_a_registered_strategy_runs(digits):
+    import dalbt
+    from dalbt.strategies import STRATEGIES, Strategy
+
+    for name in dalbt.__all__:
+        assert getattr(dalbt, name) is not None, name
+
+    class FirstInPool(Strategy):
+        name = "test-first-in-pool"
+        description = "the smallest pool indices (test strategy)"
+
+        def _select(self, ctx, n):
+            return np.sort(ctx.unlabelled)[:n]
+
+    try:
+        dalbt.register_strategy(FirstInPool)
+        with pytest.raises(DalbtError, match="already registered"):
+            dalbt.register_strategy(type("Other", (Strategy,), {"name": "test-first-in-pool"}))
+        learner = ActiveLearner(TwoLayerMLP(), digits, strategy="test-first-in-pool",
+                                recipe=TINY, min_val=3)
+        learner.teach(np.arange(20), digits.y_train[:20])
+        np.testing.assert_array_equal(learner.query(4), [20, 21, 22, 23])
+    finally:
+        STRATEGIES.pop("test-first-in-pool", None)
+    with pytest.raises(DalbtError, match="Strategy subclass"):
+        dalbt.register_strategy(int)
+
+
+def test_all_lists_every_lazy_name():
+    import dalbt
+
+    assert set(dalbt.__all__) == {"DalbtError", "__version__", *dalbt._LAZY}

@@ -28,7 +28,7 @@ from dalbt.models.net import DALBTNet, make_projector
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
 from dalbt.strategies import Strategy, build_strategy
-from dalbt.train import TrainResult, infer
+from dalbt.train import TrainResult, infer, with_min_steps
 
 __all__ = ["ActiveLearner", "ClassifierModule", "as_dalbt_model"]
 
@@ -157,6 +157,9 @@ class ActiveLearner:
             role is fixed by the seed); with fewer than ``min_val`` such images, every label
             trains and the last epoch is kept.
         min_val: See ``val_fraction``.
+        min_steps: Fewest optimiser steps per round: with few labels an epoch is a step or
+            two, so the recipe's epochs are raised to reach this many steps (as the labelling
+            project does; 0 keeps the recipe's epochs).
         test: Images and labels to measure each round's model on (same forms as ``data``).
         cold_start_strategy: The label-free strategy of a query with no label yet.
         cold_start_epochs: Barlow Twins epochs before that first query.
@@ -173,8 +176,9 @@ class ActiveLearner:
     def __init__(self, model: nn.Module | Callable[[], nn.Module], data: Any, *,
                  strategy: str | Strategy = "margin", recipe: TrainConfig | None = None,
                  seed: int = 0, num_classes: int | None = None, val_fraction: float = 0.2,
-                 min_val: int = 20, test: Any = None, cold_start_strategy: str = "coreset",
-                 cold_start_epochs: int = 10, data_options: dict[str, Any] | None = None,
+                 min_val: int = 20, min_steps: int = 200, test: Any = None,
+                 cold_start_strategy: str = "coreset", cold_start_epochs: int = 10,
+                 data_options: dict[str, Any] | None = None,
                  progress: bool = False, **strategy_options: Any) -> None:
         self.data = _as_images(data, **(data_options or {}))
         if self.data.n_train == 0:
@@ -186,6 +190,7 @@ class ActiveLearner:
         if not 0 <= val_fraction < 1:
             raise DalbtError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction, self.min_val = float(val_fraction), int(min_val)
+        self.min_steps = int(min_steps)
         self.strategy = (strategy if isinstance(strategy, Strategy)
                          else build_strategy(strategy, **strategy_options))
         self.cold_strategy = build_strategy(cold_start_strategy)
@@ -304,7 +309,9 @@ class ActiveLearner:
         fitted = self._fitted
         reuse = (fitted is not None and fitted[0] == self._version and self.model is not None
                  and not cold)
-        res = run_round(strategy, data, self.recipe, seed=self.seed, round_=self.round,
+        recipe = self.recipe if cold else with_min_steps(self.recipe, len(data.labelled),
+                                                          self.min_steps)
+        res = run_round(strategy, data, recipe, seed=self.seed, round_=self.round,
                         budget=budget, new_model=self._new_model(strategy.train_dropout),
                         model=self.model if reuse else None,
                         trained=fitted[1] if reuse and fitted is not None else None,

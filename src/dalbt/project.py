@@ -16,7 +16,6 @@ import getpass
 import hashlib
 import io
 import json
-import math
 import numbers
 import os
 import sqlite3
@@ -1005,7 +1004,7 @@ class Project:
         from dalbt.al_round import RoundData, run_round
         from dalbt.models import build_model
         from dalbt.strategies import build_strategy
-        from dalbt.train import n_batches
+        from dalbt.train import with_min_steps
 
         cfg = self.config
         round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
@@ -1023,11 +1022,7 @@ class Project:
             return build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
                                dropout=strategy.train_dropout, seed=seed).to(device)
 
-        train_cfg = cfg.train
-        if not cold:
-            steps = n_batches(len(lab_pos), cfg.train.batch_size)
-            train_cfg = replace(cfg.train, epochs=max(cfg.train.epochs,
-                                                      math.ceil(cfg.min_steps / steps)))
+        train_cfg = cfg.train if cold else with_min_steps(cfg.train, len(lab_pos), cfg.min_steps)
         data = RoundData(images=torch.from_numpy(x_np), targets=y,
                          num_classes=len(cfg.classes), labelled=lab_pos, validation=val_pos,
                          unlabelled=cand, known=np.sort(np.concatenate([lab_pos, val_pos])))

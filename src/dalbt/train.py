@@ -7,7 +7,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -199,6 +199,13 @@ def _cut(n: int, size: int, min_size: int) -> list[int]:
 def n_batches(n: int, size: int) -> int:
     """How many batches :func:`batches` cuts ``n`` positions into (optimiser steps an epoch)."""
     return len(_cut(n, size, min_batch(size)))
+
+
+def with_min_steps(cfg: TrainConfig, n: int, min_steps: int) -> TrainConfig:
+    """``cfg`` with its epochs raised so that ``n`` labelled images give at least ``min_steps``
+    optimiser steps (with few labels an epoch is a step or two)."""
+    steps = n_batches(n, cfg.batch_size)
+    return replace(cfg, epochs=max(cfg.epochs, math.ceil(min_steps / max(steps, 1))))
 
 
 def batches(n: int, size: int, generator: torch.Generator | None = None,
