@@ -131,13 +131,13 @@ def select(strategy: str | Strategy, budget: int, *,
             strategy that needs images or training of its own (use :data:`MODEL_LEVEL_API`).
     """
     _check_strategy(strategy, options)
+    _check_budget(budget)
     pool = _Pool.build(probs=probs, logits=logits, embeddings=embeddings, mc_probs=mc_probs,
                        indices=indices)
     labelled = _Labelled.build(embeddings=labelled_embeddings, probs=labelled_probs,
                                logits=labelled_logits, targets=labelled_targets)
     k = _num_classes(pool, labelled, num_classes)
     strat = _strategy(strategy, options, pool.mc_probs)
-    _check_budget(budget)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DalbtError(f"seed must be a non-negative integer, got {seed!r}")
     if pool.size == 0:
@@ -152,7 +152,7 @@ def select(strategy: str | Strategy, budget: int, *,
             hint = (" (it uses the labelled set: pass labelled_embeddings and, where it needs "
                     "them, labelled_probs and labelled_targets)")
         raise DalbtError(f"strategy {strat.name!r} cannot select from these arrays: "
-                         f"{exc}{hint}") from None
+                         f"{exc}{hint}") from exc
     return pool.indices[chosen] if pool.indices is not None else chosen
 
 
@@ -299,13 +299,12 @@ class _Pool:
 
 @dataclass
 class _Labelled:
-    """The labelled set's arrays, checked; ``given`` is False when none was passed."""
+    """The labelled set's arrays, checked (size 0 and all None when none was passed)."""
 
     size: int
     logits: Tensor | None
     embeddings: Tensor | None
     targets: np.ndarray | None
-    given: bool
 
     @classmethod
     def build(cls, *, embeddings: ArrayInput | None, probs: ArrayInput | None,
@@ -319,7 +318,7 @@ class _Labelled:
             ("labelled_embeddings", emb), ("labelled_targets", y)) if t is not None}
         if given:
             _same("rows (L)", given)
-        return cls(next(iter(given.values()), 0), lg, emb, y, bool(given))
+        return cls(next(iter(given.values()), 0), lg, emb, y)
 
 
 def _indices(value: ArrayInput) -> np.ndarray:
