@@ -192,6 +192,28 @@ class Strategy:
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         raise NotImplementedError
 
+    def query(self, budget: int, *, probs: Any = None, logits: Any = None,
+              embeddings: Any = None, mc_probs: Any = None, labelled_embeddings: Any = None,
+              labelled_probs: Any = None, labelled_logits: Any = None,
+              labelled_targets: Any = None, indices: Any = None, num_classes: int | None = None,
+              seed: int = 0) -> np.ndarray:
+        """Choose ``budget`` pool samples from arrays of a model's outputs (numpy or torch).
+
+        The same as ``dalbt.selection.select(self, budget, ...)``; see there for the
+        arguments (probs/logits (N, K), embeddings (N, D), mc_probs (N, T, K), the labelled
+        set's arrays, ``indices`` (N,)).
+
+        Returns:
+            (min(budget, N),) int64 row positions (or entries of ``indices``), best first.
+        """
+        from dalbt.selection import select  # dalbt.selection imports this module
+
+        return select(self, budget, probs=probs, logits=logits, embeddings=embeddings,
+                      mc_probs=mc_probs, labelled_embeddings=labelled_embeddings,
+                      labelled_probs=labelled_probs, labelled_logits=labelled_logits,
+                      labelled_targets=labelled_targets, indices=indices,
+                      num_classes=num_classes, seed=seed)
+
 
 def tie_keys(rng: np.random.Generator | None, indices: np.ndarray) -> np.ndarray:
     """Secondary sort keys that order tied scores, (N,).
