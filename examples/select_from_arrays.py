@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from dalbt.selection import select
+from dalbt import select
 
 x, y = load_digits(return_X_y=True)
 x = x / 16.0
