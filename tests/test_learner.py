@@ -163,3 +163,31 @@ def test_all_lists_every_lazy_name():
     import dalbt
 
     assert set(dalbt.__all__) == {"DalbtError", "__version__", *dalbt._LAZY}
+
+
+def test_every_data_form_loads_through_the_same_path(digits, tmp_path):
+    from PIL import Image
+
+    x = digits.x_train[:60]
+    y = digits.y_train[:60]
+    for k in range(60):
+        folder = tmp_path / digits.classes[int(y[k])]
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(x[k, 0].numpy()).save(folder / f"{k:02d}.png")
+    pil_items = [(Image.fromarray(x[k, 0].numpy()), int(y[k])) for k in range(60)]
+    forms = {
+        "arrays": (x.numpy(), None),
+        "float tensor": x.float() / 255.0,
+        "torch dataset": pil_items,
+        "folder": tmp_path,
+    }
+    for form, data in forms.items():
+        learner = ActiveLearner(TwoLayerMLP(), data, recipe=TINY, cold_start_epochs=0,
+                                data_options={"image_size": 8} if form == "folder" else None)
+        assert learner.data.x_train.shape == (60, 1, 8, 8), form
+        assert (learner.labels == -1).all(), form  # labels in the data are not taught
+        assert len(learner.query(5)) == 5, form
+    folder = ActiveLearner(TwoLayerMLP(), tmp_path, data_options={"image_size": 8}).data
+    # the same images, grouped by class folder
+    assert sorted(map(tuple, folder.x_train.flatten(1).tolist())) == \
+        sorted(map(tuple, x.flatten(1).tolist()))
