@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dalbt import catalogue
-from dalbt.cli_label import COMMANDS, add_parsers, dispatch
-from dalbt.cli_types import (
+from dalbt.cli.label import COMMANDS, add_parsers, dispatch
+from dalbt.cli.types import (
     batch_size,
     dims,
     finite_float,
@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input on one ``dalbt: error:`` line, without the usage block,
     and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class).
 
-    A bare ``type=float`` is replaced by :func:`dalbt.cli_types.finite_float`, so that no
+    A bare ``type=float`` is replaced by :func:`dalbt.cli.types.finite_float`, so that no
     option takes nan or inf; options with a range give their own type from ``cli_types``.
     """
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dalbt.cli_types import (
+from dalbt.cli.types import (
     batch_size,
     finite_float,
     int_range,
@@ -115,7 +115,7 @@ def _threads(n: int | None) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run one labelling sub-command; returns the exit code."""
-    from dalbt.project import Project, parse_classes
+    from dalbt.labelling.project import Project, parse_classes
 
     if args.command == "init":
         from dalbt.recipe import TrainConfig
@@ -139,14 +139,14 @@ def dispatch(args: argparse.Namespace) -> int:
               f"'dalbt serve {args.directory}'")
         return 0
     if args.command == "serve":
-        from dalbt.serve import serve
+        from dalbt.labelling.server import serve
 
         _threads(args.threads)
         serve(Path(args.directory), host=args.host, port=args.port, token=args.token,
               user=args.user, budget=args.budget)
         return 0
     if args.command == "export":
-        from dalbt.interchange import export_project
+        from dalbt.labelling.interchange import export_project
 
         with Project(args.directory) as project:
             text = export_project(project, args.format, queue=args.queue)
@@ -157,7 +157,7 @@ def dispatch(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         return 0
     if args.command == "import":
-        from dalbt.interchange import import_file
+        from dalbt.labelling.interchange import import_file
 
         with Project(args.directory) as project:
             summary = import_file(project, Path(args.file), who=args.who)

@@ -1,10 +1,11 @@
 """The labelling web page of a project (``dalbt serve``): a small JSON API and one static page.
 
-Every request opens its own :class:`~dalbt.project.Project` (its own SQLite connection), so
-labels from several tabs or people are independent transactions; each label is committed
-before its response, so killing the server loses no acknowledged label. Images are served by
-database id only (never by a path from the client) through :meth:`Project.read_image`, which
-checks the file's hash and refuses anything outside the image folder.
+Every request opens its own :class:`~dalbt.labelling.project.Project` (its own SQLite
+connection), so labels from several tabs or people are independent transactions; each label is
+committed before its response, so killing the server loses no acknowledged label. Images are
+served by database id only (never by a path from the client) through
+:meth:`Project.read_image`, which checks the file's hash and refuses anything outside the image
+folder.
 
 Security: with a token every request must present it (``?token=`` on the first page load
 sets an HttpOnly, SameSite=Strict cookie; or ``Authorization: Bearer``). POST bodies must be
@@ -36,7 +37,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
-from dalbt.project import Project, QueryLock, default_user, is_loopback
+from dalbt.labelling.project import Project, QueryLock, default_user, is_loopback
 
 DEFAULT_BUDGET = 20
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
@@ -131,7 +132,7 @@ def _now() -> str:
 
 
 def _static(name: str) -> bytes:
-    return (resources.files("dalbt") / "static" / name).read_bytes()
+    return (resources.files("dalbt.labelling") / "static" / name).read_bytes()
 
 
 def cookie_name(token: str) -> str:

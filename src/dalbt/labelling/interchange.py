@@ -92,7 +92,7 @@ from urllib.parse import quote, unquote, unquote_plus, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from dalbt.errors import DalbtError
-from dalbt.project import CLASS, OOD, Project, default_user
+from dalbt.labelling.project import CLASS, OOD, Project, default_user
 
 OOD_CHOICE = "none of these classes"
 OOD_MARKERS = ("ood", OOD_CHOICE)
