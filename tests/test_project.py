@@ -16,7 +16,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from dalbt.errors import DalbtError
-from dalbt.labelling.project import Project, is_loopback, parse_classes, scan_images
+from dalbt.labelling.images import scan_images
+from dalbt.labelling.project import Project, is_loopback, parse_classes
 
 CLASSES = [str(c) for c in range(10)]
 TINY = {"train": {"epochs": 2}, "cold_start_epochs": 1}

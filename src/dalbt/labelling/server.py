@@ -37,7 +37,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
-from dalbt.labelling.project import Project, QueryLock, default_user, is_loopback
+from dalbt.labelling.lock import QueryLock
+from dalbt.labelling.project import Project, default_user, is_loopback
 
 DEFAULT_BUDGET = 20
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
