@@ -11,6 +11,22 @@ from dalbt.errors import DalbtError
 from dalbt.recipe import MAX_EPOCHS, MAX_SEED, TrainConfig, check_int
 
 MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
+CHANNELS = (1, 3)  # grayscale or RGB
+PROJECT_EPOCHS = 50  # epochs per query of a project's recipe (raised further by min_steps)
+
+# The labelling page (``dalbt serve``).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_BUDGET = 20  # images per query when neither the server nor an earlier batch says
+MAX_BUDGET = 1_000_000  # images per query asked for on the command line or the page
+
+EXPORT_FORMATS = ("csv", "labelstudio", "labelstudio-config")  # of ``dalbt export``
+
+
+def project_recipe() -> TrainConfig:
+    """The training recipe of a new project: :class:`TrainConfig`'s, with
+    :data:`PROJECT_EPOCHS` epochs."""
+    return TrainConfig(epochs=PROJECT_EPOCHS)
 
 
 @dataclass
@@ -35,7 +51,7 @@ class ProjectConfig:
         planned_rounds: Number of rounds strategies that plan ahead (PT4AL) assume.
         cold_start_epochs: Barlow Twins epochs on all images before the first query when there
             are no labels yet (the first batch is then k-centre on those features).
-        train: Training recipe of each round.
+        train: Training recipe of each round (default: :func:`project_recipe`).
     """
 
     classes: list[str]
@@ -51,7 +67,7 @@ class ProjectConfig:
     min_steps: int = 200
     planned_rounds: int = 10
     cold_start_epochs: int = 10
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=project_recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,9 +77,6 @@ class ProjectConfig:
         d = dict(d)
         d["train"] = TrainConfig(**d.get("train", {}))
         return cls(**d)
-
-
-MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
 
 
 def validate_config(cfg: ProjectConfig) -> None:
@@ -88,7 +101,7 @@ def validate_config(cfg: ProjectConfig) -> None:
     catalogue.check_strategy(cfg.strategy, cfg.strategy_options)  # unknown name, bad options
     low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
     check_int(f"--image-size for model {cfg.model!r}", cfg.image_size, low, MAX_IMAGE_SIZE)
-    if cfg.channels not in (1, 3) or isinstance(cfg.channels, bool | float):
+    if cfg.channels not in CHANNELS or isinstance(cfg.channels, bool | float):
         raise DalbtError(f"--channels must be 1 or 3, got {cfg.channels!r}")
     cfg.train.check()  # the recipe's own ranges, as 'dalbt run' checks them
     for name, value, least in (("--seed", cfg.seed, 0),
@@ -102,4 +115,7 @@ def validate_config(cfg: ProjectConfig) -> None:
                          f"{cfg.val_fraction!r}")
 
 
-__all__ = ["MAX_IMAGE_SIZE", "ProjectConfig", "validate_config"]
+__all__ = ["CHANNELS", "DEFAULT_BUDGET", "DEFAULT_HOST", "DEFAULT_PORT", "EXPORT_FORMATS",
+           "MAX_BUDGET",
+           "MAX_IMAGE_SIZE", "PROJECT_EPOCHS", "ProjectConfig", "project_recipe",
+           "validate_config"]

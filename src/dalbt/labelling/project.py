@@ -30,7 +30,7 @@ import numpy as np
 
 from dalbt.data.formats import IMAGE_EXTENSIONS
 from dalbt.errors import DalbtError
-from dalbt.labelling.config import ProjectConfig, validate_config
+from dalbt.labelling.config import ProjectConfig, project_recipe, validate_config
 from dalbt.labelling.images import (
     decode_image,
     file_stat,
@@ -230,7 +230,8 @@ class Project:
             who: Recorded as the author of the initial labels.
             log: Where warnings go.
             **settings: Other :class:`ProjectConfig` fields (``strategy``, ``seed``, ...) and
-                ``train`` (a :class:`TrainConfig` or dict).
+                ``train`` (a :class:`TrainConfig`, or a dict of changes to
+                :func:`~dalbt.labelling.config.project_recipe`).
 
         Returns:
             The open project.
@@ -260,12 +261,12 @@ class Project:
             initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
         probed_size, probed_channels = probe_images(root, paths, log=log)
         train = settings.pop("train", None)
-        if isinstance(train, dict):
-            train = TrainConfig(**train)
+        if isinstance(train, dict):  # changes to the project's default recipe
+            train = replace(project_recipe(), **train)
+        settings["train"] = train or project_recipe()
         cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
                             image_size=image_size or probed_size,
-                            channels=channels or probed_channels,
-                            train=train or TrainConfig(), **settings)
+                            channels=channels or probed_channels, **settings)
         validate_config(cfg)  # before anything is written
         cfg = replace(cfg, image_size=int(cfg.image_size), channels=int(cfg.channels))
         made = [d for d in (directory, *directory.parents) if not d.exists()]

@@ -37,10 +37,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
+from dalbt.labelling.config import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT, MAX_BUDGET
 from dalbt.labelling.lock import QueryLock
 from dalbt.labelling.project import Project, default_user, is_loopback
 
-DEFAULT_BUDGET = 20
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 
 # Formats every browser shows; any other image format is converted to PNG on the way out.
@@ -87,7 +87,7 @@ class SkipIn(_Body):
 class QueryIn(_Body):
     """Body of ``POST /api/query``; no budget: the server's default."""
 
-    budget: int | None = Field(default=None, gt=0, le=1_000_000)
+    budget: int | None = Field(default=None, gt=0, le=MAX_BUDGET)
 
 
 def _shown(value: str, limit: int = 40) -> str:
@@ -164,7 +164,8 @@ class _Site:
         return Project(self.directory)
 
     def default_budget(self, p: Project) -> int:
-        """The query button's batch size: the server's, else the last batch's, else 20."""
+        """The query button's batch size: the server's, else the last batch's, else
+        :data:`~dalbt.labelling.config.DEFAULT_BUDGET`."""
         if self.budget:
             return self.budget
         rounds = p.rounds()
@@ -172,7 +173,7 @@ class _Site:
 
 
 def create_app(directory: Path, token: str | None = None, user: str | None = None,
-               budget: int | None = None, host: str = "127.0.0.1") -> FastAPI:
+               budget: int | None = None, host: str = DEFAULT_HOST) -> FastAPI:
     """The labelling app of a project.
 
     Args:
@@ -511,8 +512,8 @@ def page_url(host: str, port: int, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
-def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          user: str | None = None, budget: int | None = None) -> None:
+def serve(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          token: str | None = None, user: str | None = None, budget: int | None = None) -> None:
     """Serve the labelling page until interrupted (Ctrl-C).
 
     A non-loopback ``host`` never runs without a token: one is generated when none is given.
@@ -544,7 +545,7 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str
 
 
 @contextlib.contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+def background_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = 0,
                       timeout: float = 20.0) -> Iterator[str]:
     """Run an app with uvicorn in a background thread (tests, screenshots).
 
