@@ -43,10 +43,9 @@ import numpy as np
 
 from dalbt.errors import DalbtError
 from dalbt.recipe import OOD_POLICIES, RunConfig
-from dalbt.store import config_key
+from dalbt.store import FULL_DATA, config_key
 from dalbt.train import TrainConfig
 
-FULL_DATA = "full-data"
 MANIFEST = "bench.json"
 
 # RunConfig fields a bench sets per run itself, never from the protocol.

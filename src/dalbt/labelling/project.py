@@ -22,12 +22,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dalbt.clock import utc_now
 from dalbt.data.formats import IMAGE_EXTENSIONS
 from dalbt.errors import DalbtError
 from dalbt.labelling.config import ProjectConfig, project_recipe, validate_config
@@ -46,6 +46,7 @@ DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 2  # 2: images.file_stat
 OOD = "ood"  # label kind of "none of these classes"
 CLASS = "class"
+STAMP = "milliseconds"  # precision of the timestamps of labels, queue entries and rounds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,9 +91,6 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 """
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def default_user() -> str:
@@ -299,7 +297,7 @@ class Project:
         db = cls._connect(path)
         try:
             db.executescript(SCHEMA)
-            now = _now()
+            now = utc_now(STAMP)
             db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT INTO meta VALUES (?, ?)",
                            [("config", json.dumps(cfg.to_dict(), allow_nan=False)),
@@ -427,7 +425,7 @@ class Project:
             db.execute("UPDATE images SET status = ?, note = ?, file_stat = ? WHERE id = ?",
                        (status, note, stat, int(image_id)))
             db.execute("UPDATE queue SET status = 'unreadable', updated = ? "
-                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+                       "WHERE image_id = ? AND status = 'pending'", (utc_now(STAMP), int(image_id)))
 
     def recheck_images(self) -> list[tuple[str, str, str]]:
         """Look again at every image marked unusable; one whose file is back as it was added
@@ -523,7 +521,7 @@ class Project:
                 raise DalbtError(f"unknown class {label!r}; the classes are "
                                  f"{', '.join(self.config.classes)}")
             self.image(image_id)
-        now = _now()
+        now = utc_now(STAMP)
         added = unchanged = 0
         default = default_user()
         with self.transaction() as db:
@@ -546,7 +544,7 @@ class Project:
         """Leave a queued image unlabelled for now (it goes back to the pool)."""
         with self.transaction() as db:
             db.execute("UPDATE queue SET status = 'skipped', updated = ? "
-                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+                       "WHERE image_id = ? AND status = 'pending'", (utc_now(STAMP), int(image_id)))
 
     def current_labels(self) -> dict[int, str | None]:
         """Image id -> its latest label (``None`` for out of distribution)."""
@@ -830,7 +828,7 @@ class Project:
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, ckpt)
         queued = [int(ids[k]) for k in chosen]
-        now = _now()
+        now = utc_now(STAMP)
         n_labelled = int(len(lab_pos) + len(val_pos))
         with self.transaction() as db:
             db.execute("INSERT INTO rounds (round, method, n_labelled, n_val, val_acc, checkpoint,"

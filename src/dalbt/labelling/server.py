@@ -24,7 +24,6 @@ import socket
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from dalbt.clock import utc_now
 from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
 from dalbt.labelling.config import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT, MAX_BUDGET
@@ -130,9 +130,6 @@ class _QueryJob:
         return {"error": self.error, "last": self.last, "started": self.started,
                 "finished": self.finished}
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _static(name: str) -> bytes:
@@ -392,7 +389,7 @@ def _add_query_routes(app: FastAPI, site: _Site) -> None:
                     raise HTTPException(409, "another process is running a query on this "
                                              "project; wait for it to finish") from exc
                 n = body.budget or site.default_budget(p)
-            job.error, job.started, job.finished = None, _now(), None
+            job.error, job.started, job.finished = None, utc_now(), None
             job.thread = threading.Thread(target=_run_query, args=(site, n, qlock), daemon=True,
                                           name="dalbt-query")
             job.thread.start()
@@ -427,7 +424,7 @@ def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:
         traceback.print_exc()
         job.error = f"the query failed: {type(exc).__name__}: {exc}"
     finally:
-        job.finished = _now()
+        job.finished = utc_now()
         qlock.release()
         job.lock.release()
 
