@@ -1,4 +1,6 @@
-"""The ``dalbt`` command line."""
+"""The ``dalbt`` command line: ``run``, ``bench``, ``report`` and the listings here, the
+labelling sub-commands in :mod:`dalbt.cli.label`, every argument type in :mod:`dalbt.cli.types`.
+"""
 
 from __future__ import annotations
 
@@ -57,10 +59,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input on one ``dalbt: error:`` line, without the usage block,
-    and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class).
+    and shows defaults in ``--help`` (sub-parsers, the labelling ones of :mod:`.label` too, are
+    of this class).
 
     A bare ``type=float`` is replaced by :func:`dalbt.cli.types.finite_float`, so that no
-    option takes nan or inf; options with a range give their own type from ``cli_types``.
+    option takes nan or inf; options with a range give their own type from :mod:`.types`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
