@@ -32,7 +32,7 @@ from dalbt.cli.types import (
     width,
 )
 from dalbt.errors import DalbtError, RankZeroFailed
-from dalbt.recipe import AMP_MODES, OOD_POLICIES, RunConfig
+from dalbt.recipe import AMP_MODES, OOD_POLICIES, RunConfig, TrainConfig
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_parser(sub: Any) -> None:
     """``dalbt run``; its defaults are :class:`RunConfig`'s and its recipe's."""
-    run, train = RunConfig(), RunConfig().train
+    run = RunConfig()
     r = sub.add_parser("run", help="run active learning with a simulated oracle",
                        description="Run AL rounds (train, evaluate, query) and store each round.")
     r.add_argument("--dataset", default=run.dataset, help="dataset name (see 'dalbt datasets')")
@@ -118,6 +118,44 @@ def _add_run_parser(sub: Any) -> None:
     r.add_argument("--budget", type=positive_int, default=run.budget,
                    help="images queried per round")
     r.add_argument("--rounds", type=non_negative_int, default=run.rounds, help="query rounds")
+    r.add_argument("--val-size", type=non_negative_int, default=run.val_size,
+                   help="validation images held out for model selection "
+                        "(default: min(5000, 10%% of train))")
+    _add_recipe_options(r, run.train)
+    r.add_argument("--unknown-classes", type=name_list, default=run.unknown_classes,
+                   metavar="A,B,...",
+                   help="open-set pool: these classes (names or indices) stay in the pool "
+                        "unlabelled, as out-of-distribution images")
+    r.add_argument("--mix", default=run.mix, metavar="NAME:COUNT,...",
+                   help="cross-dataset pool: add COUNT images of dataset NAME as "
+                        "out-of-distribution, e.g. svhn:5000,kmnist:5000")
+    r.add_argument("--ood-policy", choices=OOD_POLICIES, default=run.ood_policy,
+                   help="a queried out-of-distribution image costs budget, gets no label and "
+                        "goes back to the pool (return, the paper) or is set aside (discard)")
+    r.add_argument("--latent-dim", type=width, default=run.latent_dim,
+                   help="dimension of the latent z (default: the model's, see 'dalbt models')")
+    r.add_argument("--projector", type=dims, default=run.projector_dims,
+                   help="projector widths (default: "
+                        f"{'-'.join(str(d) for d in run.projector_dims)})")
+    r.add_argument("--seed", type=seed, nargs="+", default=[run.seed],
+                   help=f"one or more seeds, one run each (default: {run.seed})")
+    r.add_argument("--out", default="runs/default", help="experiment directory")
+    r.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
+    r.add_argument("--threads", type=threads, default=None,
+                   help="CPU threads for torch (default: all cores, shared among the "
+                        "processes torchrun starts on the machine)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue unfinished runs of the same config in --out; skip finished")
+    r.add_argument("--save-scores", action="store_true",
+                   help="save what the strategy scored each round (pool outputs, MC-dropout "
+                        "probabilities) and its selection to OUT/scores/run-ID-round-R.pt")
+    r.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (they are shown only on a terminal anyway)")
+
+
+def _add_recipe_options(r: argparse.ArgumentParser, train: TrainConfig) -> None:
+    """The training recipe's options of ``dalbt run``, with ``train``'s values as defaults."""
     r.add_argument("--epochs", type=positive_int, default=train.epochs, help="epochs per round")
     r.add_argument("--batch-size", type=batch_size, default=train.batch_size,
                    help="training batch size")
@@ -131,9 +169,6 @@ def _add_run_parser(sub: Any) -> None:
                    help="Barlow Twins off-diagonal weight (>= 0)")
     r.add_argument("--warm-start", action="store_true",
                    help="continue from the previous round's model (default: re-initialise)")
-    r.add_argument("--val-size", type=non_negative_int, default=run.val_size,
-                   help="validation images held out for model selection "
-                        "(default: min(5000, 10%% of train))")
     r.add_argument("--ssl-pool", action="store_true",
                    help="semi-supervised: Barlow Twins loss also on unlabelled pool images")
     r.add_argument("--pretrain-epochs", type=non_negative_int, default=train.pretrain_epochs,
@@ -141,42 +176,12 @@ def _add_run_parser(sub: Any) -> None:
                         "each round fine-tunes from it")
     r.add_argument("--pretrain-batch", type=batch_size, default=train.pretrain_batch,
                    help="batch size of the pre-training")
-    r.add_argument("--unknown-classes", type=name_list, default=run.unknown_classes,
-                   metavar="A,B,...",
-                   help="open-set pool: these classes (names or indices) stay in the pool "
-                        "unlabelled, as out-of-distribution images")
-    r.add_argument("--mix", default=run.mix, metavar="NAME:COUNT,...",
-                   help="cross-dataset pool: add COUNT images of dataset NAME as "
-                        "out-of-distribution, e.g. svhn:5000,kmnist:5000")
-    r.add_argument("--ood-policy", choices=OOD_POLICIES, default=run.ood_policy,
-                   help="a queried out-of-distribution image costs budget, gets no label and "
-                        "goes back to the pool (return, the paper) or is set aside (discard)")
     r.add_argument("--eval-every", type=positive_int, default=train.eval_every,
                    help="validate every N epochs")
-    r.add_argument("--latent-dim", type=width, default=run.latent_dim,
-                   help="dimension of the latent z (default: the model's, see 'dalbt models')")
-    r.add_argument("--projector", type=dims, default=run.projector_dims,
-                   help="projector widths (default: "
-                        f"{'-'.join(str(d) for d in run.projector_dims)})")
-    r.add_argument("--seed", type=seed, nargs="+", default=[run.seed],
-                   help=f"one or more seeds, one run each (default: {run.seed})")
-    r.add_argument("--out", default="runs/default", help="experiment directory")
-    r.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
     r.add_argument("--amp", nargs="?", const=AMP_MODES[0], choices=AMP_MODES, default=train.amp,
                    help=f"mixed-precision training on CUDA: {AMP_MODES[0]} (the default of "
                         f"--amp) or {AMP_MODES[1]} (with gradient scaling); ignored with a "
                         "warning on the CPU")
-    r.add_argument("--threads", type=threads, default=None,
-                   help="CPU threads for torch (default: all cores, shared among the "
-                        "processes torchrun starts on the machine)")
-    r.add_argument("--resume", action="store_true",
-                   help="continue unfinished runs of the same config in --out; skip finished")
-    r.add_argument("--save-scores", action="store_true",
-                   help="save what the strategy scored each round (pool outputs, MC-dropout "
-                        "probabilities) and its selection to OUT/scores/run-ID-round-R.pt")
-    r.add_argument("--no-progress", action="store_true",
-                   help="hide progress bars (they are shown only on a terminal anyway)")
 
 
 def _add_report_parser(sub: Any) -> None:
@@ -300,7 +305,6 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
 
     from dalbt.data import load_dataset
     from dalbt.loop import run_experiment
-    from dalbt.recipe import TrainConfig
     from dalbt.report import write_report
     from dalbt.store import Store
 
