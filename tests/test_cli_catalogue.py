@@ -28,6 +28,7 @@ def test_catalogue_strategies_equal_the_registry() -> None:
     assert catalogue.list_strategies() == list_strategies()
     for name, cls in STRATEGIES.items():
         assert infos[name].description == cls.description
+        assert infos[name].label_free == cls.label_free
         assert dict(infos[name].options) == strategy_options(cls), name
         assert list(infos[name].options) == list(strategy_options(cls)), name
 

@@ -514,11 +514,11 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     """
     import torch
 
-    from dalbt import rng as rngs
+    from dalbt.al_round import RoundData, run_round
     from dalbt.data import load_dataset
     from dalbt.loop import apply_scenario
     from dalbt.models import build_model
-    from dalbt.train import accuracy, train_round
+    from dalbt.strategies import Strategy
 
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
@@ -532,23 +532,22 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     if run is None:
         run = store.create_run(full.to_dict(), labelled, key=key)
     device = torch.device(full.train.device)
-    model = build_model(full.model, data.channels, data.image_size, data.num_classes,
-                        latent_dim=full.latent_dim, projector_dims=full.projector_dims,
-                        seed=rngs.int_seed(full.seed, rngs.INIT, 0)).to(device)
-    visible = torch.full_like(data.y_train, -1)
-    seen = torch.as_tensor(np.concatenate([labelled, validation]))
-    visible[seen] = data.y_train[seen]
-    t0 = time.perf_counter()
-    res = train_round(model, data.x_train, visible, labelled, validation, full.train,
-                      rngs.torch_generator(full.seed, rngs.SHUFFLE, 0),
-                      rngs.torch_generator(full.seed, rngs.AUGMENT, 0))
-    t_train = time.perf_counter() - t0
-    test_acc = accuracy(model, data.x_test, data.y_test)
-    metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
-               "best_epoch": res.best_epoch, "train_ce": res.train_ce, "train_bt": res.train_bt,
-               "t_train": t_train, "t_score": 0.0, "t_select": 0.0}
+
+    def new_model(seed: int) -> torch.nn.Module:
+        return build_model(full.model, data.channels, data.image_size, data.num_classes,
+                           latent_dim=full.latent_dim, projector_dims=full.projector_dims,
+                           seed=seed).to(device)
+
+    round_data = RoundData(images=data.x_train, targets=data.y_train,
+                           num_classes=data.num_classes, labelled=labelled,
+                           validation=validation, unlabelled=np.empty(0, dtype=np.int64),
+                           test=(data.x_test, data.y_test))
+    res = run_round(Strategy(), round_data, full.train, seed=full.seed, round_=0, budget=0,
+                    new_model=new_model)
+    metrics = {"n_labelled": len(labelled), **res.metrics()}
+    test_acc, t_train, val_acc = res.test_acc, res.t_train, metrics["val_acc"]
     store.record_round(run.id, 0, metrics, np.empty(0, dtype=np.int64), finished=True)
-    log(f"[{FULL_DATA} seed {full.seed}] labelled {len(labelled)}  val {res.val_acc:.4f}  "
+    log(f"[{FULL_DATA} seed {full.seed}] labelled {len(labelled)}  val {val_acc:.4f}  "
         f"test {test_acc:.4f}  train {t_train:.1f}s")
     return store.find_run(key) or run
 

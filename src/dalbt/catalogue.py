@@ -29,6 +29,7 @@ __all__ = [
     "DATASETS",
     "MODELS",
     "StrategyInfo",
+    "check_cold_start",
     "check_dataset",
     "check_model",
     "check_preset",
@@ -76,11 +77,14 @@ class StrategyInfo:
         name: Registry name (``--strategy``).
         description: One line for listings.
         options: Its options (``-O KEY=VALUE``), by name, in signature order.
+        label_free: It reads no label and no classifier output, so it can choose the first
+            images to label (a cold start).
     """
 
     name: str
     description: str
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
+    label_free: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +238,8 @@ def strategies() -> dict[str, StrategyInfo]:
                     if not isinstance(name, str) or not name:
                         raise TypeError(f"{module}.{elt.id} has no 'name'")
                     out[name] = StrategyInfo(name, _attr_value(module, elt.id, "description") or "",
-                                             _options(module, elt.id))
+                                             _options(module, elt.id),
+                                             bool(_attr_value(module, elt.id, "label_free")))
     return out
 
 
@@ -262,6 +267,19 @@ def check_strategy(name: str, options: Mapping[str, Any] | None = None) -> dict[
         raise DalbtError(f"unknown strategy {name!r}; known strategies: "
                          f"{', '.join(sorted(known))} (see 'dalbt strategies')")
     return check_options(name, known[name].options, options or {})
+
+
+def check_cold_start(name: str) -> None:
+    """Check that strategy ``name`` can choose images before any label exists.
+
+    Raises:
+        DalbtError: Unknown strategy, or one that needs labels or a trained classifier.
+    """
+    check_strategy(name)
+    if not strategies()[name].label_free:
+        free = ", ".join(n for n, info in sorted(strategies().items()) if info.label_free)
+        raise DalbtError(f"strategy {name!r} needs labels, so it cannot choose the first images "
+                         f"to label; cold-start strategies: {free}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
+from dalbt.al_round import RoundData, RoundResult, run_round
 from dalbt.data import ImageDataset, load_dataset
 from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
-from dalbt.distributed import SINGLE, Dist, Lead
+from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.recipe import MAX_SEED, MAX_WIDTH, OOD_POLICIES, RunConfig, check_int
 from dalbt.store import RunRecord, Store, config_key
-from dalbt.strategies import QueryContext, build_strategy
-from dalbt.train import accuracy, infer, mc_dropout_probs, pretrain_barlow
+from dalbt.strategies import build_strategy
+from dalbt.train import pretrain_barlow
 
 
 def resolve_val_size(cfg: RunConfig, n_train: int) -> int:
@@ -298,23 +299,78 @@ def run_experiment(
         data = load_dataset(cfg.dataset, cfg.data_root)
     data = apply_scenario(cfg, data)
     validate(cfg, data)
-    strategy = build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early on bad options
-    ood = ood_mask(data)
-    in_dist = np.flatnonzero(~ood)
-    val_size = resolve_val_size(cfg, len(in_dist))
-    splits = make_splits(data.n_train, val_size, cfg.initial, cfg.seed,
-                         candidates=in_dist if ood.any() else None)
-    key = config_key(cfg.key_dict())
+    ex = _Experiment(cfg, store, data, dist, log)
+    # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
+    run, done = dist.from_main(lambda: ex.open_run(resume))
+    if run.status == "finished":
+        log(f"run {run.id} ({cfg.strategy}, seed {cfg.seed}) already finished")
+        return run
+    for rec in done:
+        ex.oracle(rec["queried"], rec["round"] + 1)
+    if done:
+        log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {len(done)}")
+    pretrained = None
+    if cfg.train.pretrain_epochs > 0:
+        pretrained = _pretrained_state(cfg, ex.directory, run.id, data, ex.round_data.candidates,
+                                       ex.new_model, progress, log, dist)
+    model = None
+    for r in range(len(done), cfg.rounds + 1):
+        if model is None or not cfg.train.warm_start:
+            model = ex.initial_model(run.id, r, pretrained)
+        ex.round_data.labelled = ex.round_data.known = ex.pool.labelled
+        ex.round_data.unlabelled = ex.pool.unlabelled
+        res = run_round(ex.strategy, ex.round_data, cfg.train, seed=cfg.seed, round_=r,
+                        budget=cfg.budget if r < cfg.rounds else 0, new_model=ex.new_model,
+                        model=model, total_rounds=cfg.rounds, dist=dist, progress=progress,
+                        keep_scores=save_scores)
+        ex.finish_round(run.id, r, res, save_scores)
+    return dist.from_main(lambda: (store.find_run(ex.key) if store is not None else None) or run)
 
-    def open_run() -> tuple[RunRecord, list[dict[str, Any]]]:
+
+class _Experiment:
+    """One run's fixed parts (splits, pool, strategy, store) and what happens around each
+    :func:`~dalbt.al_round.run_round` of :func:`run_experiment`."""
+
+    def __init__(self, cfg: RunConfig, store: Store | None, data: ImageDataset, dist: Dist,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.store, self.data, self.dist, self.log = cfg, store, data, dist, log
+        self.strategy = build_strategy(cfg.strategy, **cfg.strategy_options)  # fails early
+        self.ood = ood_mask(data)
+        in_dist = np.flatnonzero(~self.ood)
+        self.splits = make_splits(data.n_train, resolve_val_size(cfg, len(in_dist)),
+                                  cfg.initial, cfg.seed,
+                                  candidates=in_dist if self.ood.any() else None)
+        self.key = config_key(cfg.key_dict())
+        self.directory = store.directory if store is not None else None
+        self.pool = Pool.from_splits(data.n_train, self.splits)
+        self.device = torch.device(cfg.train.device)
+        self.round_data = RoundData(
+            images=data.x_train, targets=data.y_train, num_classes=data.num_classes,
+            labelled=self.pool.labelled, validation=self.splits.validation,
+            unlabelled=self.pool.unlabelled,
+            candidates=np.setdiff1d(np.arange(data.n_train), self.splits.validation),
+            test=(data.x_test, data.y_test))
+
+    def new_model(self, seed: int) -> torch.nn.Module:
+        cfg, data = self.cfg, self.data
+        return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
+                           latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
+                           dropout=self.strategy.train_dropout, seed=seed).to(self.device)
+
+    def oracle(self, queried: np.ndarray, round_: int) -> int:
+        return label_queries(self.pool, queried, round_, self.ood, self.cfg.ood_policy)
+
+    def open_run(self, resume: bool) -> tuple[RunRecord, list[dict[str, Any]]]:
+        """The run's record and its recorded rounds (checked), created when new (rank 0)."""
+        store, cfg, splits = self.store, self.cfg, self.splits
         assert store is not None
-        run = store.find_run(key)
+        run = store.find_run(self.key)
         if run is not None and not resume:
             raise DalbtError(f"{store.directory} already holds this run (id {run.id}, "
                              f"{run.status}); pass --resume to continue it or choose another "
                              "--out")
         if run is None:
-            run = store.create_run(cfg.to_dict(), splits.initial, key=key)
+            run = store.create_run(cfg.to_dict(), splits.initial, key=self.key)
             stale = sorted((store.directory / "checkpoints").glob(f"run-{run.id}-*.pt"))
             if stale:  # they belong to a run of this id that the database no longer holds
                 store.delete_run(run.id)
@@ -327,136 +383,42 @@ def run_experiment(
             raise DalbtError(f"run {run.id} in {store.directory} was started from another "
                              "initial set than this dataset gives now; the data files changed")
         rounds = store.rounds(run.id)
-        _check_replay(store, run, rounds, cfg, splits, ood)
+        _check_replay(store, run, rounds, cfg, splits, self.ood)
         return run, rounds
 
-    # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
-    run, done = dist.from_main(open_run)
-    if run.status == "finished":
-        log(f"run {run.id} ({cfg.strategy}, seed {cfg.seed}) already finished")
-        return run
-    directory = store.directory if store is not None else None
+    def initial_model(self, run_id: int, r: int, pretrained: dict | None) -> torch.nn.Module:
+        """Round ``r``'s starting model: fresh (or, warm-starting, round 0's init and then the
+        previous round's checkpoint when resuming), with the pre-trained weights loaded."""
+        warm = self.cfg.train.warm_start
+        model = self.new_model(rngs.int_seed(self.cfg.seed, rngs.INIT, 0 if warm else r))
+        if pretrained is not None:
+            model.load_state_dict(pretrained)
+        if warm and r > 0:
+            _resume_warm_start(model, self.directory, run_id, r, self.device, self.dist)
+        return model
 
-    pool = Pool.from_splits(data.n_train, splits)
-
-    def oracle(queried: np.ndarray, round_: int) -> int:
-        return label_queries(pool, queried, round_, ood, cfg.ood_policy)
-
-    for rec in done:
-        oracle(rec["queried"], rec["round"] + 1)
-    start = len(done)
-    if start:
-        log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {start}")
-
-    device = torch.device(cfg.train.device)
-
-    def new_model(seed: int) -> torch.nn.Module:
-        return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
-                           latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
-                           dropout=strategy.train_dropout, seed=seed).to(device)
-
-    outside_validation = np.setdiff1d(np.arange(data.n_train), splits.validation)
-    pretrained = None
-    if cfg.train.pretrain_epochs > 0:
-        pretrained = _pretrained_state(cfg, directory, run.id, data, outside_validation,
-                                       new_model, progress, log, dist)
-
-    model = None
-    for r in range(start, cfg.rounds + 1):
-        if model is None or not cfg.train.warm_start:
-            model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0 if cfg.train.warm_start else r))
-            if pretrained is not None:
-                model.load_state_dict(pretrained)
-            if cfg.train.warm_start and r > 0:
-                _resume_warm_start(model, directory, run.id, r, device, dist)
-        labelled = pool.labelled
-        bar = tqdm(total=cfg.train.epochs, desc=f"round {r} train", unit="ep", leave=False,
-                   disable=not progress)
-        t0 = time.perf_counter()
-        # Training sees the labels the oracle gave and the validation labels; nothing else.
-        visible = torch.full_like(data.y_train, -1)
-        seen = torch.as_tensor(np.concatenate([labelled, splits.validation]))
-        visible[seen] = data.y_train[seen]
-        res = strategy.train_model(
-            model, data.x_train, visible, labelled, splits.validation, cfg.train,
-            rngs.torch_generator(cfg.seed, rngs.SHUFFLE, r),
-            rngs.torch_generator(cfg.seed, rngs.AUGMENT, r),
-            on_epoch=lambda e, m, bar=bar: (bar.update(1), bar.set_postfix(m)),
-            unlabelled=pool.unlabelled, dist=dist)
-        dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
-        bar.close()
-        t_train = time.perf_counter() - t0
-        test_acc = accuracy(model, data.x_test, data.y_test, dist=dist)
-
-        queried = np.empty(0, dtype=np.int64)
-        t_score = t_select = 0.0
-        if r < cfg.rounds:
-            sbar = tqdm(desc=f"round {r} score", unit="img", leave=False,
-                        disable=not progress or not strategy.requires)
-            scored: list[dict[str, Any]] = []
-
-            def score(idx: np.ndarray, sbar=sbar, model=model, scored=scored) -> Any:
-                if dist.is_main:
-                    sbar.total = (sbar.total or 0) + len(idx)
-                out = infer(model, data.x_train, idx, progress=sbar.update, dist=dist)
-                if save_scores and dist.is_main:
-                    scored.append({"kind": "outputs", "indices": torch.as_tensor(out.indices),
-                                   "logits": out.logits, "latents": out.latents})
-                return out
-
-            def mc_score(idx: np.ndarray, t: int, g: torch.Generator, model=model,
-                         scored=scored) -> Any:
-                probs = mc_dropout_probs(model, data.x_train, idx, t, g, dist=dist)
-                if save_scores and dist.is_main:
-                    scored.append({"kind": "mc_probs", "indices": torch.as_tensor(idx),
-                                   "probs": probs})
-                return probs
-
-            # The strategy runs once, on rank 0; its scoring requests run sharded on all ranks.
-            lead = Lead(dist, {"score": score, "mc_score": mc_score})
-
-            def query(r=r, labelled=labelled, lead=lead) -> tuple[np.ndarray, float, float]:
-                ctx = QueryContext(unlabelled=pool.unlabelled, labelled=labelled,
-                                   labelled_targets=data.y_train[labelled].numpy(),
-                                   num_classes=data.num_classes,
-                                   rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, r),
-                                   scorer=lambda idx: lead.call("score", idx),
-                                   round=r, total_rounds=cfg.rounds, images=data.x_train,
-                                   train_config=cfg.train,
-                                   device=str(device), model_factory=new_model,
-                                   candidates=outside_validation,
-                                   mc_scorer=lambda idx, t, g: lead.call("mc_score", idx, t, g))
-                t0 = time.perf_counter()
-                strategy.prepare(ctx)
-                ctx.prefetch(strategy.requires)
-                t_score = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                queried = strategy.select(ctx, cfg.budget)
-                return queried, t_score, time.perf_counter() - t0
-
-            queried, t_score, t_select = lead.run(query)
-            sbar.close()
-            if save_scores and directory is not None:
-                _save_scores(directory / "scores" / f"run-{run.id}-round-{r}.pt", r, scored,
-                             queried)
+    def finish_round(self, run_id: int, r: int, res: RoundResult, save_scores: bool) -> None:
+        """Save, record and log round ``r``, then label its queries."""
+        cfg, directory, queried = self.cfg, self.directory, res.queried
+        if save_scores and directory is not None and r < cfg.rounds:
+            _save_scores(directory / "scores" / f"run-{run_id}-round-{r}.pt", r, res.scored,
+                         queried)
         if cfg.train.warm_start and directory is not None:
-            _save_checkpoint(_checkpoint_path(directory, run.id, r), model)
-        metrics = {"n_labelled": len(labelled), "test_acc": test_acc, "val_acc": res.val_acc,
-                   "best_epoch": res.best_epoch, "train_ce": res.train_ce,
-                   "train_bt": res.train_bt, "t_train": t_train, "t_score": t_score,
-                   "t_select": t_select}
+            _save_checkpoint(_checkpoint_path(directory, run_id, r), res.model)
+        metrics = {"n_labelled": len(self.round_data.labelled), **res.metrics()}
+        ood = self.ood
         metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
-        if store is not None:
-            store.record_round(run.id, r, metrics, queried, finished=r == cfg.rounds)
+        if self.store is not None:
+            self.store.record_round(run_id, r, metrics, queried, finished=r == cfg.rounds)
         if queried.size:
-            oracle(queried, r + 1)
+            self.oracle(queried, r + 1)
         if cfg.train.warm_start and r > 0 and directory is not None:
-            _remove_checkpoint(_checkpoint_path(directory, run.id, r - 1))
+            _remove_checkpoint(_checkpoint_path(directory, run_id, r - 1))
         ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
-        log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled {len(labelled):6d}  "
-            f"val {res.val_acc:.4f}  test {test_acc:.4f}  train {t_train:.1f}s  "
-            f"score {t_score:.1f}s  select {t_select:.2f}s{ood_note}")
-    return dist.from_main(lambda: (store.find_run(key) if store is not None else None) or run)
+        self.log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled "
+                 f"{metrics['n_labelled']:6d}  val {metrics['val_acc']:.4f}  test "
+                 f"{res.test_acc:.4f}  train {res.t_train:.1f}s  score {res.t_score:.1f}s  "
+                 f"select {res.t_select:.2f}s{ood_note}")
 
 
 def _save_scores(path: Path, round_: int, scored: list[dict[str, Any]], queried: np.ndarray

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -201,6 +201,13 @@ def n_batches(n: int, size: int) -> int:
     return len(_cut(n, size, min_batch(size)))
 
 
+def with_min_steps(cfg: TrainConfig, n: int, min_steps: int) -> TrainConfig:
+    """``cfg`` with its epochs raised so that ``n`` labelled images give at least ``min_steps``
+    optimiser steps (with few labels an epoch is a step or two)."""
+    steps = n_batches(n, cfg.batch_size)
+    return replace(cfg, epochs=max(cfg.epochs, math.ceil(min_steps / max(steps, 1))))
+
+
 def batches(n: int, size: int, generator: torch.Generator | None = None,
             min_size: int | None = None) -> list[Tensor]:
     """Positions 0..n-1 split into mini-batches, shuffled when a generator is given.
@@ -252,7 +259,7 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
         if progress is not None:
             progress(len(chunk) * dist.world_size)
     model.train(was_training)
-    k = model.classifier.out_features
+    k = model.num_classes
     d = model.latent_dim
     logits_t = torch.cat(logits) if logits else torch.empty(0, k)
     latents_t = torch.cat(latents) if latents else torch.empty(0, d)
@@ -349,7 +356,7 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    d = model.classifier.in_features
+    d = model.latent_dim
     idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
     lo, hi = dist.shard(len(idx))
     out = []
@@ -364,7 +371,7 @@ def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samp
         logits = model.classifier(z.unsqueeze(0) * keep / (1.0 - p))  # (T, B, K)
         out.append(torch.softmax(logits.float(), dim=-1).permute(1, 0, 2).cpu())
     model.train(was_training)
-    k = model.classifier.out_features
+    k = model.num_classes
     return dist.gather_rows(torch.cat(out) if out else torch.empty(0, samples, k), len(idx))
 
 

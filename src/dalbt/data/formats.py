@@ -28,6 +28,8 @@ __all__ = [
     "image_error",
     "image_warnings",
     "load_images",
+    "oriented_size",
+    "pil_to_array",
     "read_cifar10",
     "read_cifar10_classes",
     "read_idx",
@@ -370,6 +372,15 @@ def image_warnings(name: str, emit: Callable[[str], None] | None = None) -> Iter
             warnings.warn(msg, w.category, stacklevel=3)
 
 
+def oriented_size(img) -> tuple[int, int]:
+    """``(H, W)`` of a PIL image once its EXIF orientation is applied (as :func:`pil_to_array`
+    applies it): height and width swap for the orientations rotated by 90 degrees."""
+    w, h = img.size
+    if img.getexif().get(0x0112) in (5, 6, 7, 8):
+        w, h = h, w
+    return h, w
+
+
 def pil_to_array(img, size: tuple[int, int], channels: int) -> np.ndarray:
     """An open PIL image as a (C, H, W) uint8 array: EXIF orientation applied, converted to
     ``channels`` (1 or 3), resized (bilinear) to ``size`` = (H, W)."""
@@ -412,10 +423,7 @@ def load_images(
     for path in paths:
         try:
             with image_warnings(str(path)), Image.open(path) as img:
-                w, h = img.size
-                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
-                    w, h = h, w
-                sizes.append((h, w))
+                sizes.append(oriented_size(img))
                 all_gray = all_gray and img.mode in GRAY_MODES
         except Exception as exc:
             raise DalbtError(f"cannot read image {path}: {image_error(exc, str(path))}"

@@ -50,7 +50,9 @@ class ProjectConfig:
             the epochs are raised to reach this many steps.
         planned_rounds: Number of rounds strategies that plan ahead (PT4AL) assume.
         cold_start_epochs: Barlow Twins epochs on all images before the first query when there
-            are no labels yet (the first batch is then k-centre on those features).
+            are no labels yet (the first batch is then chosen on those features).
+        cold_start_strategy: The label-free strategy that chooses that first batch (default
+            ``coreset``: greedy k-centre on the features).
         train: Training recipe of each round (default: :func:`project_recipe`).
     """
 
@@ -67,6 +69,7 @@ class ProjectConfig:
     min_steps: int = 200
     planned_rounds: int = 10
     cold_start_epochs: int = 10
+    cold_start_strategy: str = "coreset"
     train: TrainConfig = field(default_factory=project_recipe)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +102,9 @@ def validate_config(cfg: ProjectConfig) -> None:
         raise DalbtError(f"strategy options must be KEY=VALUE pairs, got "
                          f"{cfg.strategy_options!r}")
     catalogue.check_strategy(cfg.strategy, cfg.strategy_options)  # unknown name, bad options
+    if not isinstance(cfg.cold_start_strategy, str):
+        raise DalbtError(f"the cold-start strategy must be a name, got {cfg.cold_start_strategy!r}")
+    catalogue.check_cold_start(cfg.cold_start_strategy)
     low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
     check_int(f"--image-size for model {cfg.model!r}", cfg.image_size, low, MAX_IMAGE_SIZE)
     if cfg.channels not in CHANNELS or isinstance(cfg.channels, bool | float):

@@ -14,14 +14,12 @@ import contextlib
 import getpass
 import hashlib
 import json
-import math
 import numbers
 import os
 import sqlite3
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,6 @@ from dalbt.labelling.images import (
     sha256_bytes,
 )
 from dalbt.labelling.lock import QueryLock, lock_held
-from dalbt.recipe import TrainConfig
 
 DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 2  # 2: images.file_stat
@@ -726,21 +723,21 @@ class Project:
         with self.acquire_query_lock():
             return self._query(budget, progress, log)
 
-    def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
+    def _round_split(self, ids: np.ndarray, log: Callable[[str], None]
+                     ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """The round's labels and roles of the usable images (positions in ``ids``).
+
+        Returns:
+            ``(y, labelled, validation, pool)``: labels (N,) int64 tensor (-1: none), the
+            positions that train, those held out for validation (each image's role is fixed by
+            its hash; none when fewer than ``min_val``), and the unlabelled, unqueued pool.
+
+        Raises:
+            DalbtError: Nothing left to query.
+        """
         import torch
 
-        from dalbt import rng as rngs
-        from dalbt.models import build_model
-        from dalbt.strategies import QueryContext, build_strategy
-        from dalbt.strategies.coreset import k_center_greedy
-        from dalbt.train import infer, mc_dropout_probs, n_batches, pretrain_barlow
-
         cfg = self.config
-        round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
-        restored = self._recheck(log)
-        ids, x_np, problems = self._load_pixels(progress, log)
-        for rel, why in problems:
-            log(f"warning: skipped {rel}: {why}")
         labels = self.current_labels()
         pending = {q.image_id for q in self.pending()}
         sha = dict(self.db.execute("SELECT id, sha256 FROM images"))
@@ -755,7 +752,6 @@ class Project:
                 (val_pos if self._is_validation(sha[image_id]) else lab_pos).append(k)
         if len(val_pos) < cfg.min_val:  # too few to select on: every label trains
             lab_pos, val_pos = sorted(lab_pos + val_pos), []
-        lab_pos, val_pos = np.array(sorted(lab_pos), np.int64), np.array(sorted(val_pos), np.int64)
         taken = np.fromiter([*labels, *pending], dtype=np.int64)
         cand = np.flatnonzero(~np.isin(ids, taken)).astype(np.int64)
         if len(cand) == 0:
@@ -763,64 +759,47 @@ class Project:
                              "to query")
         if pending:
             log(f"note: {len(pending)} queued images still wait for a label; they stay queued")
-        x = torch.from_numpy(x_np)
+        return (y, np.array(sorted(lab_pos), np.int64), np.array(sorted(val_pos), np.int64),
+                cand)
+
+    def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
+        import torch
+
+        from dalbt.al_round import RoundData, run_round
+        from dalbt.models import build_model
+        from dalbt.strategies import build_strategy
+        from dalbt.train import with_min_steps
+
+        cfg = self.config
+        round_ = self.db.execute("SELECT COALESCE(MAX(round), -1) + 1 FROM rounds").fetchone()[0]
+        restored = self._recheck(log)
+        ids, x_np, problems = self._load_pixels(progress, log)
+        for rel, why in problems:
+            log(f"warning: skipped {rel}: {why}")
+        y, lab_pos, val_pos, cand = self._round_split(ids, log)
+        cold = len(lab_pos) == 0
+        strategy = (build_strategy(cfg.cold_start_strategy) if cold
+                    else build_strategy(cfg.strategy, **cfg.strategy_options))
         device = torch.device(cfg.train.device)
-        strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
-        n_cls = len(cfg.classes)
 
-        def new_model(seed: int, dropout: float = strategy.train_dropout) -> torch.nn.Module:
-            return build_model(cfg.model, cfg.channels, cfg.image_size, n_cls,
-                               dropout=dropout, seed=seed).to(device)
+        def new_model(seed: int) -> torch.nn.Module:
+            return build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
+                               dropout=strategy.train_dropout, seed=seed).to(device)
 
-        t0 = time.perf_counter()
-        val_acc = None
-        if len(lab_pos) == 0:
-            method = "cold-start"
-            model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, round_), 0.0)
-            pre_cfg = TrainConfig(**{**asdict(cfg.train),
-                                     "pretrain_epochs": cfg.cold_start_epochs})
-            if cfg.cold_start_epochs > 0:
-                pretrain_barlow(model, x, np.arange(len(ids)), pre_cfg,
-                                rngs.torch_generator(cfg.seed, rngs.PRETRAIN, round_),
-                                rngs.torch_generator(cfg.seed, rngs.AUGMENT, round_))
-            t_train = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = infer(model, x, cand)
-            first = rngs.numpy_rng(cfg.seed, rngs.QUERY, round_)
-            picks = k_center_greedy(out.latents, out.latents[:0], min(budget, len(cand)),
-                                    rng=first)
-            chosen = cand[picks]
-            predicted: list[str | None] = [None] * len(chosen)
-        else:
-            method = cfg.strategy
-            model = new_model(rngs.int_seed(cfg.seed, rngs.INIT, round_))
-            steps = n_batches(len(lab_pos), cfg.train.batch_size)
-            train_cfg = replace(cfg.train, epochs=max(cfg.train.epochs,
-                                                      math.ceil(cfg.min_steps / steps)))
-            res = strategy.train_model(
-                model, x, y, lab_pos, val_pos, train_cfg,
-                rngs.torch_generator(cfg.seed, rngs.SHUFFLE, round_),
-                rngs.torch_generator(cfg.seed, rngs.AUGMENT, round_), unlabelled=cand)
-            if len(val_pos):
-                val_acc = float(res.val_acc)
-            t_train = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            outside_val = np.setdiff1d(np.arange(len(ids)), val_pos)
-            all_lab = np.sort(np.concatenate([lab_pos, val_pos]))
-            ctx = QueryContext(
-                unlabelled=cand, labelled=all_lab, labelled_targets=y[all_lab].numpy(),
-                num_classes=n_cls, rng=rngs.numpy_rng(cfg.seed, rngs.QUERY, round_),
-                scorer=lambda idx: infer(model, x, idx), round=round_,
-                total_rounds=max(cfg.planned_rounds, round_ + 1), images=x,
-                train_config=train_cfg, device=str(device), model_factory=new_model,
-                candidates=outside_val,
-                mc_scorer=lambda idx, t, g: mc_dropout_probs(model, x, idx, t, g))
-            strategy.prepare(ctx)
-            ctx.prefetch(strategy.requires)
-            chosen = strategy.select(ctx, min(budget, len(cand)))
-            pred = infer(model, x, chosen).predictions.numpy()
-            predicted = [cfg.classes[int(p)] for p in pred]
-        t_select = time.perf_counter() - t0
+        train_cfg = cfg.train if cold else with_min_steps(cfg.train, len(lab_pos), cfg.min_steps)
+        data = RoundData(images=torch.from_numpy(x_np), targets=y,
+                         num_classes=len(cfg.classes), labelled=lab_pos, validation=val_pos,
+                         unlabelled=cand, known=np.sort(np.concatenate([lab_pos, val_pos])))
+        res = run_round(strategy, data, train_cfg, seed=cfg.seed, round_=round_, budget=budget,
+                        new_model=new_model,
+                        total_rounds=max(cfg.planned_rounds, round_ + 1),
+                        cold_start_epochs=cfg.cold_start_epochs, progress=progress)
+        model, chosen, method = res.model, res.queried, "cold-start" if cold else cfg.strategy
+        val_acc = float(res.train.val_acc) if res.train is not None and len(val_pos) else None
+        predicted: list[str | None] = (
+            [None] * len(chosen) if res.guesses is None
+            else [cfg.classes[int(p)] for p in res.guesses.predictions.numpy()])
+        t_train, t_select = res.t_train, res.t_score + res.t_select
         ckpt_dir = self.directory / "checkpoints"
         ckpt_dir.mkdir(exist_ok=True)
         ckpt = ckpt_dir / f"round_{round_:03d}.pt"

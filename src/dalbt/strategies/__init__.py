@@ -88,6 +88,40 @@ def build_strategy(name: str, **options: Any) -> Strategy:
         raise DalbtError(f"bad options for strategy {name!r}: {exc}") from None
 
 
+def register_strategy(cls: type[Strategy], *, replace: bool = False) -> type[Strategy]:
+    """Add a strategy of your own to :data:`STRATEGIES` (usable as a decorator).
+
+    A registered strategy works everywhere a name is taken in Python (``build_strategy``,
+    ``dalbt.select``, ``ActiveLearner``, ``run_experiment``); the command line lists and checks
+    only the strategies shipped with dalbt (it reads them without importing torch).
+
+    Args:
+        cls: A :class:`Strategy` subclass with a ``name`` and ``_select``; its options are its
+            constructor's annotated keyword arguments.
+        replace: Allow replacing a registered strategy of the same name.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        DalbtError: Not a Strategy subclass, no name, a name already taken, or options without
+            annotation and default.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise DalbtError(f"register_strategy takes a Strategy subclass, got {cls!r}")
+    if not cls.name:
+        raise DalbtError(f"{cls.__name__} has no 'name': set the class attribute name = '...'")
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls and not replace:
+        raise DalbtError(f"a strategy named {cls.name!r} is already registered; choose another "
+                         "name or pass replace=True")
+    try:
+        strategy_options(cls)
+    except TypeError as exc:
+        raise DalbtError(str(exc)) from None
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
 def list_strategies() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered strategy."""
     return [(name, cls.description) for name, cls in sorted(STRATEGIES.items())]
@@ -102,6 +136,7 @@ __all__ = [
     "Strategy",
     "build_strategy",
     "list_strategies",
+    "register_strategy",
     "strategy_options",
     "top_k",
     "top_k_balanced",

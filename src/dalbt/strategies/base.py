@@ -136,6 +136,9 @@ class Strategy:
     # Dropout on the latent before the classifier that the run's models are trained with
     # (MC-dropout strategies need > 0; everything else trains the plain DALBT model).
     train_dropout: float = 0.0
+    # True when the strategy reads no label and no classifier output, so that it can choose
+    # the first images to label (the cold start: features of a self-supervised encoder only).
+    label_free: ClassVar[bool] = False
 
     def prepare(self, ctx: QueryContext) -> None:
         """Hook run before scoring each round: strategies that train models of their own
@@ -188,6 +191,28 @@ class Strategy:
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         raise NotImplementedError
+
+    def query(self, budget: int, *, probs: Any = None, logits: Any = None,
+              embeddings: Any = None, mc_probs: Any = None, labelled_embeddings: Any = None,
+              labelled_probs: Any = None, labelled_logits: Any = None,
+              labelled_targets: Any = None, indices: Any = None, num_classes: int | None = None,
+              seed: int = 0) -> np.ndarray:
+        """Choose ``budget`` pool samples from arrays of a model's outputs (numpy or torch).
+
+        The same as ``dalbt.selection.select(self, budget, ...)``; see there for the
+        arguments (probs/logits (N, K), embeddings (N, D), mc_probs (N, T, K), the labelled
+        set's arrays, ``indices`` (N,)).
+
+        Returns:
+            (min(budget, N),) int64 row positions (or entries of ``indices``), best first.
+        """
+        from dalbt.selection import select  # dalbt.selection imports this module
+
+        return select(self, budget, probs=probs, logits=logits, embeddings=embeddings,
+                      mc_probs=mc_probs, labelled_embeddings=labelled_embeddings,
+                      labelled_probs=labelled_probs, labelled_logits=labelled_logits,
+                      labelled_targets=labelled_targets, indices=indices,
+                      num_classes=num_classes, seed=seed)
 
 
 def tie_keys(rng: np.random.Generator | None, indices: np.ndarray) -> np.ndarray:

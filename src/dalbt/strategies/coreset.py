@@ -230,6 +230,7 @@ class CoreSetStrategy(Strategy):
     name = "coreset"
     description = "Core-set: greedy k-centre on latents, labelled points as initial centres"
     requires = frozenset({POOL_OUTPUTS, LABELLED_OUTPUTS})
+    label_free = True
 
     def __init__(self, lazy: bool = True, chunk: PositiveInt = DEFAULT_CHUNK) -> None:
         if int(chunk) < 1:

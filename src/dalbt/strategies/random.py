@@ -12,6 +12,7 @@ class RandomStrategy(Strategy):
 
     name = "random"
     description = "Uniform random sampling without replacement (baseline)"
+    label_free = True
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         return ctx.rng.choice(ctx.unlabelled, size=n, replace=False)
