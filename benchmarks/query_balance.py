@@ -18,7 +18,7 @@ import numpy as np
 
 from dalbt.data import load_dataset
 from dalbt.report import _bench_labels, _label
-from dalbt.store import Store
+from dalbt.store import FULL_DATA, Store
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     targets: dict[str, np.ndarray] = {}
     with Store(directory, create=False) as store:
         for run in store.runs():
-            if run.strategy == "full-data":
+            if run.strategy == FULL_DATA:
                 continue
             label = names.get(run.key) or _label(run.strategy,
                                                  run.config.get("strategy_options") or {})

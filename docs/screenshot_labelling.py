@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dalbt.project import Project
-from dalbt.serve import background_server, create_app
+from dalbt.labelling.project import Project
+from dalbt.labelling.server import background_server, create_app
 
 CLASSES = [str(c) for c in range(10)]
 

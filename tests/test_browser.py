@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalbt.project import Project
-from dalbt.serve import background_server, create_app
+from dalbt.labelling.project import Project
+from dalbt.labelling.server import background_server, create_app
 from tests.test_serve import CLASSES, write_digits
 
 

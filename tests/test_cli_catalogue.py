@@ -112,15 +112,15 @@ def test_help_shows_meaningful_defaults(capsys: pytest.CaptureFixture[str]) -> N
         assert shown in text, shown
     assert "default: None" not in text and "default: False" not in text
     assert "default: []" not in text
-    # cli_label's sub-parsers get the formatter too
+    # the labelling sub-parsers (dalbt.cli.label) get the formatter too
     serve = " ".join(_help("serve", capsys=capsys).split())
     assert "default: 8765" in serve and "default: None" not in serve
     assert "Write the learning-curve plot" in _help("report", capsys=capsys)
 
 
 def test_every_float_option_is_checked_at_parse_time() -> None:
-    """No option of any sub-command (cli_label's too) takes a bare ``float``: nan and inf would
-    pass it."""
+    """No option of any sub-command (the labelling ones too) takes a bare ``float``: nan and inf
+    would pass it."""
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and "run" in a.choices)
     floats = 0

@@ -54,12 +54,8 @@ def _full_data(tmp: Path) -> list[dict]:
 
 
 def _project(tmp: Path) -> list[dict]:
+    from dalbt.labelling.project import Project
     from tests.test_project import CLASSES, write_digits
-
-    try:
-        from dalbt.labelling.project import Project
-    except ImportError:
-        from dalbt.project import Project
 
     images = tmp / "images"
     truth = write_digits(images, 90)

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from dalbt.cli import main
 from dalbt.errors import DalbtError
-from dalbt.interchange import (
+from dalbt.labelling.interchange import (
     LABEL_COLUMNS,
     OOD_CHOICE,
     QUEUE_COLUMNS,
@@ -24,7 +24,7 @@ from dalbt.interchange import (
     labelstudio_config,
     labelstudio_tasks,
 )
-from dalbt.project import Project
+from dalbt.labelling.project import Project
 
 CLASSES = ["cat", "dog", "fish"]
 NAMES = ["batch0/img0.png", "batch1/img1.png", "batch0/img2.png", "batch1/img3.png",
@@ -386,7 +386,7 @@ WHO = ["=HYPERLINK(\"http://evil.example\",\"click\")", "+1+2", "-2+3", "@SUM(A1
 
 
 def test_csv_export_neutralises_formulas_and_round_trips(tmp_path, digits):
-    from dalbt.interchange import csv_safe, csv_unsafe
+    from dalbt.labelling.interchange import csv_safe, csv_unsafe
 
     root = tmp_path / "images"
     names = ["=cmd.png", "-x.png", "@y.png", "+z.png", *(f"ok{k}.png" for k in range(6))]
@@ -442,7 +442,7 @@ def test_hostile_json_is_a_one_line_error_naming_the_file(project, tmp_path, cap
 
 
 def test_csv_safe_leaves_plain_numbers_and_round_trips_everything():
-    from dalbt.interchange import csv_safe, csv_unsafe
+    from dalbt.labelling.interchange import csv_safe, csv_unsafe
 
     assert [csv_safe(v) for v in ("-1", "+1.5", "-3e2", ".5")] == ["-1", "+1.5", "-3e2", ".5"]
     assert csv_safe("-1+2") == "'-1+2" and csv_safe("=1") == "'=1" and csv_safe("@x") == "'@x"

@@ -16,7 +16,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from dalbt.errors import DalbtError
-from dalbt.project import Project, is_loopback, parse_classes, scan_images
+from dalbt.labelling.images import scan_images
+from dalbt.labelling.project import Project, is_loopback, parse_classes
 
 CLASSES = [str(c) for c in range(10)]
 TINY = {"train": {"epochs": 2}, "cold_start_epochs": 1}
@@ -290,7 +291,7 @@ def _subprocess(code: str) -> subprocess.Popen:
 def test_killed_labeller_loses_no_acknowledged_label(project):
     p, _ = project
     proc = _subprocess(f"""
-        from dalbt.project import Project
+        from dalbt.labelling.project import Project
         p = Project({str(p.directory)!r})
         ids = sorted(p.image_ids().values())
         k = 0
@@ -323,7 +324,7 @@ def test_killed_query_leaves_no_half_batch_and_can_rerun(tmp_path):
     proc = _subprocess(f"""
         import torch
         torch.set_num_threads(1)
-        from dalbt.project import Project
+        from dalbt.labelling.project import Project
         p = Project({str(p.directory)!r})
         print("start", flush=True)
         p.query(10, progress=False)
@@ -479,7 +480,7 @@ def test_init_validates_settings_before_writing(tmp_path, settings, match):
 
 
 def test_failed_init_leaves_no_database_nor_folder(tmp_path, monkeypatch):
-    import dalbt.project as project_mod
+    import dalbt.labelling.project as project_mod
 
     write_digits(tmp_path / "images", 4)
     calls = []

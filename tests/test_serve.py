@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalbt.project import Project
-from dalbt.serve import background_server, cookie_name, create_app, history_png
+from dalbt.labelling.project import Project
+from dalbt.labelling.server import background_server, cookie_name, create_app, history_png
 
 with warnings.catch_warnings():  # starlette's note that it prefers httpx2 to httpx
     warnings.simplefilter("ignore")
@@ -399,7 +399,7 @@ def test_history_png(tmp_path):
 def test_serve_never_runs_a_public_address_without_a_token(proj, monkeypatch, capsys):
     import uvicorn
 
-    from dalbt import serve as serve_mod
+    from dalbt.labelling import server as serve_mod
 
     seen = {}
 
@@ -426,7 +426,7 @@ def test_serve_never_runs_a_public_address_without_a_token(proj, monkeypatch, ca
 
 def test_serve_reports_a_busy_port_and_a_missing_project(proj, tmp_path):
     from dalbt.errors import DalbtError
-    from dalbt.serve import serve
+    from dalbt.labelling.server import serve
 
     with background_server(create_app(proj)) as url:
         port = int(url.rsplit(":", 1)[1])

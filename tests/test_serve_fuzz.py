@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dalbt.project import Project
-from dalbt.serve import create_app
+from dalbt.labelling.project import Project
+from dalbt.labelling.server import create_app
 
 with warnings.catch_warnings():  # starlette's note that it prefers httpx2 to httpx
     warnings.simplefilter("ignore")

@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from dalbt.data.adapters import from_dataset, from_hf, from_image_folder, from_tensors
     from dalbt.data.datasets import ImageDataset, load_dataset
     from dalbt.learner import ActiveLearner, ClassifierModule
-    from dalbt.loop import RunConfig, run_experiment
+    from dalbt.loop import run_experiment
     from dalbt.models.net import DALBTNet, build_model
     from dalbt.outputs import Outputs
-    from dalbt.recipe import TrainConfig
+    from dalbt.recipe import RunConfig, TrainConfig
     from dalbt.selection import select
     from dalbt.store import Store
     from dalbt.strategies import (
@@ -54,7 +54,7 @@ _LAZY = {
     "QueryContext": "dalbt.strategies",
     "RoundData": "dalbt.al_round",
     "RoundResult": "dalbt.al_round",
-    "RunConfig": "dalbt.loop",
+    "RunConfig": "dalbt.recipe",
     "STRATEGIES": "dalbt.strategies",
     "Store": "dalbt.store",
     "Strategy": "dalbt.strategies",

@@ -1,6 +1,6 @@
 """Benchmark runner: a grid of strategies x seeds (x settings) over one AL protocol.
 
-A bench config (YAML) names the protocol (any :class:`~dalbt.loop.RunConfig` or
+A bench config (YAML) names the protocol (any :class:`~dalbt.recipe.RunConfig` or
 :class:`~dalbt.train.TrainConfig` field, flat), the ``strategies`` (a name, or a mapping with
 ``name``, ``options``, ``train`` overrides and ``label``), the ``seeds`` and an optional
 ``grid`` of settings crossed with strategies x seeds::
@@ -42,11 +42,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import numpy as np
 
 from dalbt.errors import DalbtError
-from dalbt.loop import RunConfig
-from dalbt.store import config_key
+from dalbt.recipe import OOD_POLICIES, RunConfig
+from dalbt.store import FULL_DATA, config_key
 from dalbt.train import TrainConfig
 
-FULL_DATA = "full-data"
 MANIFEST = "bench.json"
 
 # RunConfig fields a bench sets per run itself, never from the protocol.
@@ -345,7 +344,7 @@ def _check_protocol(cfg: RunConfig, where: str) -> None:
         raise DalbtError(f"{where}: lr must be positive, got {cfg.train.lr}")
     if cfg.val_size is not None and cfg.val_size < 0:
         raise DalbtError(f"{where}: val_size must be >= 0, got {cfg.val_size}")
-    if cfg.ood_policy not in ("return", "discard"):
+    if cfg.ood_policy not in OOD_POLICIES:
         raise DalbtError(f"{where}: ood_policy must be 'return' or 'discard', got "
                          f"{cfg.ood_policy!r}")
 

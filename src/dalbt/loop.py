@@ -12,7 +12,6 @@ import io
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,81 +26,10 @@ from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
-from dalbt.recipe import MAX_SEED, MAX_WIDTH, check_int
+from dalbt.recipe import MAX_SEED, MAX_WIDTH, OOD_POLICIES, RunConfig, check_int
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import build_strategy
-from dalbt.train import TrainConfig, pretrain_barlow
-
-# Config fields that do not change a run's results' meaning: excluded from its key, so a run
-# can be resumed on another device or with the data in another directory.
-_NOT_IN_KEY = ("device", "data_root", "progress")
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines one AL run (one strategy, one seed).
-
-    Attributes:
-        dataset: Registered dataset name.
-        model: Registered model name.
-        strategy: Registered strategy name.
-        strategy_options: Keyword options of the strategy.
-        initial: Initial labelled set size.
-        budget: Samples queried per round.
-        rounds: Query rounds (the run trains rounds + 1 models).
-        seed: The run's one seed; every random stream derives from it.
-        val_size: Validation images held out of the pool (None: min(5000, 10% of train)).
-        latent_dim: Encoder output size (None: the model's default, LeNet 60, VGG16 512).
-        projector_dims: Barlow Twins projector widths.
-        train: Training recipe.
-        data_root: Where to look for dataset files.
-        unknown_classes: Open-set pool: these classes (names or indices) stay in the pool as
-            out-of-distribution images without labels; test accuracy is on the known classes.
-        mix: Cross-dataset pool, e.g. ``"svhn:5000,kmnist:5000"``: images of other datasets
-            (resized, channel-matched) added to the pool as out-of-distribution.
-        ood_policy: What happens to a queried out-of-distribution image (it costs budget and
-            gets no label): ``return`` to the pool (the paper) or ``discard`` it.
-    """
-
-    dataset: str = "digits"
-    model: str = "lenet"
-    strategy: str = "weibull"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    initial: int = 100
-    budget: int = 100
-    rounds: int = 10
-    seed: int = 0
-    val_size: int | None = None
-    latent_dim: int | None = None
-    projector_dims: tuple[int, ...] = (256, 256, 256)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data_root: str | None = None
-    unknown_classes: list[str] = field(default_factory=list)
-    mix: str | None = None
-    ood_policy: str = "return"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["projector_dims"] = list(self.projector_dims)
-        return d
-
-    def key_dict(self) -> dict[str, Any]:
-        """The part of the config that identifies the run."""
-        d = self.to_dict()
-        for k in _NOT_IN_KEY:
-            d.pop(k, None)
-            d["train"].pop(k, None)
-        if d["train"].get("amp") is None:  # keys of float32 runs as before mixed precision
-            d["train"].pop("amp", None)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
-        d["projector_dims"] = tuple(d.get("projector_dims", (256, 256, 256)))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+from dalbt.train import pretrain_barlow
 
 
 def resolve_val_size(cfg: RunConfig, n_train: int) -> int:
@@ -122,7 +50,7 @@ def validate(cfg: RunConfig, data: ImageDataset) -> None:
         check_int("--latent-dim", cfg.latent_dim, 1, MAX_WIDTH)
     for width in cfg.projector_dims:
         check_int("--projector width", width, 1, MAX_WIDTH)
-    if cfg.ood_policy not in ("return", "discard"):
+    if cfg.ood_policy not in OOD_POLICIES:
         raise DalbtError(f"--ood-policy must be 'return' or 'discard', got {cfg.ood_policy!r}")
     if cfg.train.ssl_unlabelled and cfg.train.gamma <= 0:
         raise DalbtError("--ssl-pool adds the Barlow Twins loss on pool images: it needs "

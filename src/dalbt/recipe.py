@@ -1,11 +1,12 @@
-"""The training recipe of a round, as plain data (no torch: the CLI and the labelling project
-read and validate it without loading torch)."""
+"""The training recipe of a round and the config of a run, as plain data (no torch: the CLI and
+the labelling project read and validate them, and take their defaults, without loading torch)."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from dalbt.errors import DalbtError
 
@@ -20,6 +21,9 @@ MAX_WIDTH = 1 << 16  # latent and projector widths
 MAX_SEED = 2**63 - 1  # SQLite's largest integer
 MAX_EPOCHS = 1 << 30
 MAX_LR = 1e6  # Adam's first step is lr / 0.1: far above it float32 overflows mid-step
+
+AMP_MODES = ("bf16", "fp16")  # TrainConfig.amp, besides None (float32)
+OOD_POLICIES = ("return", "discard")  # RunConfig.ood_policy
 
 
 def check_int(flag: str, value: object, low: int, high: int) -> None:
@@ -95,5 +99,77 @@ class TrainConfig:
         check_int("--eval-every", self.eval_every, 1, MAX_EPOCHS)
         check_int("--pretrain-epochs", self.pretrain_epochs, 0, MAX_EPOCHS)
         check_int("--pretrain-batch", self.pretrain_batch, 2, MAX_BATCH)
-        if self.amp not in (None, "bf16", "fp16"):
-            raise DalbtError(f"--amp must be bf16 or fp16, got {self.amp!r}")
+        if self.amp is not None and self.amp not in AMP_MODES:
+            raise DalbtError(f"--amp must be {' or '.join(AMP_MODES)}, got {self.amp!r}")
+
+
+# Config fields that do not change a run's results' meaning: excluded from its key, so a run
+# can be resumed on another device or with the data in another directory.
+_NOT_IN_KEY = ("device", "data_root", "progress")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one AL run (one strategy, one seed).
+
+    Attributes:
+        dataset: Registered dataset name.
+        model: Registered model name.
+        strategy: Registered strategy name.
+        strategy_options: Keyword options of the strategy.
+        initial: Initial labelled set size.
+        budget: Samples queried per round.
+        rounds: Query rounds (the run trains rounds + 1 models).
+        seed: The run's one seed; every random stream derives from it.
+        val_size: Validation images held out of the pool (None: min(5000, 10% of train)).
+        latent_dim: Encoder output size (None: the model's default, LeNet 60, VGG16 512).
+        projector_dims: Barlow Twins projector widths.
+        train: Training recipe.
+        data_root: Where to look for dataset files.
+        unknown_classes: Open-set pool: these classes (names or indices) stay in the pool as
+            out-of-distribution images without labels; test accuracy is on the known classes.
+        mix: Cross-dataset pool, e.g. ``"svhn:5000,kmnist:5000"``: images of other datasets
+            (resized, channel-matched) added to the pool as out-of-distribution.
+        ood_policy: What happens to a queried out-of-distribution image (it costs budget and
+            gets no label): ``return`` to the pool (the paper) or ``discard`` it.
+    """
+
+    dataset: str = "digits"
+    model: str = "lenet"
+    strategy: str = "weibull"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    initial: int = 100
+    budget: int = 100
+    rounds: int = 10
+    seed: int = 0
+    val_size: int | None = None
+    latent_dim: int | None = None
+    projector_dims: tuple[int, ...] = (256, 256, 256)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_root: str | None = None
+    unknown_classes: list[str] = field(default_factory=list)
+    mix: str | None = None
+    ood_policy: str = "return"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["projector_dims"] = list(self.projector_dims)
+        return d
+
+    def key_dict(self) -> dict[str, Any]:
+        """The part of the config that identifies the run."""
+        d = self.to_dict()
+        for k in _NOT_IN_KEY:
+            d.pop(k, None)
+            d["train"].pop(k, None)
+        if d["train"].get("amp") is None:  # keys of float32 runs as before mixed precision
+            d["train"].pop("amp", None)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["projector_dims"] = tuple(d.get("projector_dims", (256, 256, 256)))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

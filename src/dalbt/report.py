@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dalbt.errors import DalbtError
-from dalbt.store import Store
+from dalbt.store import FULL_DATA, Store
 
 
 @dataclass
@@ -73,7 +73,6 @@ class Curve:
         return np.array([aubc(self.n_labelled[:r], a[:r]) for a in self.acc])
 
 
-FULL_DATA = "full-data"
 TIME_FIELDS = ("t_train", "t_score", "t_select")
 
 

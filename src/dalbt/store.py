@@ -20,12 +20,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dalbt.clock import utc_now
 from dalbt.errors import DalbtError
 
 DB_NAME = "dalbt.sqlite"
@@ -33,6 +33,7 @@ MANIFEST_NAME = DB_NAME + ".manifest.json"
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's transaction
 CHECKPOINT_WAIT = 1.0  # seconds a checkpoint waits for other readers before giving up
 SCHEMA_VERSION = 1
+FULL_DATA = "full-data"  # strategy name of the full-data reference run (the ceiling)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,9 +72,6 @@ CREATE TABLE IF NOT EXISTS rounds (
 ROUND_FIELDS = ("n_labelled", "test_acc", "val_acc", "best_epoch", "train_ce", "train_bt",
                 "t_train", "t_score", "t_select", "n_ood")
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -361,7 +359,7 @@ class Store:
                 for key, v in self._counts().items()}
         tmp = self.manifest_path.with_name(f"{MANIFEST_NAME}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"database": DB_NAME, "updated": _now(), "runs": runs},
+            tmp.write_text(json.dumps({"database": DB_NAME, "updated": utc_now(), "runs": runs},
                                       indent=1, sort_keys=True))
             os.replace(tmp, self.manifest_path)
         except OSError as exc:
@@ -424,7 +422,7 @@ class Store:
                 "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 (key, config["dataset"], config["strategy"], int(config["seed"]),
                  json.dumps(config, sort_keys=True), json.dumps(environment()),
-                 json.dumps([int(i) for i in initial]), _now(), _now()))
+                 json.dumps([int(i) for i in initial]), utc_now(), utc_now()))
         run = self.find_run(key)
         assert run is not None
         return run
@@ -448,7 +446,7 @@ class Store:
             self.conn.execute("DELETE FROM rounds WHERE run_id = ? AND round >= ?",
                               (run_id, first))
             self.conn.execute("UPDATE runs SET status = 'running', updated = ? WHERE id = ?",
-                              (_now(), run_id))
+                              (utc_now(), run_id))
         self.checkpoint()
         self._write_manifest()
 
@@ -471,9 +469,9 @@ class Store:
             self.conn.execute(
                 f"INSERT INTO rounds (run_id, round, {', '.join(ROUND_FIELDS)}, queried, created) "
                 f"VALUES (?, ?, {', '.join('?' * len(ROUND_FIELDS))}, ?, ?)",
-                (run_id, round_, *values, json.dumps([int(i) for i in queried]), _now()))
+                (run_id, round_, *values, json.dumps([int(i) for i in queried]), utc_now()))
             self.conn.execute("UPDATE runs SET updated = ?, status = ? WHERE id = ?",
-                              (_now(), "finished" if finished else "running", run_id))
+                              (utc_now(), "finished" if finished else "running", run_id))
         self.checkpoint()  # the database file alone now holds this round
         self._write_manifest()
 

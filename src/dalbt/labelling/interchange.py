@@ -92,7 +92,8 @@ from urllib.parse import quote, unquote, unquote_plus, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from dalbt.errors import DalbtError
-from dalbt.project import CLASS, OOD, Project, default_user
+from dalbt.labelling.config import EXPORT_FORMATS as FORMATS
+from dalbt.labelling.project import CLASS, OOD, Project, default_user
 
 OOD_CHOICE = "none of these classes"
 OOD_MARKERS = ("ood", OOD_CHOICE)
@@ -101,7 +102,6 @@ TO_NAME = "image"
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
 LABEL_COLUMNS = ("path", "sha256", "label", "kind", "who", "at", "source")
 QUEUE_COLUMNS = ("round", "position", "path", "sha256", "label")
-FORMATS = ("csv", "labelstudio", "labelstudio-config")
 
 _PATH_COLUMNS = ("path", "dalbt_path", "image")
 _LABEL_COLUMNS = ("label", "choice")

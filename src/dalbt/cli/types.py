@@ -1,30 +1,65 @@
-"""argparse argument types of the ``dalbt`` command line.
+"""argparse argument types of the ``dalbt`` command line, and its defaults.
 
 Each one turns the text of an argument into its value or raises ``ArgumentTypeError``, which
 argparse reports as ``dalbt: error: argument --lr: expected a finite number > 0, got 'nan'``
 (exit code 2). They import nothing heavy, so bad input is rejected before torch loads.
+
+The command line's defaults are those of the config dataclasses (:class:`~dalbt.recipe.RunConfig`,
+:class:`~dalbt.recipe.TrainConfig`, :class:`~dalbt.labelling.config.ProjectConfig`), read
+through :func:`field_defaults` where a class cannot be made without arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
+from dalbt.labelling.config import MAX_BUDGET, MAX_IMAGE_SIZE
 from dalbt.recipe import FLOAT32_MAX, MAX_BATCH, MAX_LR, MAX_SEED, MAX_WIDTH
 
 __all__ = [
+    "batch_size",
     "dims",
+    "field_defaults",
     "finite_float",
+    "fraction",
+    "image_size",
+    "int_range",
+    "name_list",
     "non_negative_float",
     "non_negative_int",
     "option",
+    "port",
     "positive_float",
     "positive_int",
+    "query_budget",
+    "seed",
     "seed_list",
+    "threads",
+    "width",
 ]
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of a dataclass that has one (default factories called).
+
+    Args:
+        cls: A dataclass, e.g. :class:`~dalbt.labelling.config.ProjectConfig`.
+
+    Returns:
+        Field name -> default value.
+    """
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def option(text: str) -> tuple[str, Any]:
@@ -92,6 +127,12 @@ batch_size = int_range(2, MAX_BATCH, "a batch size")
 width = int_range(1, MAX_WIDTH, "a width")
 #: A run's seed (``--seed``).
 seed = int_range(0, MAX_SEED, "a seed")
+#: A TCP port (``--port``; 0: any free one).
+port = int_range(0, 65535, "a TCP port")
+#: Images per query of a labelling project (``--budget`` of ``query`` and ``serve``).
+query_budget = int_range(1, MAX_BUDGET, "a number of images")
+#: The side images are resized to (``--image-size``).
+image_size = int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
 
 
 def finite_float(low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -139,6 +180,8 @@ def finite_float(low: float | None = None, high: float | None = None, low_open: 
 positive_float = finite_float(0, MAX_LR, low_open=True)
 #: A finite number >= 0 (``--gamma``, ``--lambd``, ``--weight-decay``).
 non_negative_float = finite_float(0)
+#: A share in [0, 1) (``--val-fraction``).
+fraction = finite_float(0, 1, high_open=True)
 
 
 def dims(text: str) -> tuple[int, ...]:
@@ -163,3 +206,8 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected seeds (integers >= 0) like 0,1,2, got "
                                          f"{text!r}")
     return seeds
+
+
+def name_list(text: str) -> list[str]:
+    """Names like ``a,b,c`` (empty items dropped)."""
+    return [c for c in text.split(",") if c]

@@ -5,33 +5,50 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dalbt.cli_types import (
+from dalbt.cli.types import (
     batch_size,
-    finite_float,
-    int_range,
+    field_defaults,
+    fraction,
+    image_size,
     non_negative_float,
     non_negative_int,
     option,
+    port,
     positive_int,
+    query_budget,
     threads,
 )
 from dalbt.errors import DalbtError
+from dalbt.labelling.config import (
+    CHANNELS,
+    DEFAULT_BUDGET,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    EXPORT_FORMATS,
+    ProjectConfig,
+)
 
 COMMANDS = ("init", "query", "serve", "export", "import")
-MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
-MAX_BUDGET = 1_000_000
-
-
-_port = int_range(0, 65535, "a TCP port")
-_budget = int_range(1, MAX_BUDGET, "a number of images")
-_image_size = int_range(1, MAX_IMAGE_SIZE, "an image side in pixels")
+# What the extra 'label' installs for 'dalbt serve' (with what they need themselves).
+SERVER_PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic")
 
 
 def add_parsers(sub: Any) -> None:
     """Add the labelling sub-commands to the ``dalbt`` parser's sub-parsers."""
+    _add_init_parser(sub)
+    _add_query_parser(sub)
+    _add_serve_parser(sub)
+    _add_interchange_parsers(sub)
+
+
+def _add_init_parser(sub: Any) -> None:
+    """``dalbt init``; its defaults are :class:`ProjectConfig`'s and its recipe's."""
+    project = field_defaults(ProjectConfig)
+    train = project["train"]
     p = sub.add_parser("init", help="create a labelling project on a folder of images",
                        description="Create a labelling project in DIR on the images under "
                                    "--images. Images in a sub-folder named like a class start "
@@ -41,28 +58,33 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--classes", default=None, help="class names, comma-separated: a,b,c")
     p.add_argument("--classes-file", default=None, help="file with one class name per line")
     p.add_argument("--labels", default=None, help="CSV of labels given beforehand: path,label")
-    p.add_argument("--strategy", default="weibull-balanced",
-                   help="query strategy (see 'dalbt strategies'; default weibull-balanced: "
-                        "DALBT's Weibull sampling with a class-balanced batch; weibull is "
+    p.add_argument("--strategy", default=project["strategy"],
+                   help=f"query strategy (see 'dalbt strategies'; default {project['strategy']}:"
+                        " DALBT's Weibull sampling with a class-balanced batch; weibull is "
                         "the paper's exact rule)")
     p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
                    metavar="KEY=VALUE", help="strategy option (repeatable)")
-    p.add_argument("--model", default="lenet", help="encoder (see 'dalbt models')")
-    p.add_argument("--image-size", type=_image_size, default=None,
+    p.add_argument("--model", default=project["model"], help="encoder (see 'dalbt models')")
+    p.add_argument("--image-size", type=image_size, default=None,
                    help="side the images are resized to (default: most common size, max 64)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+    p.add_argument("--channels", type=int, choices=CHANNELS, default=None,
                    help="1 (grayscale) or 3 (colour); default: 1 if every image is grayscale")
-    p.add_argument("--epochs", type=positive_int, default=50, help="training epochs per query")
-    p.add_argument("--batch-size", type=batch_size, default=64)
-    p.add_argument("--gamma", type=non_negative_float, default=0.001,
+    p.add_argument("--epochs", type=positive_int, default=train.epochs,
+                   help="training epochs per query")
+    p.add_argument("--batch-size", type=batch_size, default=train.batch_size)
+    p.add_argument("--gamma", type=non_negative_float, default=train.gamma,
                    help="Barlow Twins weight (>= 0)")
-    p.add_argument("--val-fraction", type=finite_float(0, 1, high_open=True), default=0.2,
+    p.add_argument("--val-fraction", type=fraction, default=project["val_fraction"],
                    help="share of labels held out to select the epoch and measure accuracy")
-    p.add_argument("--cold-start-epochs", type=non_negative_int, default=10,
+    p.add_argument("--cold-start-epochs", type=non_negative_int,
+                   default=project["cold_start_epochs"],
                    help="Barlow Twins epochs before the first query when nothing is labelled")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=project["seed"])
     p.add_argument("--who", default=None, help="author recorded for the initial labels")
 
+
+def _add_query_parser(sub: Any) -> None:
+    """``dalbt query``."""
     q = sub.add_parser(
         "query", help="train on the labels so far and queue the next images",
         description="Train the project's model on the labels so far (labelled images whose hash "
@@ -71,31 +93,38 @@ def add_parsers(sub: Any) -> None:
                     "no label yet, a cold start (Barlow Twins features, then k-centre). Label "
                     "them with 'dalbt serve DIR'.")
     q.add_argument("directory", help="project directory")
-    q.add_argument("--budget", type=_budget, required=True, help="images to queue")
+    q.add_argument("--budget", type=query_budget, required=True, help="images to queue")
     q.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _add_serve_parser(sub: Any) -> None:
+    """``dalbt serve``."""
     s = sub.add_parser("serve", help="label the queued images in a browser",
                        description="Serve the labelling page of a project. Only loopback "
                                    "addresses are open without a token; any other --host "
-                                   "needs --token (or DALBT_TOKEN), or one is generated.")
+                                   "needs --token (or DALBT_TOKEN), or one is generated. "
+                                   "Needs the web server: pip install 'dalbt[label]'.")
     s.add_argument("directory", help="project directory")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=_port, default=8765,
+    s.add_argument("--host", default=DEFAULT_HOST, help="bind address")
+    s.add_argument("--port", type=port, default=DEFAULT_PORT,
                    help="TCP port, 0 to 65535 (0: any free port)")
     s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
                    help="access token the page must present (default: $DALBT_TOKEN)")
     s.add_argument("--user", default=None, help="labeller name recorded with each label")
-    s.add_argument("--budget", type=_budget, default=None,
+    s.add_argument("--budget", type=query_budget, default=None,
                    help="batch size of the page's 'train and queue' button (default: the "
-                        "size of the last batch, else 20)")
+                        f"size of the last batch, else {DEFAULT_BUDGET})")
     s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
 
+
+def _add_interchange_parsers(sub: Any) -> None:
+    """``dalbt export`` and ``dalbt import``."""
     e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
     e.add_argument("directory", help="project directory")
-    e.add_argument("--format", choices=("csv", "labelstudio", "labelstudio-config"),
-                   default="csv", help="csv, Label Studio tasks (JSON), or the Label Studio "
-                                       "labelling config (XML) that goes with them")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
+                   help="csv, Label Studio tasks (JSON), or the Label Studio labelling config "
+                        "(XML) that goes with them")
     e.add_argument("--queue", action="store_true",
                    help="export the pending queue (tasks to annotate) instead of the labels")
     e.add_argument("--out", default=None, help="file to write (default: standard output)")
@@ -107,6 +136,22 @@ def add_parsers(sub: Any) -> None:
     i.add_argument("--who", default=None, help="labeller recorded when the file names none")
 
 
+def _server() -> Callable[..., None]:
+    """:func:`dalbt.labelling.server.serve`, or, if the web server is not installed, a
+    :class:`DalbtError` naming the extra that installs it."""
+    try:
+        import uvicorn  # noqa: F401 - serve() imports it late; missing, it should fail now
+
+        from dalbt.labelling.server import serve
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in SERVER_PACKAGES:
+            raise
+        raise DalbtError(f"'dalbt serve' needs {missing}, which is not installed: "
+                         "pip install 'dalbt[label]'") from None
+    return serve
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -115,20 +160,18 @@ def _threads(n: int | None) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run one labelling sub-command; returns the exit code."""
-    from dalbt.project import Project, parse_classes
+    from dalbt.labelling.project import Project, parse_classes
 
     if args.command == "init":
-        from dalbt.recipe import TrainConfig
-
         classes = parse_classes(args.classes, args.classes_file)
         Project.init(args.directory, args.images, classes, labels_csv=args.labels,
                      image_size=args.image_size, channels=args.channels, who=args.who,
                      strategy=args.strategy, strategy_options=dict(args.strategy_option),
                      model=args.model, seed=args.seed, val_fraction=args.val_fraction,
                      cold_start_epochs=args.cold_start_epochs,
-                     train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                       gamma=args.gamma)).close()
-        print(f"next: 'dalbt query {args.directory} --budget 20', then "
+                     train={"epochs": args.epochs, "batch_size": args.batch_size,
+                            "gamma": args.gamma}).close()
+        print(f"next: 'dalbt query {args.directory} --budget {DEFAULT_BUDGET}', then "
               f"'dalbt serve {args.directory}'")
         return 0
     if args.command == "query":
@@ -139,14 +182,13 @@ def dispatch(args: argparse.Namespace) -> int:
               f"'dalbt serve {args.directory}'")
         return 0
     if args.command == "serve":
-        from dalbt.serve import serve
-
+        serve = _server()
         _threads(args.threads)
         serve(Path(args.directory), host=args.host, port=args.port, token=args.token,
               user=args.user, budget=args.budget)
         return 0
     if args.command == "export":
-        from dalbt.interchange import export_project
+        from dalbt.labelling.interchange import export_project
 
         with Project(args.directory) as project:
             text = export_project(project, args.format, queue=args.queue)
@@ -157,7 +199,7 @@ def dispatch(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         return 0
     if args.command == "import":
-        from dalbt.interchange import import_file
+        from dalbt.labelling.interchange import import_file
 
         with Project(args.directory) as project:
             summary = import_file(project, Path(args.file), who=args.who)

@@ -1,10 +1,11 @@
 """The labelling web page of a project (``dalbt serve``): a small JSON API and one static page.
 
-Every request opens its own :class:`~dalbt.project.Project` (its own SQLite connection), so
-labels from several tabs or people are independent transactions; each label is committed
-before its response, so killing the server loses no acknowledged label. Images are served by
-database id only (never by a path from the client) through :meth:`Project.read_image`, which
-checks the file's hash and refuses anything outside the image folder.
+Every request opens its own :class:`~dalbt.labelling.project.Project` (its own SQLite
+connection), so labels from several tabs or people are independent transactions; each label is
+committed before its response, so killing the server loses no acknowledged label. Images are
+served by database id only (never by a path from the client) through
+:meth:`Project.read_image`, which checks the file's hash and refuses anything outside the image
+folder.
 
 Security: with a token every request must present it (``?token=`` on the first page load
 sets an HttpOnly, SameSite=Strict cookie; or ``Authorization: Bearer``). POST bodies must be
@@ -23,7 +24,6 @@ import socket
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,11 +34,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from dalbt.clock import utc_now
 from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
-from dalbt.project import Project, QueryLock, default_user, is_loopback
+from dalbt.labelling.config import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT, MAX_BUDGET
+from dalbt.labelling.lock import QueryLock
+from dalbt.labelling.project import Project, default_user, is_loopback
 
-DEFAULT_BUDGET = 20
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 
 # Formats every browser shows; any other image format is converted to PNG on the way out.
@@ -54,6 +56,9 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
 }
 
+
+_CallNext = Callable[[Request], Awaitable[Response]]
+_Middleware = Callable[[Request, _CallNext], Awaitable[Response]]
 
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 MAX_BODY = 64 * 1024  # bytes of a request body; every API body is a few dozen
@@ -82,7 +87,7 @@ class SkipIn(_Body):
 class QueryIn(_Body):
     """Body of ``POST /api/query``; no budget: the server's default."""
 
-    budget: int | None = Field(default=None, gt=0, le=1_000_000)
+    budget: int | None = Field(default=None, gt=0, le=MAX_BUDGET)
 
 
 def _shown(value: str, limit: int = 40) -> str:
@@ -126,12 +131,9 @@ class _QueryJob:
                 "finished": self.finished}
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
 
 def _static(name: str) -> bytes:
-    return (resources.files("dalbt") / "static" / name).read_bytes()
+    return (resources.files("dalbt.labelling") / "static" / name).read_bytes()
 
 
 def cookie_name(token: str) -> str:
@@ -144,8 +146,31 @@ def _token_matches(given: str | None, token: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
+class _Site:
+    """What the routes of one app share: the project directory, the page's defaults and the
+    background query."""
+
+    def __init__(self, directory: Path, user: str | None, budget: int | None) -> None:
+        self.directory = directory
+        self.default_who = user or default_user()
+        self.budget = budget
+        self.job = _QueryJob()
+
+    def project(self) -> Project:
+        """The project, opened anew: one connection per request or thread."""
+        return Project(self.directory)
+
+    def default_budget(self, p: Project) -> int:
+        """The query button's batch size: the server's, else the last batch's, else
+        :data:`~dalbt.labelling.config.DEFAULT_BUDGET`."""
+        if self.budget:
+            return self.budget
+        rounds = p.rounds()
+        return (rounds[-1]["batch_size"] if rounds else 0) or DEFAULT_BUDGET
+
+
 def create_app(directory: Path, token: str | None = None, user: str | None = None,
-               budget: int | None = None, host: str = "127.0.0.1") -> FastAPI:
+               budget: int | None = None, host: str = DEFAULT_HOST) -> FastAPI:
     """The labelling app of a project.
 
     Args:
@@ -165,50 +190,9 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     """
     directory = Path(directory)
     Project(directory).close()  # fails now, with the fix, if there is no project
-    default_who = user or default_user()
-    job = _QueryJob()
+    site = _Site(directory, user, budget)
     app = FastAPI(title="dalbt labelling", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def project() -> Project:  # one connection per request or thread
-        return Project(directory)
-
-    @app.middleware("http")
-    async def guard(request: Request,
-                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        from_query = False
-        if token is not None:
-            auth = request.headers.get("authorization", "")
-            bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-            from_query = _token_matches(request.query_params.get("token"), token)
-            if not (from_query or _token_matches(bearer, token)
-                    or _token_matches(request.cookies.get(cookie_name(token)), token)):
-                msg = ("this server needs its access token: open the URL that 'dalbt serve' "
-                       "printed (it ends in ?token=...)")
-                if request.url.path.startswith("/api/"):
-                    return JSONResponse({"detail": msg}, status_code=401,
-                                        headers=SECURITY_HEADERS)
-                return Response(f"401 Unauthorized: {msg}\n", status_code=401,
-                                media_type="text/plain", headers=SECURITY_HEADERS)
-        if request.method not in ("GET", "HEAD"):
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                return JSONResponse({"detail": "send the request body as application/json"},
-                                    status_code=415, headers=SECURITY_HEADERS)
-            length = request.headers.get("content-length")
-            if length is None:  # a chunked body would escape the size limit
-                return JSONResponse({"detail": "send the request body with a Content-Length"},
-                                    status_code=411, headers=SECURITY_HEADERS)
-            if not (length.isascii() and length.isdigit() and len(length) < 12
-                    and int(length) <= MAX_BODY):
-                return JSONResponse({"detail": f"request body too large (at most {MAX_BODY} "
-                                               "bytes)"}, status_code=413,
-                                    headers=SECURITY_HEADERS)
-        response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
-        if from_query:
-            response.set_cookie(cookie_name(token), token, httponly=True, samesite="strict",
-                                path="/")
-        return response
+    app.middleware("http")(_guard(token))
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -217,6 +201,74 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     if is_loopback(host):
         allowed = LOOPBACK_HOSTS + ([host] if host not in LOOPBACK_HOSTS else [])
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
+    _add_page_routes(app)
+    _add_label_routes(app, site)
+    _add_query_routes(app, site)
+    app.state.query_job = site.job
+    return app
+
+
+def _token_refusal(request: Request, token: str) -> Response | None:
+    """The 401 answer to a request without the token (None if it presents it)."""
+    auth = request.headers.get("authorization", "")
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if (_token_matches(request.query_params.get("token"), token) or _token_matches(bearer, token)
+            or _token_matches(request.cookies.get(cookie_name(token)), token)):
+        return None
+    msg = ("this server needs its access token: open the URL that 'dalbt serve' printed (it "
+           "ends in ?token=...)")
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"detail": msg}, status_code=401, headers=SECURITY_HEADERS)
+    return Response(f"401 Unauthorized: {msg}\n", status_code=401, media_type="text/plain",
+                    headers=SECURITY_HEADERS)
+
+
+def _body_refusal(request: Request) -> Response | None:
+    """The answer to a request body that is not JSON of a declared, small size (None if it
+    is, or if the method has no body)."""
+    if request.method in ("GET", "HEAD"):
+        return None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        return JSONResponse({"detail": "send the request body as application/json"},
+                            status_code=415, headers=SECURITY_HEADERS)
+    length = request.headers.get("content-length")
+    if length is None:  # a chunked body would escape the size limit
+        return JSONResponse({"detail": "send the request body with a Content-Length"},
+                            status_code=411, headers=SECURITY_HEADERS)
+    if not (length.isascii() and length.isdigit() and len(length) < 12
+            and int(length) <= MAX_BODY):
+        return JSONResponse({"detail": f"request body too large (at most {MAX_BODY} bytes)"},
+                            status_code=413, headers=SECURITY_HEADERS)
+    return None
+
+
+def _guard(token: str | None) -> _Middleware:
+    """The HTTP middleware: the access token, the request body's form and size, the security
+    headers, and the token cookie after a first ``?token=`` load."""
+
+    async def guard(request: Request, call_next: _CallNext) -> Response:
+        from_query = False
+        if token is not None:
+            refusal = _token_refusal(request, token)
+            if refusal is not None:
+                return refusal
+            from_query = _token_matches(request.query_params.get("token"), token)
+        refusal = _body_refusal(request)
+        if refusal is not None:
+            return refusal
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if from_query:
+            response.set_cookie(cookie_name(token), token, httponly=True, samesite="strict",
+                                path="/")
+        return response
+
+    return guard
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    """``/`` (the page) and ``/static/{name}`` (its script and style sheet)."""
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> Response:
@@ -230,15 +282,41 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
         return Response(_static(name), media_type=STATIC_TYPES[name],
                         headers={"Cache-Control": "no-cache"})
 
-    def default_budget(p: Project) -> int:
-        if budget:
-            return budget
-        rounds = p.rounds()
-        return (rounds[-1]["batch_size"] if rounds else 0) or DEFAULT_BUDGET
+
+def _image_response(site: _Site, image_id: str) -> Response:
+    """``GET /api/image/{image_id}``: the image's bytes, checked against its hash; formats
+    browsers do not show are converted to PNG."""
+    if not (image_id.isascii() and image_id.isdigit() and len(image_id) <= 19
+            and int(image_id) <= MAX_ID):
+        raise HTTPException(404, f"no image with id {_shown(image_id)}")
+    with site.project() as p:
+        try:
+            rel = p.image(int(image_id))[0]
+        except DalbtError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        try:
+            data = p.read_image(int(image_id))
+        except DalbtError as exc:  # changed, missing, unreadable or outside the root
+            raise HTTPException(409, str(exc)) from exc
+    suffix = PurePosixPath(rel).suffix.lower()
+    media = BROWSER_TYPES.get(suffix)
+    if media is None:
+        try:
+            data, media = _to_png(data), "image/png"
+        except Exception as exc:
+            raise HTTPException(409, f"image {rel} cannot be decoded: "
+                                     f"{image_error(exc, rel)}") from exc
+    return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
+
+
+def _add_label_routes(app: FastAPI, site: _Site) -> None:
+    """``/api/state``, ``/api/image/{id}``, ``/api/label``, ``/api/skip`` and
+    ``/api/history.png``."""
+    job = site.job
 
     @app.get("/api/state")
     def state() -> dict[str, Any]:
-        with project() as p:
+        with site.project() as p:
             pending = p.pending()
             rounds = p.rounds()
             return {
@@ -253,39 +331,19 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
                                               "pending": sum(q.round == r["round"]
                                                              for q in pending)}
                             for r in rounds},
-                "user": default_who,
-                "budget": default_budget(p),
+                "user": site.default_who,
+                "budget": site.default_budget(p),
                 "query": {"running": job.lock.locked() or p.query_running(), **job.state()},
             }
 
     @app.get("/api/image/{image_id}")
     def image(image_id: str) -> Response:
-        if not (image_id.isascii() and image_id.isdigit() and len(image_id) <= 19
-                and int(image_id) <= MAX_ID):
-            raise HTTPException(404, f"no image with id {_shown(image_id)}")
-        with project() as p:
-            try:
-                rel = p.image(int(image_id))[0]
-            except DalbtError as exc:
-                raise HTTPException(404, str(exc)) from exc
-            try:
-                data = p.read_image(int(image_id))
-            except DalbtError as exc:  # changed, missing, unreadable or outside the root
-                raise HTTPException(409, str(exc)) from exc
-        suffix = PurePosixPath(rel).suffix.lower()
-        media = BROWSER_TYPES.get(suffix)
-        if media is None:
-            try:
-                data, media = _to_png(data), "image/png"
-            except Exception as exc:
-                raise HTTPException(409, f"image {rel} cannot be decoded: "
-                                         f"{image_error(exc, rel)}") from exc
-        return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
+        return _image_response(site, image_id)
 
     @app.post("/api/label")
     def label(body: LabelIn) -> dict[str, Any]:
-        who = (body.who or "").strip() or default_who
-        with project() as p:
+        who = (body.who or "").strip() or site.default_who
+        with site.project() as p:
             try:
                 p.image(body.image_id)
             except DalbtError as exc:
@@ -298,7 +356,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
     @app.post("/api/skip")
     def skip(body: SkipIn) -> dict[str, Any]:
-        with project() as p:
+        with site.project() as p:
             try:
                 p.image(body.image_id)
             except DalbtError as exc:
@@ -308,10 +366,15 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
 
     @app.get("/api/history.png")
     def history() -> Response:
-        with project() as p:
+        with site.project() as p:
             rounds = p.rounds()
         return Response(history_png(rounds), media_type="image/png",
                         headers={"Cache-Control": "no-store"})
+
+
+def _add_query_routes(app: FastAPI, site: _Site) -> None:
+    """``POST /api/query``: start the background query (one at a time, across processes)."""
+    job = site.job
 
     @app.post("/api/query", status_code=202)
     def query(body: QueryIn) -> Any:
@@ -319,15 +382,15 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             raise HTTPException(409, "a query is already running; wait for it to finish")
         qlock = None
         try:
-            with project() as p:
+            with site.project() as p:
                 try:
                     qlock = p.acquire_query_lock()  # held by the thread until it finishes
                 except DalbtError as exc:
                     raise HTTPException(409, "another process is running a query on this "
                                              "project; wait for it to finish") from exc
-                n = body.budget or default_budget(p)
-            job.error, job.started, job.finished = None, _now(), None
-            job.thread = threading.Thread(target=run_query, args=(n, qlock), daemon=True,
+                n = body.budget or site.default_budget(p)
+            job.error, job.started, job.finished = None, utc_now(), None
+            job.thread = threading.Thread(target=_run_query, args=(site, n, qlock), daemon=True,
                                           name="dalbt-query")
             job.thread.start()
         except BaseException:
@@ -337,32 +400,33 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
             raise
         return {"started": True, "budget": n}
 
-    def run_query(n: int, qlock: QueryLock) -> None:
-        log: list[str] = []
 
-        def note(line: str) -> None:  # kept for the page and shown on the server's console
-            log.append(line)
-            print(line, flush=True)
+def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:
+    """The background query's thread: runs it, keeps its outcome and log for the page, and
+    releases both locks."""
+    job = site.job
+    log: list[str] = []
 
-        try:
-            with project() as p:
-                res = p.query(n, progress=False, log=note, lock=qlock)
-            job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
-                        "n_labelled": res.n_labelled, "val_acc": res.val_acc,
-                        "skipped_images": len(res.skipped_images),
-                        "restored_images": len(res.restored_images), "log": log}
-        except DalbtError as exc:
-            job.error = str(exc)
-        except Exception as exc:  # shown on the page; the server keeps running
-            traceback.print_exc()
-            job.error = f"the query failed: {type(exc).__name__}: {exc}"
-        finally:
-            job.finished = _now()
-            qlock.release()
-            job.lock.release()
+    def note(line: str) -> None:  # kept for the page and shown on the server's console
+        log.append(line)
+        print(line, flush=True)
 
-    app.state.query_job = job
-    return app
+    try:
+        with site.project() as p:
+            res = p.query(n, progress=False, log=note, lock=qlock)
+        job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
+                    "n_labelled": res.n_labelled, "val_acc": res.val_acc,
+                    "skipped_images": len(res.skipped_images),
+                    "restored_images": len(res.restored_images), "log": log}
+    except DalbtError as exc:
+        job.error = str(exc)
+    except Exception as exc:  # shown on the page; the server keeps running
+        traceback.print_exc()
+        job.error = f"the query failed: {type(exc).__name__}: {exc}"
+    finally:
+        job.finished = utc_now()
+        qlock.release()
+        job.lock.release()
 
 
 def _to_png(data: bytes) -> bytes:
@@ -445,8 +509,8 @@ def page_url(host: str, port: int, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
-def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          user: str | None = None, budget: int | None = None) -> None:
+def serve(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          token: str | None = None, user: str | None = None, budget: int | None = None) -> None:
     """Serve the labelling page until interrupted (Ctrl-C).
 
     A non-loopback ``host`` never runs without a token: one is generated when none is given.
@@ -478,7 +542,7 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 8765, token: str
 
 
 @contextlib.contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+def background_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = 0,
                       timeout: float = 20.0) -> Iterator[str]:
     """Run an app with uvicorn in a background thread (tests, screenshots).
 

@@ -11,37 +11,39 @@ the end, so a killed query leaves no half-written batch and can simply be run ag
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import hashlib
-import io
 import json
 import numbers
 import os
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dalbt.data.formats import (
-    GRAY_MODES,
-    IMAGE_EXTENSIONS,
-    image_error,
-    image_warnings,
-    pil_to_array,
-)
+from dalbt.clock import utc_now
+from dalbt.data.formats import IMAGE_EXTENSIONS
 from dalbt.errors import DalbtError
-from dalbt.recipe import MAX_EPOCHS, MAX_SEED, TrainConfig, check_int
+from dalbt.labelling.config import ProjectConfig, project_recipe, validate_config
+from dalbt.labelling.images import (
+    decode_image,
+    file_stat,
+    is_inside,
+    probe_images,
+    scan_images,
+    sha256_bytes,
+)
+from dalbt.labelling.lock import QueryLock, lock_held
 
 DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 2  # 2: images.file_stat
 OOD = "ood"  # label kind of "none of these classes"
 CLASS = "class"
+STAMP = "milliseconds"  # precision of the timestamps of labels, queue entries and rounds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,13 +89,6 @@ CREATE TABLE IF NOT EXISTS queue (
 """
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def default_user() -> str:
     """The OS user name, used as ``who`` when none is given."""
@@ -101,101 +96,6 @@ def default_user() -> str:
         return getpass.getuser()
     except Exception:  # no user database entry (containers)
         return "unknown"
-
-
-@dataclass
-class ProjectConfig:
-    """Settings of a labelling project, fixed at ``dalbt init`` (stored in the database).
-
-    Attributes:
-        classes: Class names, in button order.
-        image_root: Absolute path of the image folder.
-        image_size: Side of the square the images are resized to for the model.
-        channels: 1 (grayscale) or 3 (RGB).
-        strategy: Query strategy (default ``weibull-balanced``: DALBT's Weibull sampling with a
-            class-balanced batch, the best variant of the Fashion-MNIST ablation).
-        strategy_options: Its keyword options.
-        model: Encoder architecture.
-        seed: Root seed of every random stream.
-        val_fraction: Share of the labelled images held out for model selection and the
-            accuracy history (assigned by content hash, so an image keeps its role).
-        min_val: Fewer held-out images than this: no validation split (all labels train).
-        min_steps: Fewest optimiser steps per query: with few labels an epoch is one step, so
-            the epochs are raised to reach this many steps.
-        planned_rounds: Number of rounds strategies that plan ahead (PT4AL) assume.
-        cold_start_epochs: Barlow Twins epochs on all images before the first query when there
-            are no labels yet (the first batch is then chosen on those features).
-        cold_start_strategy: The label-free strategy that chooses that first batch (default
-            ``coreset``: greedy k-centre on the features).
-        train: Training recipe of each round.
-    """
-
-    classes: list[str]
-    image_root: str
-    image_size: int
-    channels: int
-    strategy: str = "weibull-balanced"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    model: str = "lenet"
-    seed: int = 0
-    val_fraction: float = 0.2
-    min_val: int = 20
-    min_steps: int = 200
-    planned_rounds: int = 10
-    cold_start_epochs: int = 10
-    cold_start_strategy: str = "coreset"
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProjectConfig:
-        d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
-        return cls(**d)
-
-
-MAX_IMAGE_SIZE = 512  # model input side; larger sides make the pixel cache and training huge
-
-
-def validate_config(cfg: ProjectConfig) -> None:
-    """Check every setting of a project before it is stored or used to train.
-
-    Names and options are checked against the model and strategy registries; numbers must be
-    finite and in range.
-
-    Raises:
-        DalbtError: Naming the first bad setting, its value and what is allowed.
-    """
-    from dalbt import catalogue  # no torch: init and the checks answer at once
-
-    if not isinstance(cfg.model, str):
-        raise DalbtError(f"the model must be a name, got {cfg.model!r}")
-    catalogue.check_model(cfg.model)
-    if not isinstance(cfg.strategy, str):
-        raise DalbtError(f"the strategy must be a name, got {cfg.strategy!r}")
-    if not isinstance(cfg.strategy_options, dict):
-        raise DalbtError(f"strategy options must be KEY=VALUE pairs, got "
-                         f"{cfg.strategy_options!r}")
-    catalogue.check_strategy(cfg.strategy, cfg.strategy_options)  # unknown name, bad options
-    if not isinstance(cfg.cold_start_strategy, str):
-        raise DalbtError(f"the cold-start strategy must be a name, got {cfg.cold_start_strategy!r}")
-    catalogue.check_cold_start(cfg.cold_start_strategy)
-    low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
-    check_int(f"--image-size for model {cfg.model!r}", cfg.image_size, low, MAX_IMAGE_SIZE)
-    if cfg.channels not in (1, 3) or isinstance(cfg.channels, bool | float):
-        raise DalbtError(f"--channels must be 1 or 3, got {cfg.channels!r}")
-    cfg.train.check()  # the recipe's own ranges, as 'dalbt run' checks them
-    for name, value, least in (("--seed", cfg.seed, 0),
-                               ("--cold-start-epochs", cfg.cold_start_epochs, 0),
-                               ("min_val", cfg.min_val, 0), ("min_steps", cfg.min_steps, 0),
-                               ("planned_rounds", cfg.planned_rounds, 1)):
-        check_int(name, value, least, MAX_SEED if name == "--seed" else MAX_EPOCHS)
-    if isinstance(cfg.val_fraction, bool) or not isinstance(cfg.val_fraction, numbers.Real) \
-            or not 0 <= cfg.val_fraction < 1:  # nan fails the comparison
-        raise DalbtError(f"--val-fraction must be a finite number in [0, 1), got "
-                         f"{cfg.val_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -222,99 +122,6 @@ class QueryResult:
     restored_images: list[str] = field(default_factory=list)  # marked unusable, now usable
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def scan_images(root: Path) -> tuple[list[str], list[str]]:
-    """Image files under ``root`` (recursively), as POSIX paths relative to it.
-
-    Symbolic links are followed only when their target stays inside ``root``; hidden files
-    and folders are skipped.
-
-    Returns:
-        ``(paths, warnings)``: sorted relative paths and one message per file left out.
-    """
-    root_real = Path(os.path.realpath(root))
-    paths, warnings = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not _is_image(name):
-                continue
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if not is_inside(root_real, full):
-                warnings.append(f"{rel}: links outside the image folder, left out")
-                continue
-            if not full.is_file():
-                continue
-            paths.append(rel)
-    return sorted(paths), warnings
-
-
-def is_inside(root_real: Path, path: Path) -> bool:
-    """Whether ``path``, with every symbolic link resolved, lies inside ``root_real``."""
-    real = os.path.realpath(path)
-    return os.path.commonpath([str(root_real), real]) == str(root_real)
-
-
-def decode_image(data: bytes, size: int, channels: int, name: str = "image",
-                 log: Callable[[str], None] | None = None) -> np.ndarray:
-    """Decode image bytes into a (C, size, size) uint8 array (see
-    :func:`dalbt.data.formats.pil_to_array`).
-
-    Args:
-        data: The file's bytes.
-        size: Side of the result.
-        channels: 1 or 3.
-        name: The image's path, named in errors and warnings.
-        log: Where PIL's warnings about the image go (``"warning: <name>: ..."``); by default
-            they are warned again with the name in front.
-
-    Raises:
-        DalbtError: Naming the image, if PIL cannot decode it.
-    """
-    from PIL import Image
-
-    emit = None if log is None else (lambda m: log(f"warning: {m}"))
-    try:
-        with image_warnings(name, emit), Image.open(io.BytesIO(data)) as img:
-            return pil_to_array(img, (size, size), channels)
-    except Exception as exc:
-        raise DalbtError(f"image {name} cannot be decoded: {image_error(exc, name)}") from exc
-
-
-def file_stat(path: Path) -> str | None:
-    """``size:mtime:ctime:inode`` of a file (symbolic links followed), None if it cannot be
-    seen: a file whose signature is unchanged has not been written, replaced or touched."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-
-
-def _probe_images(root: Path, paths: Sequence[str], limit: int = 200,
-                  log: Callable[[str], None] = print) -> tuple[int, int]:
-    """Pick (image_size, channels) from the headers of up to ``limit`` images: the most common
-    size (capped at 64 pixels) and 1 channel if all are grayscale."""
-    from PIL import Image
-
-    sides: Counter[int] = Counter()
-    gray = True
-    for rel in paths[:limit]:
-        try:
-            with image_warnings(rel, lambda m: log(f"warning: {m}")), \
-                    Image.open(root / rel) as img:
-                sides[max(img.size)] += 1
-                gray = gray and img.mode in GRAY_MODES
-        except Exception:
-            continue
-    side = sides.most_common(1)[0][0] if sides else 32
-    return min(side, 64), 1 if gray else 3
-
-
 def parse_classes(classes: str | None, classes_file: str | os.PathLike | None) -> list[str]:
     """Class names from ``a,b,c`` or a file with one name per line (blank lines ignored)."""
     if classes and classes_file:
@@ -333,41 +140,6 @@ def parse_classes(classes: str | None, classes_file: str | os.PathLike | None) -
     if dup:
         raise DalbtError(f"class names must be unique; repeated: {', '.join(dup)}")
     return names
-
-
-class QueryLock:
-    """An exclusive ``flock`` on a project's ``query.lock`` file, released by :meth:`release`,
-    on exit of a ``with`` block, or by the operating system when the process dies.
-
-    Raises:
-        DalbtError: If another query holds it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._file: Any = open(path, "w")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._file.close()
-            self._file = None
-            raise DalbtError(f"another query is already running on {path.parent}; wait for it "
-                             "to finish") from exc
-
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> QueryLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class Project:
@@ -453,7 +225,8 @@ class Project:
             who: Recorded as the author of the initial labels.
             log: Where warnings go.
             **settings: Other :class:`ProjectConfig` fields (``strategy``, ``seed``, ...) and
-                ``train`` (a :class:`TrainConfig` or dict).
+                ``train`` (a :class:`TrainConfig`, or a dict of changes to
+                :func:`~dalbt.labelling.config.project_recipe`).
 
         Returns:
             The open project.
@@ -481,14 +254,14 @@ class Project:
         initial: dict[str, str] = {p: c for p, c in folder_label.items() if c in classes}
         if labels_csv is not None:
             initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
-        probed_size, probed_channels = _probe_images(root, paths, log=log)
+        probed_size, probed_channels = probe_images(root, paths, log=log)
         train = settings.pop("train", None)
-        if isinstance(train, dict):
-            train = TrainConfig(**train)
+        if isinstance(train, dict):  # changes to the project's default recipe
+            train = replace(project_recipe(), **train)
+        settings["train"] = train or project_recipe()
         cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
                             image_size=image_size or probed_size,
-                            channels=channels or probed_channels,
-                            train=train or TrainConfig(), **settings)
+                            channels=channels or probed_channels, **settings)
         validate_config(cfg)  # before anything is written
         cfg = replace(cfg, image_size=int(cfg.image_size), channels=int(cfg.channels))
         made = [d for d in (directory, *directory.parents) if not d.exists()]
@@ -521,7 +294,7 @@ class Project:
         db = cls._connect(path)
         try:
             db.executescript(SCHEMA)
-            now = _now()
+            now = utc_now(STAMP)
             db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT INTO meta VALUES (?, ?)",
                            [("config", json.dumps(cfg.to_dict(), allow_nan=False)),
@@ -649,7 +422,7 @@ class Project:
             db.execute("UPDATE images SET status = ?, note = ?, file_stat = ? WHERE id = ?",
                        (status, note, stat, int(image_id)))
             db.execute("UPDATE queue SET status = 'unreadable', updated = ? "
-                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+                       "WHERE image_id = ? AND status = 'pending'", (utc_now(STAMP), int(image_id)))
 
     def recheck_images(self) -> list[tuple[str, str, str]]:
         """Look again at every image marked unusable; one whose file is back as it was added
@@ -745,7 +518,7 @@ class Project:
                 raise DalbtError(f"unknown class {label!r}; the classes are "
                                  f"{', '.join(self.config.classes)}")
             self.image(image_id)
-        now = _now()
+        now = utc_now(STAMP)
         added = unchanged = 0
         default = default_user()
         with self.transaction() as db:
@@ -768,7 +541,7 @@ class Project:
         """Leave a queued image unlabelled for now (it goes back to the pool)."""
         with self.transaction() as db:
             db.execute("UPDATE queue SET status = 'skipped', updated = ? "
-                       "WHERE image_id = ? AND status = 'pending'", (_now(), int(image_id)))
+                       "WHERE image_id = ? AND status = 'pending'", (utc_now(STAMP), int(image_id)))
 
     def current_labels(self) -> dict[int, str | None]:
         """Image id -> its latest label (``None`` for out of distribution)."""
@@ -856,16 +629,7 @@ class Project:
 
     def query_running(self) -> bool:
         """Whether some process holds the query lock right now."""
-        path = self.directory / "query.lock"
-        if not path.exists():
-            return False
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+        return lock_held(self.directory / "query.lock")
 
     def _load_pixels(self, progress: bool, log: Callable[[str], None] = print
                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
@@ -1043,7 +807,7 @@ class Project:
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, ckpt)
         queued = [int(ids[k]) for k in chosen]
-        now = _now()
+        now = utc_now(STAMP)
         n_labelled = int(len(lab_pos) + len(val_pos))
         with self.transaction() as db:
             db.execute("INSERT INTO rounds (round, method, n_labelled, n_val, val_acc, checkpoint,"
@@ -1114,5 +878,4 @@ def is_loopback(host: str) -> bool:
 
 
 __all__ = ["CLASS", "OOD", "Project", "ProjectConfig", "QueryResult", "QueueItem",
-           "decode_image", "default_user", "is_inside", "is_loopback", "parse_classes",
-           "scan_images", "sha256_bytes"]
+           "default_user", "is_loopback", "parse_classes"]

@@ -1,4 +1,6 @@
-"""The ``dalbt`` command line."""
+"""The ``dalbt`` command line: ``run``, ``bench``, ``report`` and the listings here, the
+labelling sub-commands in :mod:`dalbt.cli.label`, every argument type in :mod:`dalbt.cli.types`.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dalbt import catalogue
-from dalbt.cli_label import COMMANDS, add_parsers, dispatch
-from dalbt.cli_types import (
+from dalbt.cli.label import COMMANDS, add_parsers, dispatch
+from dalbt.cli.types import (
     batch_size,
     dims,
     finite_float,
+    name_list,
     non_negative_float,
     non_negative_int,
     option,
@@ -29,6 +32,7 @@ from dalbt.cli_types import (
     width,
 )
 from dalbt.errors import DalbtError, RankZeroFailed
+from dalbt.recipe import AMP_MODES, OOD_POLICIES, RunConfig, TrainConfig
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,10 +59,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input on one ``dalbt: error:`` line, without the usage block,
-    and shows defaults in ``--help`` (sub-parsers, cli_label's too, are of this class).
+    and shows defaults in ``--help`` (sub-parsers, the labelling ones of :mod:`.label` too, are
+    of this class).
 
-    A bare ``type=float`` is replaced by :func:`dalbt.cli_types.finite_float`, so that no
-    option takes nan or inf; options with a range give their own type from ``cli_types``.
+    A bare ``type=float`` is replaced by :func:`dalbt.cli.types.finite_float`, so that no
+    option takes nan or inf; options with a range give their own type from :mod:`.types`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -75,72 +80,68 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dalbt`` parser with every sub-command (the labelling ones from :mod:`.label`)."""
     p = _Parser(prog="dalbt", description="Deep active learning with Barlow Twins.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_parser(sub)
+    _add_report_parser(sub)
+    _add_bench_parser(sub)
+    sub.add_parser("datasets", help="list the datasets", description="List the datasets.")
+    st = sub.add_parser("strategies", help="list the query strategies",
+                        description="List the query strategies; with --options, also each "
+                                    "one's options (-O KEY=VALUE), their types and defaults.")
+    st.add_argument("--options", action="store_true", help="list each strategy's options")
+    sub.add_parser("models", help="list the models", description="List the models.")
+    add_parsers(sub)
+    return p
 
+
+def _add_run_parser(sub: Any) -> None:
+    """``dalbt run``; its defaults are :class:`RunConfig`'s and its recipe's."""
+    run = RunConfig()
     r = sub.add_parser("run", help="run active learning with a simulated oracle",
                        description="Run AL rounds (train, evaluate, query) and store each round.")
-    r.add_argument("--dataset", default="digits", help="dataset name (see 'dalbt datasets')")
-    r.add_argument("--data-root", default=None,
+    r.add_argument("--dataset", default=run.dataset, help="dataset name (see 'dalbt datasets')")
+    r.add_argument("--data-root", default=run.data_root,
                    help="directory with the dataset files (else $DALBT_DATA, "
                         "/usr/share/datasets/<name>)")
     r.add_argument("--download", action="store_true",
                    help="fetch missing dataset files with torchvision (needs internet)")
-    r.add_argument("--model", default="lenet", help="model name (see 'dalbt models')")
-    r.add_argument("--strategy", default="weibull", help="strategy (see 'dalbt strategies')")
+    r.add_argument("--model", default=run.model, help="model name (see 'dalbt models')")
+    r.add_argument("--strategy", default=run.strategy, help="strategy (see 'dalbt strategies')")
     r.add_argument("--strategy-option", "-O", action="append", type=option, default=[],
                    metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. -O distance=cosine); a bad or "
                         "unknown one is reported with the strategy's valid options")
-    r.add_argument("--initial", type=positive_int, default=100, help="initial labelled images")
-    r.add_argument("--budget", type=positive_int, default=100, help="images queried per round")
-    r.add_argument("--rounds", type=non_negative_int, default=10, help="query rounds")
-    r.add_argument("--epochs", type=positive_int, default=20, help="epochs per round")
-    r.add_argument("--batch-size", type=batch_size, default=64, help="training batch size")
-    r.add_argument("--lr", type=positive_float, default=1e-3,
-                   help="Adam learning rate (> 0)")
-    r.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
-                   help="Adam weight decay (>= 0)")
-    r.add_argument("--gamma", type=non_negative_float, default=0.001,
-                   help="weight of the Barlow Twins loss (>= 0; 0: cross-entropy only)")
-    r.add_argument("--lambd", type=non_negative_float, default=0.0051,
-                   help="Barlow Twins off-diagonal weight (>= 0)")
-    r.add_argument("--warm-start", action="store_true",
-                   help="continue from the previous round's model (default: re-initialise)")
-    r.add_argument("--val-size", type=non_negative_int, default=None,
+    r.add_argument("--initial", type=positive_int, default=run.initial,
+                   help="initial labelled images")
+    r.add_argument("--budget", type=positive_int, default=run.budget,
+                   help="images queried per round")
+    r.add_argument("--rounds", type=non_negative_int, default=run.rounds, help="query rounds")
+    r.add_argument("--val-size", type=non_negative_int, default=run.val_size,
                    help="validation images held out for model selection "
                         "(default: min(5000, 10%% of train))")
-    r.add_argument("--ssl-pool", action="store_true",
-                   help="semi-supervised: Barlow Twins loss also on unlabelled pool images")
-    r.add_argument("--pretrain-epochs", type=non_negative_int, default=0,
-                   help="Barlow Twins pre-training epochs on the whole pool before round 0; "
-                        "each round fine-tunes from it")
-    r.add_argument("--pretrain-batch", type=batch_size, default=256,
-                   help="batch size of the pre-training")
-    r.add_argument("--unknown-classes", type=lambda t: [c for c in t.split(",") if c],
-                   default=[], metavar="A,B,...",
+    _add_recipe_options(r, run.train)
+    r.add_argument("--unknown-classes", type=name_list, default=run.unknown_classes,
+                   metavar="A,B,...",
                    help="open-set pool: these classes (names or indices) stay in the pool "
                         "unlabelled, as out-of-distribution images")
-    r.add_argument("--mix", default=None, metavar="NAME:COUNT,...",
+    r.add_argument("--mix", default=run.mix, metavar="NAME:COUNT,...",
                    help="cross-dataset pool: add COUNT images of dataset NAME as "
                         "out-of-distribution, e.g. svhn:5000,kmnist:5000")
-    r.add_argument("--ood-policy", choices=["return", "discard"], default="return",
+    r.add_argument("--ood-policy", choices=OOD_POLICIES, default=run.ood_policy,
                    help="a queried out-of-distribution image costs budget, gets no label and "
                         "goes back to the pool (return, the paper) or is set aside (discard)")
-    r.add_argument("--eval-every", type=positive_int, default=1,
-                   help="validate every N epochs")
-    r.add_argument("--latent-dim", type=width, default=None,
+    r.add_argument("--latent-dim", type=width, default=run.latent_dim,
                    help="dimension of the latent z (default: the model's, see 'dalbt models')")
-    r.add_argument("--projector", type=dims, default=(256, 256, 256),
-                   help="projector widths (default: 256-256-256)")
-    r.add_argument("--seed", type=seed, nargs="+", default=[0],
-                   help="one or more seeds, one run each (default: 0)")
+    r.add_argument("--projector", type=dims, default=run.projector_dims,
+                   help="projector widths (default: "
+                        f"{'-'.join(str(d) for d in run.projector_dims)})")
+    r.add_argument("--seed", type=seed, nargs="+", default=[run.seed],
+                   help=f"one or more seeds, one run each (default: {run.seed})")
     r.add_argument("--out", default="runs/default", help="experiment directory")
     r.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
-    r.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                   help="mixed-precision training on CUDA: bf16 (the default of --amp) or fp16 "
-                        "(with gradient scaling); ignored with a warning on the CPU")
     r.add_argument("--threads", type=threads, default=None,
                    help="CPU threads for torch (default: all cores, shared among the "
                         "processes torchrun starts on the machine)")
@@ -152,6 +153,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true",
                    help="hide progress bars (they are shown only on a terminal anyway)")
 
+
+def _add_recipe_options(r: argparse.ArgumentParser, train: TrainConfig) -> None:
+    """The training recipe's options of ``dalbt run``, with ``train``'s values as defaults."""
+    r.add_argument("--epochs", type=positive_int, default=train.epochs, help="epochs per round")
+    r.add_argument("--batch-size", type=batch_size, default=train.batch_size,
+                   help="training batch size")
+    r.add_argument("--lr", type=positive_float, default=train.lr,
+                   help="Adam learning rate (> 0)")
+    r.add_argument("--weight-decay", type=non_negative_float, default=train.weight_decay,
+                   help="Adam weight decay (>= 0)")
+    r.add_argument("--gamma", type=non_negative_float, default=train.gamma,
+                   help="weight of the Barlow Twins loss (>= 0; 0: cross-entropy only)")
+    r.add_argument("--lambd", type=non_negative_float, default=train.lambd,
+                   help="Barlow Twins off-diagonal weight (>= 0)")
+    r.add_argument("--warm-start", action="store_true",
+                   help="continue from the previous round's model (default: re-initialise)")
+    r.add_argument("--ssl-pool", action="store_true",
+                   help="semi-supervised: Barlow Twins loss also on unlabelled pool images")
+    r.add_argument("--pretrain-epochs", type=non_negative_int, default=train.pretrain_epochs,
+                   help="Barlow Twins pre-training epochs on the whole pool before round 0; "
+                        "each round fine-tunes from it")
+    r.add_argument("--pretrain-batch", type=batch_size, default=train.pretrain_batch,
+                   help="batch size of the pre-training")
+    r.add_argument("--eval-every", type=positive_int, default=train.eval_every,
+                   help="validate every N epochs")
+    r.add_argument("--amp", nargs="?", const=AMP_MODES[0], choices=AMP_MODES, default=train.amp,
+                   help=f"mixed-precision training on CUDA: {AMP_MODES[0]} (the default of "
+                        f"--amp) or {AMP_MODES[1]} (with gradient scaling); ignored with a "
+                        "warning on the CPU")
+
+
+def _add_report_parser(sub: Any) -> None:
+    """``dalbt report``."""
     rep = sub.add_parser("report", help="learning-curve plot and tables from a directory",
                          description="Write the learning-curve plot (PNG and SVG), the "
                                      "per-round and summary tables (Markdown and CSV) and the "
@@ -165,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only the runs of these seeds, e.g. 0,1,2 (compare strategies on "
                           "the same seeds)")
 
+
+def _add_bench_parser(sub: Any) -> None:
+    """``dalbt bench``."""
     b = sub.add_parser("bench", help="run a benchmark grid (strategies x seeds x settings)",
                        description="Run every unfinished run of a bench config or preset into "
                                    "one experiment directory (resumable).")
@@ -182,15 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     b.add_argument("--data-root", default=None, help="directory with the dataset files")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-    sub.add_parser("datasets", help="list the datasets", description="List the datasets.")
-    st = sub.add_parser("strategies", help="list the query strategies",
-                        description="List the query strategies; with --options, also each "
-                                    "one's options (-O KEY=VALUE), their types and defaults.")
-    st.add_argument("--options", action="store_true", help="list each strategy's options")
-    sub.add_parser("models", help="list the models", description="List the models.")
-    add_parsers(sub)
-    return p
 
 
 def resolve_device(name: str) -> str:
@@ -276,10 +304,9 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
     import torch
 
     from dalbt.data import load_dataset
-    from dalbt.loop import RunConfig, run_experiment
+    from dalbt.loop import run_experiment
     from dalbt.report import write_report
     from dalbt.store import Store
-    from dalbt.train import TrainConfig
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     options = args.strategy_option  # checked by _check_run
