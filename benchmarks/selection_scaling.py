@@ -190,7 +190,8 @@ def overrides_prepare(cls: type[Strategy]) -> bool:
     return cls.prepare is not Strategy.prepare
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """The command line, with ``--quick`` applied and the strategy names checked."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--strategies", nargs="+", default=None,
@@ -205,22 +206,90 @@ def main() -> None:
                    help="skip larger sizes when the linear extrapolation exceeds this")
     p.add_argument("--quick", action="store_true", help="one small size (5k), budget 100")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    sizes = [5_000] if args.quick else sorted(args.sizes)
-    budget = 100 if args.quick else args.budget
-    names = args.strategies or sorted(STRATEGIES)
-    unknown = [n for n in names if n not in STRATEGIES]
+    args.sizes = [5_000] if args.quick else sorted(args.sizes)
+    args.budget = 100 if args.quick else args.budget
+    args.strategies = args.strategies or sorted(STRATEGIES)
+    unknown = [n for n in args.strategies if n not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; registered: {sorted(STRATEGIES)}")
+    return args
 
-    def build(name: str) -> Strategy:
-        opts = SMALL_OPTIONS.get(name, {}) if overrides_prepare(STRATEGIES[name]) else {}
-        return build_strategy(name, **opts)
+
+def _build(name: str) -> Strategy:
+    opts = SMALL_OPTIONS.get(name, {}) if overrides_prepare(STRATEGIES[name]) else {}
+    return build_strategy(name, **opts)
+
+
+def _prepared(name: str, s: Strategy, data: Synthetic, notes: list[str], stop: set[str],
+              prepare_limit: float) -> tuple[Strategy, QueryContext]:
+    """The strategy and its context on ``data``, prepared (untimed); a strategy that must
+    train models gets a training context and this size only, as does a slow ``prepare``."""
+    ctx = make_context(data, s, seed=0, training=False)
+    if not overrides_prepare(type(s)):
+        return s, ctx
+    t_prep = time.perf_counter()
+    try:
+        s.prepare(ctx)
+    except RuntimeError as exc:
+        if "this context has no" not in str(exc):
+            raise
+        notes.append("trains models")
+        s = _build(name)
+        ctx = make_context(data, s, seed=0)
+        t_prep = time.perf_counter()
+        s.prepare(ctx)
+        stop.add(name)
+    t_prep = time.perf_counter() - t_prep
+    notes.append(f"prepare {t_prep:.1f} s untimed")
+    if t_prep > prepare_limit:
+        stop.add(name)
+    if name in stop:
+        notes.append("this size only")
+    return s, ctx
+
+
+def _run_one(name: str, size: int, data: Synthetic, args: argparse.Namespace,
+             stop: set[str]) -> tuple[str, int, float, float, bool, str]:
+    """Time one strategy's selection on one pool; add it to ``stop`` when larger pools would
+    take too long. Returns the table row."""
+    s = _build(name)
+    n = min(BUDGETS.get(name, args.budget), size)
+    notes = []
+    if n != args.budget:
+        notes.append(f"budget {n}")
+    if SMALL_OPTIONS.get(name) and overrides_prepare(type(s)):
+        notes.append("small options " + ",".join(
+            f"{k}={v}" for k, v in SMALL_OPTIONS[name].items()))
+    s, ctx = _prepared(name, s, data, notes, stop, args.prepare_limit)
+    seconds, mib, exact = measure(lambda: s.select(ctx, n))
+    later = [x for x in args.sizes if x > size and (x <= 100_000 or name in args.large)]
+    if later and name not in stop and seconds * later[0] / size > args.max_seconds:
+        notes.append(f"~{seconds * later[0] / size:.0f} s expected at {later[0]:,}: "
+                     "larger sizes skipped")
+        stop.add(name)
+    print(f"  {name:<18} {size:>9,} {seconds:9.3f} s {mib:8.1f} MiB  "
+          f"{'; '.join(notes)}", flush=True)
+    return name, size, seconds, mib, exact, "; ".join(notes)
+
+
+def _print_table(rows: list[tuple[str, int, float, float, bool, str]]) -> None:
+    print()
+    print("| strategy | pool | select s | peak extra MiB | notes |")
+    print("|---|---:|---:|---:|---|")
+    for name, size, seconds, mib, exact, notes in rows:
+        mem = f"{mib:.0f}" if exact else f">= {mib:.0f}"
+        print(f"| {name} | {size:,} | {seconds:.3f} | {mem} | {notes} |")
+
+
+def main() -> None:
+    args = _parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.strategies
 
     # warm-up (thread pools, allocator, lazy imports) on a small pool: not reported
     warm = make_synthetic(2000, seed=1)
     for name in names:
-        s = build(name)
+        s = _build(name)
         if not overrides_prepare(type(s)):
             s.select(make_context(warm, s, 0), 10)
     del warm
@@ -229,7 +298,7 @@ def main() -> None:
           f"{LABELLED} labelled, MC T={MC_SAMPLES} cached; scoring not timed")
     rows = []
     stop: set[str] = set()
-    for size in sizes:
+    for size in args.sizes:
         t0 = time.perf_counter()
         data = make_synthetic(size)
         print(f"[{size:,} pool: synthetic inputs in {time.perf_counter() - t0:.1f} s]",
@@ -237,53 +306,10 @@ def main() -> None:
         for name in names:
             if name in stop or (size > 100_000 and name not in args.large):
                 continue
-            s = build(name)
-            n = min(BUDGETS.get(name, budget), size)
-            notes = []
-            if n != budget:
-                notes.append(f"budget {n}")
-            if SMALL_OPTIONS.get(name) and overrides_prepare(type(s)):
-                notes.append("small options " + ",".join(
-                    f"{k}={v}" for k, v in SMALL_OPTIONS[name].items()))
-            ctx = make_context(data, s, seed=0, training=False)
-            if overrides_prepare(type(s)):
-                t_prep = time.perf_counter()
-                try:
-                    s.prepare(ctx)
-                except RuntimeError as exc:
-                    if "this context has no" not in str(exc):
-                        raise
-                    notes.append("trains models")
-                    s = build(name)
-                    ctx = make_context(data, s, seed=0)
-                    t_prep = time.perf_counter()
-                    s.prepare(ctx)
-                    stop.add(name)
-                t_prep = time.perf_counter() - t_prep
-                notes.append(f"prepare {t_prep:.1f} s untimed")
-                if t_prep > args.prepare_limit:
-                    stop.add(name)
-                if name in stop:
-                    notes.append("this size only")
-            seconds, mib, exact = measure(lambda s=s, ctx=ctx, n=n: s.select(ctx, n))
-            later = [x for x in sizes if x > size and (x <= 100_000 or name in args.large)]
-            if later and name not in stop and seconds * later[0] / size > args.max_seconds:
-                notes.append(f"~{seconds * later[0] / size:.0f} s expected at {later[0]:,}: "
-                             "larger sizes skipped")
-                stop.add(name)
-            rows.append((name, size, seconds, mib, exact, "; ".join(notes)))
-            print(f"  {name:<18} {size:>9,} {seconds:9.3f} s {mib:8.1f} MiB  "
-                  f"{'; '.join(notes)}", flush=True)
-            del ctx
+            rows.append(_run_one(name, size, data, args, stop))
         del data
         gc.collect()
-
-    print()
-    print("| strategy | pool | select s | peak extra MiB | notes |")
-    print("|---|---:|---:|---:|---|")
-    for name, size, seconds, mib, exact, notes in rows:
-        mem = f"{mib:.0f}" if exact else f">= {mib:.0f}"
-        print(f"| {name} | {size:,} | {seconds:.3f} | {mem} | {notes} |")
+    _print_table(rows)
 
 
 if __name__ == "__main__":

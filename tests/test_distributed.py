@@ -263,19 +263,10 @@ def _compare_training(dist, x, y, cfg, n_lab):
     assert all(torch.equal(everyone[0], e) for e in everyone)
 
 
-def _gloo_worker(rank: int, world: int, port: int) -> None:
-    """Every check of a real 2-process group; an AssertionError fails the spawning test."""
+def _check_sharded_scoring(dist, model, x, y) -> None:
+    """Sharded scoring: the request's order, uneven and empty shards, chunk boundaries."""
     from dalbt.train import accuracy, infer, mc_dropout_probs
 
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                             world_size=world)
-    dist = distributed.from_process_group("cpu")
-    assert (dist.rank, dist.world_size, dist.active) == (rank, world, True)
-    x, y = _images()
-    model = _model()
-
-    # Sharded scoring: the request's order, uneven and empty shards, chunk boundaries.
     for idx in (np.array([5, 3, 59, 0, 17, 42, 8]), np.array([11]), np.array([], dtype=np.int64)):
         one, many = infer(model, x, idx, batch_size=2), infer(model, x, idx, batch_size=2,
                                                               dist=dist)
@@ -290,14 +281,9 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
         assert torch.equal(gens[0].get_state(), gens[1].get_state())  # same draws consumed
     assert accuracy(model, x[:31], y[:31], dist=dist) == accuracy(model, x[:31], y[:31])
 
-    # One distributed training round = the one-process round (up to rounding): batches of
-    # 16 + 11 + 10 (37 at batch 16: a remainder of 5 is re-cut with the batch before) split
-    # unevenly across the ranks, Barlow Twins on labelled + pool images (projector batch norm
-    # synced), validation sharded; then cross-entropy only, 33 = 16 + 9 + 8.
-    for cfg, n_lab in ((TrainConfig(epochs=2, batch_size=16, gamma=0.5, ssl_unlabelled=True), 37),
-                       (TrainConfig(epochs=2, batch_size=16, gamma=0.0), 33)):
-        _compare_training(dist, x, y, cfg, n_lab)
-    # Rank 0 leads; the others serve its requests and get its result.
+
+def _check_lead(dist, rank: int) -> None:
+    """Rank 0 leads; the others serve its requests and get its result; errors reach all."""
     served = []
 
     def draw(v, g):  # a generator argument reaches every rank in the same state
@@ -327,6 +313,26 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
         else:
             raise AssertionError("no error")
     assert dist.from_main(lambda: rank) == 0
+
+
+def _gloo_worker(rank: int, world: int, port: int) -> None:
+    """Every check of a real 2-process group; an AssertionError fails the spawning test."""
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=world)
+    dist = distributed.from_process_group("cpu")
+    assert (dist.rank, dist.world_size, dist.active) == (rank, world, True)
+    x, y = _images()
+    model = _model()
+    _check_sharded_scoring(dist, model, x, y)
+    # One distributed training round = the one-process round (up to rounding): batches of
+    # 16 + 11 + 10 (37 at batch 16: a remainder of 5 is re-cut with the batch before) split
+    # unevenly across the ranks, Barlow Twins on labelled + pool images (projector batch norm
+    # synced), validation sharded; then cross-entropy only, 33 = 16 + 9 + 8.
+    for cfg, n_lab in ((TrainConfig(epochs=2, batch_size=16, gamma=0.5, ssl_unlabelled=True), 37),
+                       (TrainConfig(epochs=2, batch_size=16, gamma=0.0), 33)):
+        _compare_training(dist, x, y, cfg, n_lab)
+    _check_lead(dist, rank)
     distributed.shutdown(dist)
 
 

@@ -134,15 +134,46 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+def _coerce_union(value: Any, tp: Any) -> tuple[bool, Any]:
+    """The first member of the union ``tp`` that ``value`` fits."""
+    for arg in get_args(tp):
+        ok, v = _coerce(value, arg)
+        if ok:
+            return True, v
+    return False, value
+
+
+def _coerce_float(value: Any) -> tuple[bool, Any]:
+    """A number, or a string such as ``"1e-3"`` that reads as one, as a float."""
+    if isinstance(value, str):
+        try:
+            return True, float(value)
+        except ValueError:
+            return False, value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return True, float(value)
+    return False, value
+
+
+def _coerce_list(value: Any, tp: Any) -> tuple[bool, Any]:
+    """A list or tuple whose items all fit the item type of ``tp``, as a list."""
+    if not isinstance(value, list | tuple):
+        return False, value
+    args = [a for a in get_args(tp) if a is not Ellipsis]
+    out = []
+    for item in value:
+        ok, v = _coerce(item, args[0]) if args else (True, item)
+        if not ok:
+            return False, value
+        out.append(v)
+    return True, out
+
+
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     """(fits, value converted to ``tp``); YAML 1.1 reads ``1e-3`` as a string: accept it."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
+        return _coerce_union(value, tp)
     if tp is type(None):
         return value is None, value
     if tp is bool:
@@ -150,27 +181,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
+        return _coerce_float(value)
     if tp is str:
         return isinstance(value, str), value
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            return False, value
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        out = []
-        for item in value:
-            ok, v = _coerce(item, args[0]) if args else (True, item)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
+        return _coerce_list(value, tp)
     if origin is dict or tp is dict:
         return isinstance(value, dict), value
     return True, value
@@ -236,27 +251,11 @@ def _parse_strategy(item: Any, i: int, source: str) -> StrategySpec:
                         label=label.strip() if label else _strategy_label(spec))
 
 
-def parse_config(raw: Any, source: str = "bench config", name: str = "bench") -> BenchConfig:
-    """Validate a bench config mapping (as read from YAML).
-
-    Args:
-        raw: The mapping.
-        source: What to call it in error messages (the file or preset).
-        name: Bench name when the mapping has none.
-
-    Returns:
-        The :class:`BenchConfig`.
-
-    Raises:
-        DalbtError: Unknown keys, unknown strategy, dataset or model, bad types or values.
-    """
+def _parse_settings(raw: dict, source: str) -> dict[str, Any]:
+    """The top-level protocol settings, checked and converted (dataset, model, widths, mix)."""
     from dalbt.data import DATASETS
     from dalbt.models import MODELS
 
-    if not isinstance(raw, dict):
-        raise DalbtError(f"{source}: expected a mapping of settings, got "
-                         f"{type(raw).__name__}")
-    _check_keys(raw, TOP_LEVEL, source)
     settings = {k: _setting(k, v, source) for k, v in raw.items() if k in SETTINGS}
     dataset = str(settings.get("dataset", RunConfig.dataset)).lower().replace("_", "-")
     if dataset not in DATASETS:
@@ -279,7 +278,11 @@ def parse_config(raw: Any, source: str = "bench config", name: str = "bench") ->
             parse_mix(settings["mix"])
         except (ValueError, DalbtError) as exc:
             raise DalbtError(f"{source}: bad mix {settings['mix']!r}: {exc}") from None
+    return settings
 
+
+def _parse_strategies(raw: dict, source: str) -> list[StrategySpec]:
+    """The ``strategies`` list, each checked, with distinct labels."""
     items = raw.get("strategies")
     if not isinstance(items, list) or not items:
         raise DalbtError(f"{source}: 'strategies' must be a non-empty list of strategy names "
@@ -290,7 +293,11 @@ def parse_config(raw: Any, source: str = "bench config", name: str = "bench") ->
     if dup is not None:
         raise DalbtError(f"{source}: two strategies are labelled {dup!r}; give one a distinct "
                          "'label'")
+    return strategies
 
+
+def _parse_seeds(raw: dict, source: str) -> list[int]:
+    """The ``seeds`` list (a single integer counts as a list of one); default ``[0]``."""
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
@@ -301,7 +308,11 @@ def parse_config(raw: Any, source: str = "bench config", name: str = "bench") ->
                          f"{seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise DalbtError(f"{source}: 'seeds' lists a seed twice: {seeds!r}")
+    return list(seeds)
 
+
+def _parse_grid(raw: dict, strategies: list[StrategySpec], source: str) -> dict[str, list[Any]]:
+    """The ``grid`` mapping: settings the bench varies, none fixed by a strategy's ``train``."""
     grid_raw = raw.get("grid") or {}
     if not isinstance(grid_raw, dict):
         raise DalbtError(f"{source}: 'grid' must be a mapping of setting -> list of values")
@@ -320,9 +331,34 @@ def parse_config(raw: Any, source: str = "bench config", name: str = "bench") ->
             if key in spec.train:
                 raise DalbtError(f"{source}: strategy {spec.label!r} sets train.{key}, which "
                                  "the grid varies; set it in one place")
+    return grid
+
+
+def parse_config(raw: Any, source: str = "bench config", name: str = "bench") -> BenchConfig:
+    """Validate a bench config mapping (as read from YAML).
+
+    Args:
+        raw: The mapping.
+        source: What to call it in error messages (the file or preset).
+        name: Bench name when the mapping has none.
+
+    Returns:
+        The :class:`BenchConfig`.
+
+    Raises:
+        DalbtError: Unknown keys, unknown strategy, dataset or model, bad types or values.
+    """
+    if not isinstance(raw, dict):
+        raise DalbtError(f"{source}: expected a mapping of settings, got "
+                         f"{type(raw).__name__}")
+    _check_keys(raw, TOP_LEVEL, source)
+    settings = _parse_settings(raw, source)
+    strategies = _parse_strategies(raw, source)
+    seeds = _parse_seeds(raw, source)
+    grid = _parse_grid(raw, strategies, source)
     bench = BenchConfig(name=str(raw.get("name") or name),
                         description=str(raw.get("description") or ""),
-                        settings=settings, strategies=strategies, seeds=list(seeds), grid=grid)
+                        settings=settings, strategies=strategies, seeds=seeds, grid=grid)
     for run in expand(bench)[0]:  # protocol checks that need no data
         _check_protocol(run.config, f"{source} ({run.label})")
     return bench
@@ -652,53 +688,24 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def run_bench(
-    bench: BenchConfig,
-    out: str | os.PathLike,
-    jobs: int = 1,
-    full_data: bool = False,
-    dry_run: bool = False,
-    device: str | None = None,
-    data_root: str | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run every run of a bench that is not finished yet.
-
-    Args:
-        bench: The bench.
-        out: Experiment directory (one store for all runs).
-        jobs: Parallel worker processes (1: run in this process).
-        full_data: Also train the full-data reference run(s).
-        dry_run: Only print the plan (label, seed, status of every run).
-        device: torch device of every run (None: the bench's setting).
-        data_root: Dataset directory of every run (None: the bench's setting).
-        progress: Show a progress bar (runs done / total, ETA) on stderr.
-        log: Where the plan and the one-line summary per finished run go.
-
-    Returns:
-        ``{"total", "finished_before", "ran", "left_out", "results"}``.
-
-    Raises:
-        DalbtError: A run failed (bad protocol for the data, ...).
-    """
-    from tqdm.auto import tqdm
-
-    from dalbt.loop import apply_scenario, validate
-    from dalbt.store import Store
-
-    if jobs < 1:
-        raise DalbtError(f"--jobs must be positive, got {jobs}")
+def _plan_runs(bench: BenchConfig, full_data: bool, device: str | None,
+               data_root: str | None) -> tuple[list[PlannedRun], list[str]]:
+    """The bench's runs with the device and data root overrides applied, and its notes."""
     runs, notes = expand(bench, full_data=full_data)
     for run in runs:
         if device is not None:
             run.config.train.device = device
         if data_root is not None:
             run.config.data_root = data_root
-    out = Path(out)
-    data = _dataset(bench.settings["dataset"], runs[0].config.data_root)
+    return runs, notes
+
+
+def _validate_runs(bench: BenchConfig, runs: list[PlannedRun], data: Any) -> None:
+    """Check the protocol against the data, once per scenario and pool size."""
+    from dalbt.loop import apply_scenario, validate
+
     checked: set[tuple] = set()
-    for run in runs:  # protocol against the data, once per scenario and pool size
+    for run in runs:
         cfg = run.config
         sig = (tuple(cfg.unknown_classes), cfg.mix, cfg.val_size, cfg.initial, cfg.budget,
                cfg.rounds, run.full_data)
@@ -708,32 +715,38 @@ def run_bench(
                 validate(cfg, apply_scenario(cfg, data))
             except DalbtError as exc:
                 raise DalbtError(f"bench {bench.name} ({run.label}): {exc}") from None
+
+
+def _run_statuses(out: Path, runs: list[PlannedRun], data: Any) -> list[str]:
+    """The status of every run in the store at ``out`` (see :func:`_status`)."""
+    from dalbt.store import Store
+
     store = Store(out)  # creates the database (WAL) before any worker opens it
     try:
-        status = [_status(store, run, lambda: data) for run in runs]
+        return [_status(store, run, lambda: data) for run in runs]
     finally:
         store.close()
-    todo = [run for run, st in zip(runs, status, strict=True) if st != "finished"]
-    for note in notes:
-        log(note)
+
+
+def _plan_line(bench: BenchConfig, n_runs: int, n_todo: int, full_data: bool,
+               out: Path) -> str:
+    """One line: how many runs the bench has, where, how many are finished and to run."""
     n_seeds = len(bench.seeds)
-    log(f"bench {bench.name}: {len(runs)} runs ({len(bench.strategies)} strategies x {n_seeds} "
-        f"seeds{' x ' + str(len(_grid_points(bench))) + ' grid points' if bench.grid else ''}"
-        f"{' + full-data' if full_data else ''}) in {out}: {len(runs) - len(todo)} finished, "
-        f"{len(todo)} to run")
-    summary = {"total": len(runs), "finished_before": len(runs) - len(todo), "ran": 0,
-               "left_out": notes, "results": []}
-    if dry_run:
-        for run, st in zip(runs, status, strict=True):
-            log(f"  {run.label:<40s} seed {run.config.seed:<3d} {st}")
-        return summary
-    if not todo:
-        return summary
-    _write_manifest(out, bench, runs)
-    tasks = [{"config": run.config.to_dict(), "out": str(out), "label": run.label,
-              "full_data": run.full_data} for run in todo]
+    return (f"bench {bench.name}: {n_runs} runs ({len(bench.strategies)} strategies x "
+            f"{n_seeds} seeds"
+            f"{' x ' + str(len(_grid_points(bench))) + ' grid points' if bench.grid else ''}"
+            f"{' + full-data' if full_data else ''}) in {out}: {n_runs - n_todo} finished, "
+            f"{n_todo} to run")
+
+
+def _execute_tasks(tasks: list[dict[str, Any]], jobs: int, name: str, progress: bool,
+                   log: Callable[[str], None], summary: dict[str, Any]) -> None:
+    """Run the tasks (in ``jobs`` worker processes when more than one), adding each result
+    to ``summary`` and logging one line with the ETA as it finishes."""
+    from tqdm.auto import tqdm
+
     jobs = min(jobs, len(tasks))
-    bar = tqdm(total=len(tasks), desc=f"bench {bench.name}", unit="run", file=sys.stderr,
+    bar = tqdm(total=len(tasks), desc=f"bench {name}", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
 
@@ -767,4 +780,59 @@ def run_bench(
                 pool.join()
     finally:
         bar.close()
+
+
+def run_bench(
+    bench: BenchConfig,
+    out: str | os.PathLike,
+    jobs: int = 1,
+    full_data: bool = False,
+    dry_run: bool = False,
+    device: str | None = None,
+    data_root: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every run of a bench that is not finished yet.
+
+    Args:
+        bench: The bench.
+        out: Experiment directory (one store for all runs).
+        jobs: Parallel worker processes (1: run in this process).
+        full_data: Also train the full-data reference run(s).
+        dry_run: Only print the plan (label, seed, status of every run).
+        device: torch device of every run (None: the bench's setting).
+        data_root: Dataset directory of every run (None: the bench's setting).
+        progress: Show a progress bar (runs done / total, ETA) on stderr.
+        log: Where the plan and the one-line summary per finished run go.
+
+    Returns:
+        ``{"total", "finished_before", "ran", "left_out", "results"}``.
+
+    Raises:
+        DalbtError: A run failed (bad protocol for the data, ...).
+    """
+    if jobs < 1:
+        raise DalbtError(f"--jobs must be positive, got {jobs}")
+    runs, notes = _plan_runs(bench, full_data, device, data_root)
+    out = Path(out)
+    data = _dataset(bench.settings["dataset"], runs[0].config.data_root)
+    _validate_runs(bench, runs, data)
+    status = _run_statuses(out, runs, data)
+    todo = [run for run, st in zip(runs, status, strict=True) if st != "finished"]
+    for note in notes:
+        log(note)
+    log(_plan_line(bench, len(runs), len(todo), full_data, out))
+    summary = {"total": len(runs), "finished_before": len(runs) - len(todo), "ran": 0,
+               "left_out": notes, "results": []}
+    if dry_run:
+        for run, st in zip(runs, status, strict=True):
+            log(f"  {run.label:<40s} seed {run.config.seed:<3d} {st}")
+        return summary
+    if not todo:
+        return summary
+    _write_manifest(out, bench, runs)
+    tasks = [{"config": run.config.to_dict(), "out": str(out), "label": run.label,
+              "full_data": run.full_data} for run in todo]
+    _execute_tasks(tasks, jobs, bench.name, progress, log, summary)
     return summary

@@ -128,6 +128,38 @@ def _eval(node: ast.expr, namespace: dict[str, Any]) -> Any:
     return eval(code, {"__builtins__": _BUILTINS}, namespace)  # noqa: S307 - dalbt's own source
 
 
+def _add_import_from(mod: _Module, stmt: ast.ImportFrom) -> None:
+    """``from x import y``: the real value for a module we may import, a lazy link for a
+    dalbt module, nothing otherwise."""
+    assert stmt.module is not None
+    for alias in stmt.names:
+        local = alias.asname or alias.name
+        if stmt.module in _REAL_MODULES:
+            real = importlib.import_module(stmt.module)
+            if hasattr(real, alias.name):
+                mod.constants[local] = getattr(real, alias.name)
+        elif stmt.module.startswith("dalbt."):
+            mod.imported[local] = (stmt.module, alias.name)
+
+
+def _add_import(mod: _Module, stmt: ast.Import) -> None:
+    """``import x`` of a top-level module we may import (no alias)."""
+    for alias in stmt.names:
+        if alias.name in _REAL_MODULES and alias.asname is None and "." not in alias.name:
+            mod.constants[alias.name] = importlib.import_module(alias.name)
+
+
+def _add_assign(mod: _Module, stmt: ast.Assign | ast.AnnAssign) -> None:
+    """``NAME = expr``: the value, when it evaluates from the constants known so far."""
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+    if len(targets) == 1 and isinstance(targets[0], ast.Name):
+        assert stmt.value is not None
+        try:
+            mod.constants[targets[0].id] = _eval(stmt.value, mod.constants)
+        except Exception:  # needs torch, numpy, a function...: not a constant for us
+            pass
+
+
 @functools.cache
 def _module(name: str) -> _Module:
     parts = name.split(".")[1:]
@@ -138,27 +170,13 @@ def _module(name: str) -> _Module:
     mod = _Module(_Namespace(imported), {}, imported)
     for stmt in tree.body:
         if isinstance(stmt, ast.ImportFrom) and stmt.module and stmt.level == 0:
-            for alias in stmt.names:
-                local = alias.asname or alias.name
-                if stmt.module in _REAL_MODULES:
-                    real = importlib.import_module(stmt.module)
-                    if hasattr(real, alias.name):
-                        mod.constants[local] = getattr(real, alias.name)
-                elif stmt.module.startswith("dalbt."):
-                    mod.imported[local] = (stmt.module, alias.name)
+            _add_import_from(mod, stmt)
         elif isinstance(stmt, ast.Import):
-            for alias in stmt.names:
-                if alias.name in _REAL_MODULES and alias.asname is None and "." not in alias.name:
-                    mod.constants[alias.name] = importlib.import_module(alias.name)
+            _add_import(mod, stmt)
         elif isinstance(stmt, ast.ClassDef):
             mod.classes[stmt.name] = stmt
         elif isinstance(stmt, ast.Assign | ast.AnnAssign) and stmt.value is not None:
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            if len(targets) == 1 and isinstance(targets[0], ast.Name):
-                try:
-                    mod.constants[targets[0].id] = _eval(stmt.value, mod.constants)
-                except Exception:  # needs torch, numpy, a function...: not a constant for us
-                    pass
+            _add_assign(mod, stmt)
     return mod
 
 

@@ -217,6 +217,42 @@ def label_queries(pool: Pool, queried: np.ndarray, round_: int, ood: np.ndarray,
     return len(out)
 
 
+def _round_problem(i: int, rec: dict[str, Any], cfg: RunConfig, n_labelled: int) -> str | None:
+    """What is wrong with the number and labelled count of recorded round ``i`` (None: ok),
+    given ``n_labelled`` labels after the earlier rounds."""
+    r, q = rec["round"], rec["queried"]
+    if r != i:
+        return f"round {i} is missing before it"
+    if r > cfg.rounds or (r == cfg.rounds and len(q)):
+        return f"the run has rounds 0 to {cfg.rounds}, and the last one queries nothing"
+    if rec["n_labelled"] != n_labelled:
+        return (f"rounds.n_labelled is {rec['n_labelled']}, but the initial set and "
+                f"the earlier rounds' queries label {n_labelled} images")
+    return None
+
+
+def _queried_problem(q: np.ndarray, trial: Pool, validation: np.ndarray) -> str | None:
+    """What is wrong with a recorded round's queries ``q`` (None: distinct indices of the
+    pool ``trial`` as it was then, not in the ``validation`` mask)."""
+    n = len(validation)
+    out = q[(q < 0) | (q >= n)]
+    if out.size:
+        return f"rounds.queried holds index {out[0]}, outside the {n} training images"
+    values, counts = np.unique(q, return_counts=True)
+    if (counts > 1).any():
+        return f"rounds.queried holds index {values[counts > 1][0]} more than once"
+    if validation[q].any():
+        return f"rounds.queried holds index {q[validation[q]][0]} of the validation split"
+    state = trial.state[q]
+    if (state >= 0).any():
+        k = int(np.flatnonzero(state >= 0)[0])
+        return f"rounds.queried holds index {q[k]}, already labelled in round {state[k]}"
+    if (state == HELD_OUT).any():
+        return (f"rounds.queried holds index {q[state == HELD_OUT][0]}, set aside in an "
+                "earlier round")
+    return None
+
+
 def _check_replay(store: Store, run: RunRecord, done: list[dict[str, Any]], cfg: RunConfig,
                   splits: Splits, ood: np.ndarray) -> None:
     """Check the recorded rounds before they are replayed: numbered 0, 1, ...; each one's
@@ -228,34 +264,10 @@ def _check_replay(store: Store, run: RunRecord, done: list[dict[str, Any]], cfg:
     validation[splits.validation] = True
     for i, rec in enumerate(done):
         r, q = rec["round"], rec["queried"]
-
-        def bad(why: str, r: int = r) -> DalbtError:
-            return store.damaged(run.id, f"round {r}", why)
-
-        if r != i:
-            raise bad(f"round {i} is missing before it")
-        if r > cfg.rounds or (r == cfg.rounds and len(q)):
-            raise bad(f"the run has rounds 0 to {cfg.rounds}, and the last one queries nothing")
-        if rec["n_labelled"] != len(trial.labelled):
-            raise bad(f"rounds.n_labelled is {rec['n_labelled']}, but the initial set and "
-                      f"the earlier rounds' queries label {len(trial.labelled)} images")
-        out = q[(q < 0) | (q >= n)]
-        if out.size:
-            raise bad(f"rounds.queried holds index {out[0]}, outside the {n} training images")
-        values, counts = np.unique(q, return_counts=True)
-        if (counts > 1).any():
-            raise bad(f"rounds.queried holds index {values[counts > 1][0]} more than once")
-        if validation[q].any():
-            raise bad(f"rounds.queried holds index {q[validation[q]][0]} of the validation "
-                      "split")
-        state = trial.state[q]
-        if (state >= 0).any():
-            k = int(np.flatnonzero(state >= 0)[0])
-            raise bad(f"rounds.queried holds index {q[k]}, already labelled in round "
-                      f"{state[k]}")
-        if (state == HELD_OUT).any():
-            raise bad(f"rounds.queried holds index {q[state == HELD_OUT][0]}, set aside in an "
-                      "earlier round")
+        why = (_round_problem(i, rec, cfg, len(trial.labelled))
+               or _queried_problem(q, trial, validation))
+        if why is not None:
+            raise store.damaged(run.id, f"round {r}", why)
         label_queries(trial, q, r + 1, ood, cfg.ood_policy)
 
 

@@ -9,11 +9,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dalbt.errors import DalbtError
-from dalbt.store import FULL_DATA, Store
+from dalbt.store import FULL_DATA, RunRecord, Store
 
 
 @dataclass
@@ -586,6 +587,53 @@ def select_seeds(curves: list[Curve], seeds: list[int] | None) -> list[Curve]:
     return out
 
 
+def _write_results_csv(path: Path, curves: list[Curve]) -> None:
+    """``results.csv``: the test accuracy of every curve, seed and round (NaN rows left out)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "strategy", "seed", "round", "n_labelled", "test_acc"])
+        for c in curves:
+            for i, seed in enumerate(c.seeds):
+                for r, n in enumerate(c.n_labelled):
+                    if not np.isnan(c.acc[i, r]):
+                        w.writerow([c.dataset, c.label, seed, r, int(n), f"{c.acc[i, r]:.6f}"])
+
+
+def _write_rounds_csv(path: Path, round_rows: list[tuple[RunRecord, dict[str, Any]]]) -> None:
+    """``rounds.csv``: every stored ``(run, round)`` with its metrics and timings."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        fields = ["n_labelled", "test_acc", "val_acc", "best_epoch", "train_ce", "train_bt",
+                  "t_train", "t_score", "t_select", "n_ood"]
+        w.writerow(["run", "dataset", "strategy", "seed", "round", *fields, "n_queried"])
+        for run, rec in round_rows:
+            w.writerow([run.id, run.dataset, run.strategy, run.seed, rec["round"],
+                        *("" if rec[k] is None else rec[k] for k in fields),
+                        len(rec["queried"])])
+
+
+def _write_ood_csv(path: Path, ood_curves: list[Curve]) -> None:
+    """``ood.csv``: the mean out-of-distribution fraction of the queries per curve and round."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "strategy", "round", "mean_ood_fraction", "seeds"])
+        for c in ood_curves:
+            for r in range(c.ood.shape[1]):
+                col = c.ood[:, r]
+                if not np.isnan(col).all():
+                    w.writerow([c.dataset, c.label, r, f"{np.nanmean(col):.4f}",
+                                int((~np.isnan(col)).sum())])
+
+
+def _write_summary_csv(path: Path, records: list[dict[str, object]]) -> None:
+    """``summary.csv``: the :data:`SUMMARY_FIELDS` of every summary record."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_FIELDS)
+        for rec in records:
+            w.writerow([_csv_value(rec[k]) for k in SUMMARY_FIELDS])
+
+
 def write_report(directory: str | Path, out: str | Path | None = None,
                  only: list[str] | None = None,
                  seeds: list[int] | None = None) -> dict[str, Path | str]:
@@ -623,36 +671,12 @@ def write_report(directory: str | Path, out: str | Path | None = None,
     png, svg = out_dir / "learning_curve.png", out_dir / "learning_curve.svg"
     plot_curves(curves, png, ceilings, svg)
     csv_path = out_dir / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "strategy", "seed", "round", "n_labelled", "test_acc"])
-        for c in curves:
-            for i, seed in enumerate(c.seeds):
-                for r, n in enumerate(c.n_labelled):
-                    if not np.isnan(c.acc[i, r]):
-                        w.writerow([c.dataset, c.label, seed, r, int(n), f"{c.acc[i, r]:.6f}"])
+    _write_results_csv(csv_path, curves)
     rounds_csv = out_dir / "rounds.csv"
-    with rounds_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        fields = ["n_labelled", "test_acc", "val_acc", "best_epoch", "train_ce", "train_bt",
-                  "t_train", "t_score", "t_select", "n_ood"]
-        w.writerow(["run", "dataset", "strategy", "seed", "round", *fields, "n_queried"])
-        for run, rec in round_rows:
-            w.writerow([run.id, run.dataset, run.strategy, run.seed, rec["round"],
-                        *("" if rec[k] is None else rec[k] for k in fields),
-                        len(rec["queried"])])
+    _write_rounds_csv(rounds_csv, round_rows)
     ood_curves = [c for c in curves if c.ood is not None]
     if ood_curves:
-        ood_csv = out_dir / "ood.csv"
-        with ood_csv.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["dataset", "strategy", "round", "mean_ood_fraction", "seeds"])
-            for c in ood_curves:
-                for r in range(c.ood.shape[1]):
-                    col = c.ood[:, r]
-                    if not np.isnan(col).all():
-                        w.writerow([c.dataset, c.label, r, f"{np.nanmean(col):.4f}",
-                                    int((~np.isnan(col)).sum())])
+        _write_ood_csv(out_dir / "ood.csv", ood_curves)
     md = out_dir / "results.md"
     md.write_text(_md_table(header, rows))
     records = summary_records(curves, ceilings)
@@ -660,11 +684,7 @@ def write_report(directory: str | Path, out: str | Path | None = None,
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(records, ceilings, matrices))
     summary_csv = out_dir / "summary.csv"
-    with summary_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(SUMMARY_FIELDS)
-        for rec in records:
-            w.writerow([_csv_value(rec[k]) for k in SUMMARY_FIELDS])
+    _write_summary_csv(summary_csv, records)
     s_header, s_rows = summary_table(records, ceilings)
     return {"png": png, "svg": svg, "csv": csv_path, "md": md, "rounds": rounds_csv,
             "summary": summary, "summary_csv": summary_csv,

@@ -406,6 +406,36 @@ def _warnings_to_stderr() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _run_command(args: argparse.Namespace, launched: bool) -> int:
+    """Run the parsed command; ``launched``: this is one of torchrun's processes."""
+    if launched and args.command != "run":
+        raise DalbtError(f"only 'dalbt run' runs under torchrun, not 'dalbt {args.command}'")
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "bench":
+        return cmd_bench(args)
+    if args.command == "report":
+        return cmd_report(args)
+    if args.command in COMMANDS:
+        return dispatch(args)
+    # The listings read the torch-free catalogue.
+    if args.command == "datasets":
+        print(_listing(catalogue.list_datasets()))
+    elif args.command == "strategies":
+        print(_strategies(args.options))
+    elif args.command == "models":
+        print(_listing(catalogue.list_models()))
+    return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device (its reader went away), quietly if that fails."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dalbt`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -413,24 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     launched = os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # one of torchrun's processes
     rank = os.environ.get("RANK", "0") if launched else "0"
     try:
-        if launched and args.command != "run":
-            raise DalbtError(f"only 'dalbt run' runs under torchrun, not 'dalbt {args.command}'")
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command in COMMANDS:
-            return dispatch(args)
-        # The listings read the torch-free catalogue.
-        if args.command == "datasets":
-            print(_listing(catalogue.list_datasets()))
-        elif args.command == "strategies":
-            print(_strategies(args.options))
-        elif args.command == "models":
-            print(_listing(catalogue.list_models()))
-        return 0
+        return _run_command(args, launched)
     except RankZeroFailed:
         return 2  # rank 0 reports it
     except DalbtError as exc:
@@ -445,10 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away ('dalbt strategies | head')
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _silence_stdout()
         return 1
     except OSError as exc:
         name = f" {exc.filename}" if getattr(exc, "filename", None) else ""

@@ -63,6 +63,42 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L"
 # --------------------------------------------------------------------------------------------
 
 
+def _read_gunzipped(path: Path) -> bytes:
+    """The bytes of ``path``, decompressed when they start with the gzip magic bytes."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DalbtError(f"cannot read IDX file {path}: {exc.strerror or exc}") from exc
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DalbtError(f"corrupt or truncated gzip file {path}: {exc}") from exc
+    elif path.suffix == ".gz":
+        raise DalbtError(f"{path} has a .gz suffix but is not gzip-compressed (bad magic bytes)")
+    return raw
+
+
+def _idx_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The data type, dimensions and header length in bytes of the IDX data ``raw``."""
+    if len(raw) < 4:
+        raise DalbtError(f"{path} is too short ({len(raw)} bytes) to be an IDX file")
+    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0:
+        raise DalbtError(
+            f"{path} is not an IDX file: magic number 0x{raw[:4].hex()} should start with 0x0000"
+        )
+    if type_code not in _IDX_DTYPES:
+        raise DalbtError(f"{path}: unknown IDX data type code 0x{type_code:02x}")
+    if ndim == 0:
+        raise DalbtError(f"{path}: IDX header declares zero dimensions")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DalbtError(f"{path} is truncated inside its IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
+    return _IDX_DTYPES[type_code], dims, header_len
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (as used by MNIST and friends), gzip-compressed or not.
 
@@ -80,34 +116,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         DalbtError: If the file cannot be read, is not IDX, or is truncated.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DalbtError(f"cannot read IDX file {path}: {exc.strerror or exc}") from exc
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DalbtError(f"corrupt or truncated gzip file {path}: {exc}") from exc
-    elif path.suffix == ".gz":
-        raise DalbtError(f"{path} has a .gz suffix but is not gzip-compressed (bad magic bytes)")
-
-    if len(raw) < 4:
-        raise DalbtError(f"{path} is too short ({len(raw)} bytes) to be an IDX file")
-    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0:
-        raise DalbtError(
-            f"{path} is not an IDX file: magic number 0x{raw[:4].hex()} should start with 0x0000"
-        )
-    if type_code not in _IDX_DTYPES:
-        raise DalbtError(f"{path}: unknown IDX data type code 0x{type_code:02x}")
-    if ndim == 0:
-        raise DalbtError(f"{path}: IDX header declares zero dimensions")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DalbtError(f"{path} is truncated inside its IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    dtype = _IDX_DTYPES[type_code]
+    raw = _read_gunzipped(path)
+    dtype, dims, header_len = _idx_header(raw, path)
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     actual = len(raw) - header_len
     if actual < expected:

@@ -568,7 +568,8 @@ def _ls_min(rec: dict[str, Any], where: str, classes: set[str]) -> _Record:
     return _Record(where, paths, sha, status, label, _who(rec.get("annotator")), t)
 
 
-def _read_labelstudio(name: str, text: str, classes: set[str]) -> list[_Record]:
+def _load_labelstudio_json(name: str, text: str) -> list[Any]:
+    """The tasks of a Label Studio export (a single task object counts as a list of one)."""
     try:
         tasks = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -584,21 +585,34 @@ def _read_labelstudio(name: str, text: str, classes: set[str]) -> list[_Record]:
     if not isinstance(tasks, list):
         raise DalbtError(f"{name}: expected a list of Label Studio tasks, got a JSON "
                          f"{type(tasks).__name__}")
+    return tasks
+
+
+def _ls_record(task: Any, k: int, classes: set[str]) -> _Record:
+    """Task number ``k`` (from 1): a full Label Studio task or a JSON-MIN record.
+
+    Raises:
+        ValueError: Neither, or malformed, naming the task.
+    """
+    where = f"task {k}"
+    if not isinstance(task, dict):
+        raise ValueError(f"{where}: not an object")
+    if isinstance(task.get("id"), int | str) and len(str(task["id"])) <= 40:
+        where += f" (id {task['id']})"
+    if "data" in task:
+        return _ls_task(task, where, classes)
+    if TO_NAME in task or "dalbt_path" in task:
+        return _ls_min(task, where, classes)
+    raise ValueError(f"{where}: neither a Label Studio task (no 'data') nor a "
+                     f"JSON-MIN record (no {TO_NAME!r})")
+
+
+def _read_labelstudio(name: str, text: str, classes: set[str]) -> list[_Record]:
+    tasks = _load_labelstudio_json(name, text)
     records = []
     for k, task in enumerate(tasks, 1):
-        where = f"task {k}"
         try:
-            if not isinstance(task, dict):
-                raise ValueError(f"{where}: not an object")
-            if isinstance(task.get("id"), int | str) and len(str(task["id"])) <= 40:
-                where += f" (id {task['id']})"
-            if "data" in task:
-                records.append(_ls_task(task, where, classes))
-            elif TO_NAME in task or "dalbt_path" in task:
-                records.append(_ls_min(task, where, classes))
-            else:
-                raise ValueError(f"{where}: neither a Label Studio task (no 'data') nor a "
-                                 f"JSON-MIN record (no {TO_NAME!r})")
+            records.append(_ls_record(task, k, classes))
         except ValueError as exc:
             raise DalbtError(f"{name}: {exc}") from None
     return records
@@ -626,12 +640,13 @@ def _read_records(path: Path, classes: Sequence[str]) -> list[_Record]:
     return _read_csv(path.name, text, set(classes))
 
 
-def _resolve(records: list[_Record], project: Project, summary: ImportSummary,
-             who: str | None) -> list[tuple[int, str | None, str]]:
-    """Match records to images, check hashes and duplicates.
+def _match_records(
+    records: list[_Record], project: Project, summary: ImportSummary
+) -> tuple[dict[int, list[_Record]], dict[int, str]]:
+    """Match records to images; note blanks, unknown images and classes, hash conflicts.
 
     Returns:
-        ``(image id, label, who)`` of every importable label, in file order.
+        The importable records grouped by image id (in file order), and each image's path.
     """
     matcher = _Matcher(project.image_ids())
     shas = dict(project.db.execute("SELECT id, sha256 FROM images"))
@@ -656,22 +671,41 @@ def _resolve(records: list[_Record], project: Project, summary: ImportSummary,
         else:
             groups.setdefault(image_id, []).append(rec)
             paths[image_id] = found
+    return groups, paths
+
+
+def _winner(recs: list[_Record], path: str, summary: ImportSummary) -> _Record | None:
+    """The record of one image that counts: the newest, else the last in the file when all
+    agree; None (a conflict noted in ``summary``) when labels differ and times cannot tell."""
+    winner = recs[-1]
+    if len({r.label for r in recs}) > 1:
+        times = [r.time for r in recs]
+        newest = max((t for t in times if t is not None), default=None)
+        top = [r for r in recs if r.time == newest]
+        if None in times or len({r.label for r in top}) > 1:
+            summary.conflicts.append(
+                f"{path}: different labels ({', '.join(r.where for r in recs)}) "
+                "and no times to tell the newest")
+            return None
+        winner = top[-1]
+    elif any(r.time is not None for r in recs):
+        winner = max((r for r in recs if r.time is not None), key=lambda r: r.time)
+    return winner
+
+
+def _resolve(records: list[_Record], project: Project, summary: ImportSummary,
+             who: str | None) -> list[tuple[int, str | None, str]]:
+    """Match records to images, check hashes and duplicates.
+
+    Returns:
+        ``(image id, label, who)`` of every importable label, in file order.
+    """
+    groups, paths = _match_records(records, project, summary)
     accepted = []
     for image_id, recs in groups.items():
-        winner = recs[-1]
-        if len({r.label for r in recs}) > 1:
-            times = [r.time for r in recs]
-            newest = max((t for t in times if t is not None), default=None)
-            top = [r for r in recs if r.time == newest]
-            if None in times or len({r.label for r in top}) > 1:
-                summary.conflicts.append(
-                    f"{paths[image_id]}: different labels ({', '.join(r.where for r in recs)}) "
-                    "and no times to tell the newest")
-                continue
-            winner = top[-1]
-        elif any(r.time is not None for r in recs):
-            winner = max((r for r in recs if r.time is not None), key=lambda r: r.time)
-        accepted.append((image_id, winner.label, winner.who or who or default_user()))
+        winner = _winner(recs, paths[image_id], summary)
+        if winner is not None:
+            accepted.append((image_id, winner.label, winner.who or who or default_user()))
     return accepted
 
 

@@ -233,42 +233,25 @@ class Project:
         """
         directory = Path(directory)
         root = Path(images).expanduser()
-        if not root.is_dir():
-            raise DalbtError(f"image folder {root} does not exist or is not a directory")
-        if (directory / DB_NAME).exists():
-            raise DalbtError(f"{directory} already holds a labelling project; open it with "
-                             f"'dalbt query {directory}' or 'dalbt serve {directory}'")
-        paths, warnings = scan_images(root)
-        for w in warnings:
-            log(f"warning: {w}")
-        if not paths:
-            raise DalbtError(f"no images found under {root} (looked for "
-                             f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)")
-        folder_label = {p: p.split("/")[0] for p in paths if "/" in p}
-        if not classes:
-            classes = sorted(set(folder_label.values()))
-            if not classes:
-                raise DalbtError("name the classes with --classes a,b,c or --classes-file FILE")
-        if len(classes) < 2:
-            raise DalbtError(f"a project needs at least 2 classes, got {classes}")
-        initial: dict[str, str] = {p: c for p, c in folder_label.items() if c in classes}
-        if labels_csv is not None:
-            initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
-        probed_size, probed_channels = probe_images(root, paths, log=log)
-        train = settings.pop("train", None)
-        if isinstance(train, dict):  # changes to the project's default recipe
-            train = replace(project_recipe(), **train)
-        settings["train"] = train or project_recipe()
-        cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
-                            image_size=image_size or probed_size,
-                            channels=channels or probed_channels, **settings)
-        validate_config(cfg)  # before anything is written
-        cfg = replace(cfg, image_size=int(cfg.image_size), channels=int(cfg.channels))
+        paths = _scan_new_project(directory, root, log)
+        classes, initial = _initial_labels(paths, classes, labels_csv)
+        cfg = _new_config(root, paths, classes, image_size, channels, settings, log)
+        cls._create(directory, cfg, root, paths, initial, who or default_user())
+        log(f"project {directory}: {len(paths)} images, {len(initial)} labelled, classes "
+            f"{', '.join(classes)}; images resized to {cfg.image_size}x{cfg.image_size}, "
+            f"{cfg.channels} channel(s)")
+        return cls(directory)
+
+    @classmethod
+    def _create(cls, directory: Path, cfg: ProjectConfig, root: Path, paths: Sequence[str],
+                initial: dict[str, str], who: str) -> None:
+        """Write the project database in ``directory`` (made if missing) all or nothing: on
+        any failure no database and no folder this call made is left behind."""
         made = [d for d in (directory, *directory.parents) if not d.exists()]
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (DB_NAME + ".init")
         try:
-            cls._write_new(tmp, cfg, root, paths, initial, who or default_user())
+            cls._write_new(tmp, cfg, root, paths, initial, who)
             os.replace(tmp, directory / DB_NAME)
         except BaseException:  # leave nothing behind: no database, no folder made here
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -279,10 +262,6 @@ class Project:
             raise
         for suffix in ("-wal", "-shm"):
             Path(str(tmp) + suffix).unlink(missing_ok=True)
-        log(f"project {directory}: {len(paths)} images, {len(initial)} labelled, classes "
-            f"{', '.join(classes)}; images resized to {cfg.image_size}x{cfg.image_size}, "
-            f"{cfg.channels} channel(s)")
-        return cls(directory)
 
     @classmethod
     def _write_new(cls, path: Path, cfg: ProjectConfig, root: Path, paths: Sequence[str],
@@ -863,6 +842,56 @@ def _read_labels_csv(path: Path, paths: set[str], classes: list[str]) -> dict[st
                                  f"{', '.join(classes)}")
             out[rel] = label
     return out
+
+
+def _scan_new_project(directory: Path, root: Path, log: Callable[[str], None]) -> list[str]:
+    """The images under ``root`` for a new project in ``directory`` (which must hold none)."""
+    if not root.is_dir():
+        raise DalbtError(f"image folder {root} does not exist or is not a directory")
+    if (directory / DB_NAME).exists():
+        raise DalbtError(f"{directory} already holds a labelling project; open it with "
+                         f"'dalbt query {directory}' or 'dalbt serve {directory}'")
+    paths, warnings = scan_images(root)
+    for w in warnings:
+        log(f"warning: {w}")
+    if not paths:
+        raise DalbtError(f"no images found under {root} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))} files)")
+    return paths
+
+
+def _initial_labels(
+    paths: list[str], classes: list[str], labels_csv: str | os.PathLike | None
+) -> tuple[list[str], dict[str, str]]:
+    """The classes (default: the class sub-folders' names) and the labels given beforehand:
+    class sub-folders, then ``labels_csv``."""
+    folder_label = {p: p.split("/")[0] for p in paths if "/" in p}
+    if not classes:
+        classes = sorted(set(folder_label.values()))
+        if not classes:
+            raise DalbtError("name the classes with --classes a,b,c or --classes-file FILE")
+    if len(classes) < 2:
+        raise DalbtError(f"a project needs at least 2 classes, got {classes}")
+    initial: dict[str, str] = {p: c for p, c in folder_label.items() if c in classes}
+    if labels_csv is not None:
+        initial.update(_read_labels_csv(Path(labels_csv), set(paths), classes))
+    return classes, initial
+
+
+def _new_config(root: Path, paths: list[str], classes: list[str], image_size: int | None,
+                channels: int | None, settings: dict[str, Any],
+                log: Callable[[str], None]) -> ProjectConfig:
+    """A new project's checked config; image size and channels probed unless given."""
+    probed_size, probed_channels = probe_images(root, paths, log=log)
+    train = settings.pop("train", None)
+    if isinstance(train, dict):  # changes to the project's default recipe
+        train = replace(project_recipe(), **train)
+    settings["train"] = train or project_recipe()
+    cfg = ProjectConfig(classes=list(classes), image_root=str(root.resolve()),
+                        image_size=image_size or probed_size,
+                        channels=channels or probed_channels, **settings)
+    validate_config(cfg)  # before anything is written
+    return replace(cfg, image_size=int(cfg.image_size), channels=int(cfg.channels))
 
 
 def is_loopback(host: str) -> bool:

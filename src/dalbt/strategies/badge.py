@@ -102,6 +102,47 @@ class _Embedding:
         return out
 
 
+def _refresh_bounds(emb: _Embedding, bound: np.ndarray, seen: np.ndarray,
+                   rows: np.ndarray) -> None:
+    """Tighten ``bound`` of ``rows`` against the centres each has not seen yet, in place."""
+    lo = int(seen[rows].min())
+    bound[rows] = np.minimum(bound[rows], emb.min_sq_dist(torch.from_numpy(rows), lo))
+    seen[rows] = emb.count
+
+
+def _draw_centre(emb: _Embedding, bound: np.ndarray, seen: np.ndarray, chosen: np.ndarray,
+                 rng: np.random.Generator, batch: int) -> int:
+    """One D^2 draw by rejection sampling on the upper bounds ``bound`` (U,), which cover the
+    centres ``[0, seen)`` of each row and are tightened in place as rows are checked; uniform
+    over the rows not ``chosen`` when every bound is zero.
+
+    Returns:
+        The drawn row.
+    """
+    u, c = len(bound), emb.count
+    while True:
+        cdf = np.cumsum(bound)
+        total = cdf[-1]
+        if not total > 0:
+            return int(rng.choice(np.flatnonzero(~chosen)))
+        # proposals ~ bound (side="right" skips zero weights), accepted w.p. exact / bound
+        r = rng.random(2 * batch)
+        prop = np.minimum(np.searchsorted(cdf, r[:batch] * total, side="right"), u - 1)
+        snap = bound[prop]
+        stale = np.unique(prop[seen[prop] < c])
+        if len(stale):
+            _refresh_bounds(emb, bound, seen, stale)
+        exact = bound[prop]
+        accept = np.flatnonzero(r[batch:] * snap < exact)
+        if len(accept):
+            return int(prop[accept[0]])
+        if np.mean(exact / np.maximum(snap, np.finfo(float).tiny)) < 0.5:
+            # bounds too loose: refresh the whole pool against the recent centres
+            old = np.flatnonzero(seen < c)
+            if len(old):
+                _refresh_bounds(emb, bound, seen, old)
+
+
 def kmeans_pp(a: Tensor, z: Tensor, n: int, rng: np.random.Generator, lazy: bool = True,
               chunk: int = DEFAULT_CHUNK, batch: int = 64) -> np.ndarray:
     """k-means++ seeding of the gradient embeddings ``a (x) [z, 1]`` (BADGE's selection).
@@ -155,35 +196,7 @@ def kmeans_pp(a: Tensor, z: Tensor, n: int, rng: np.random.Generator, lazy: bool
             bound = np.minimum(bound, emb.min_sq_dist(None, c - 1))
             bound[chosen] = 0.0
             seen[:] = c
-        pick = -1
-        while pick < 0:
-            cdf = np.cumsum(bound)
-            total = cdf[-1]
-            if not total > 0:
-                pick = int(rng.choice(np.flatnonzero(~chosen)))
-                break
-            # proposals ~ bound (side="right" skips zero weights), accepted w.p. exact / bound
-            r = rng.random(2 * batch)
-            prop = np.minimum(np.searchsorted(cdf, r[:batch] * total, side="right"), u - 1)
-            snap = bound[prop]
-            stale = np.unique(prop[seen[prop] < c])
-            if len(stale):
-                lo = int(seen[stale].min())
-                bound[stale] = np.minimum(bound[stale],
-                                          emb.min_sq_dist(torch.from_numpy(stale), lo))
-                seen[stale] = c
-            exact = bound[prop]
-            accept = np.flatnonzero(r[batch:] * snap < exact)
-            if len(accept):
-                pick = int(prop[accept[0]])
-            elif np.mean(exact / np.maximum(snap, np.finfo(float).tiny)) < 0.5:
-                # bounds too loose: refresh the whole pool against the recent centres
-                old = np.flatnonzero(seen < c)
-                if len(old):
-                    lo = int(seen[old].min())
-                    bound[old] = np.minimum(bound[old],
-                                            emb.min_sq_dist(torch.from_numpy(old), lo))
-                    seen[old] = c
+        pick = _draw_centre(emb, bound, seen, chosen, rng, batch)
         picks[t] = pick
         chosen[pick] = True
         bound[pick] = 0.0
