@@ -133,8 +133,9 @@ def _train(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainC
            ) -> TrainResult | None:
     """Train ``model`` for the round: supervised (the strategy's hook), or a cold start."""
     if len(data.labelled) == 0:
-        if cold_start_epochs > 0:
-            assert data.candidates is not None  # set in __post_init__
+        assert data.candidates is not None  # set in __post_init__
+        # Barlow Twins correlates a batch's two views: one image teaches nothing
+        if cold_start_epochs > 0 and len(data.candidates) >= 2:
             pretrain_barlow(model, data.images, data.candidates,
                             replace(recipe, pretrain_epochs=cold_start_epochs),
                             rngs.torch_generator(seed, rngs.PRETRAIN, round_),
