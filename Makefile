@@ -7,7 +7,7 @@ DEMO   := runs/demo
 DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --epochs 50 --val-size 200 \
              --seed 0 --out $(DEMO) --resume
 
-.PHONY: setup data demo test test-quick lint bench clean
+.PHONY: setup data demo test test-quick lint typecheck bench clean
 
 setup: $(STAMP) data
 
@@ -50,8 +50,12 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: setup
+lint: setup typecheck
 	$(BIN)/ruff check src tests benchmarks docs
+
+# mypy on the public modules listed in pyproject.toml ([tool.mypy] files)
+typecheck: setup
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/round_time.py

@@ -81,7 +81,9 @@ def build_strategy(name: str, **options: Any) -> Strategy:
     if name not in STRATEGIES:
         raise DalbtError(f"unknown strategy {name!r}; known strategies: "
                          f"{', '.join(sorted(STRATEGIES))} (see 'dalbt strategies')")
-    options = check_options(name, strategy_options(STRATEGIES[name]), options)
+    # a class object is hashable; mypy says otherwise (python/mypy#20409)
+    options = check_options(name, strategy_options(STRATEGIES[name]),  # type: ignore[arg-type]
+                            options)
     try:
         return STRATEGIES[name](**options)
     except (TypeError, ValueError) as exc:
