@@ -7,7 +7,7 @@ DEMO   := runs/demo
 DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --epochs 50 --val-size 200 \
              --seed 0 --out $(DEMO) --resume
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test test-quick lint typecheck bench clean
 
 setup: $(STAMP) data
 
@@ -45,8 +45,17 @@ demo: setup
 test: setup
 	DALBT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
-lint: setup
+# All but the tests marked slow (subprocesses, torchrun, the browser, killed processes, fuzzing
+# and long end-to-end runs): the edit-and-test loop. CI runs everything ('make test').
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup typecheck
 	$(BIN)/ruff check src tests benchmarks docs
+
+# mypy on the public modules listed in pyproject.toml ([tool.mypy] files)
+typecheck: setup
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/round_time.py

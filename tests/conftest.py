@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,14 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
+@functools.cache
+def sklearn_digits():
+    """scikit-learn's digits, read once per session (images (1797, 8, 8) in 0..16, target
+    (1797,)); callers only read it."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
 
 
 class ArrayScorer:

@@ -85,6 +85,7 @@ def test_duplicates_of_an_uncertain_sample_are_not_all_chosen(context_factory, l
         assert len(dups & set(got.tolist())) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lazy", [True, False])
 def test_d2_sampling_distribution(lazy):
     # joint law of the 2nd and 3rd picks against the exact k-means++ probabilities

@@ -155,6 +155,7 @@ def test_presets_load_and_are_fair():
 # -- running --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs_and_seed_shares_initial_set(tmp_path, monkeypatch):
     cfg = _cfg(strategies=["random", "entropy"], seeds=[0, 1])
     calls = []
@@ -217,6 +218,7 @@ def test_full_data_reference_run_written_once(tmp_path, digits):
         assert sum(r.strategy == bench.FULL_DATA for r in store.runs()) == 1
 
 
+@pytest.mark.slow
 def test_parallel_jobs_share_one_store(tmp_path):
     cfg = _cfg(strategies=["random", "margin"])
     res, _ = _run(cfg, tmp_path / "j", jobs=2)

@@ -20,6 +20,8 @@ from dalbt.labelling.project import Project
 from dalbt.labelling.server import background_server, create_app
 from tests.test_serve import CLASSES, write_digits
 
+pytestmark = pytest.mark.slow  # a real browser and server: skipped by make test-quick
+
 
 def find_chromium() -> str | None:
     """The Chromium binary (Debian's package installs ``/usr/bin/chromium``)."""

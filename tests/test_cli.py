@@ -33,6 +33,7 @@ def test_listings(capsys):
             assert n in out
 
 
+@pytest.mark.slow
 def test_run_then_report(tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["run", *SMALL, "--out", str(out), "--seed", "0", "1"]) == 0

@@ -81,6 +81,7 @@ def test_what_the_annotations_accept_the_constructor_accepts(name: str) -> None:
             build_strategy(name, **{key: [1]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["strategies"], ["strategies", "--options"], ["datasets"], ["models"],
     ["bench", "--list-presets"], ["run", "--help"], ["--help"],

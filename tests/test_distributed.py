@@ -336,6 +336,7 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
     distributed.shutdown(dist)
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_gloo_processes_score_train_and_lead_like_one():
     import torch.multiprocessing as mp
@@ -383,6 +384,7 @@ def _rounds(out: Path):
     return runs, rows
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_torchrun_two_processes_score_and_select_like_one(tmp_path):
     args = [*RUN_ARGS, "--strategy", "entropy", "--save-scores", "--pretrain-epochs", "1",
@@ -408,6 +410,7 @@ def test_torchrun_two_processes_score_and_select_like_one(tmp_path):
         assert json.loads(rows2[r][3]) == s2["queried"].tolist()
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_torchrun_resumes_a_run_of_one_process(tmp_path, monkeypatch):
     """Rank 0 reads the interrupted run and broadcasts it; the warm-start checkpoint and the

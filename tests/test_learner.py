@@ -191,3 +191,22 @@ def test_every_data_form_loads_through_the_same_path(digits, tmp_path):
     # the same images, grouped by class folder
     assert sorted(map(tuple, folder.x_train.flatten(1).tolist())) == \
         sorted(map(tuple, x.flatten(1).tolist()))
+
+
+def test_odd_sizes_tiny_pools_and_budgets_larger_than_the_pool():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                         nn.Flatten())
+            self.classifier = nn.Linear(8, 3)
+
+    x = np.random.default_rng(0).integers(0, 255, (7, 13, 13, 3), dtype=np.uint8)  # (N, H, W, C)
+    learner = ActiveLearner(Net(), x, strategy="weibull", recipe=TINY, cold_start_epochs=1,
+                            min_val=1)
+    first = learner.query(100)
+    assert sorted(first.tolist()) == list(range(7))  # the whole pool, each once
+    learner.teach(first[:3], [0, 1, 2])
+    assert sorted(learner.query(100).tolist()) == sorted(first[3:].tolist())
+    one = ActiveLearner(Net(), x[:1], recipe=TINY, cold_start_epochs=1)
+    np.testing.assert_array_equal(one.query(5), [0])

@@ -89,6 +89,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits, monkeypatc
     assert len(again) == 4
 
 
+@pytest.mark.slow
 def test_killed_process_loses_at_most_the_current_round(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dalbt", "run", "--dataset", "digits", "--strategy", "random",
@@ -137,7 +138,9 @@ def test_killed_process_loses_at_most_the_current_round(tmp_path):
 def test_every_strategy_runs_a_round_through_the_loop(tmp_path, digits, name):
     from tests.test_strategies import FAST
 
-    cfg = RunConfig(dataset="digits", strategy=name, strategy_options=FAST.get(name, {}),
+    # BatchBALD's defaults (20 MC samples, 1000 joint samples over the whole pool) take seconds
+    fast = {**FAST, "batchbald": {"samples": 5, "num_samples": 100}}
+    cfg = RunConfig(dataset="digits", strategy=name, strategy_options=fast.get(name, {}),
                     initial=20, budget=10, rounds=1, seed=0, val_size=100,
                     projector_dims=(32, 32), train=TrainConfig(epochs=1))
     run, rounds = _run(tmp_path, name, cfg, digits)

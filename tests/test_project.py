@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from dalbt.errors import DalbtError
 from dalbt.labelling.images import scan_images
 from dalbt.labelling.project import Project, is_loopback, parse_classes
+from tests.conftest import sklearn_digits
 
 CLASSES = [str(c) for c in range(10)]
-TINY = {"train": {"epochs": 2}, "cold_start_epochs": 1}
+# few steps per query: the tests check which images are queried and recorded, not accuracy
+TINY = {"train": {"epochs": 2}, "cold_start_epochs": 1, "min_steps": 10}
 
 
 def write_digits(folder: Path, n: int, sub: dict[int, str] | None = None) -> dict[str, int]:
     """Write ``n`` digits as PNGs; returns relative path -> true class."""
-    d = load_digits()
+    d = sklearn_digits()
     truth = {}
     for i in range(n):
         rel = f"{sub[i]}/d{i:03d}.png" if sub and i in sub else f"d{i:03d}.png"
@@ -288,6 +289,7 @@ def _subprocess(code: str) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_killed_labeller_loses_no_acknowledged_label(project):
     p, _ = project
     proc = _subprocess(f"""
@@ -316,6 +318,7 @@ def test_killed_labeller_loses_no_acknowledged_label(project):
     assert n >= acked + 1
 
 
+@pytest.mark.slow
 def test_killed_query_leaves_no_half_batch_and_can_rerun(tmp_path):
     images = tmp_path / "images"
     write_digits(images, 60)

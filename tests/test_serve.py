@@ -30,9 +30,9 @@ SECRET = b"TOP-SECRET-BYTES-" + b"x" * 64
 
 def write_digits(folder: Path, n: int) -> dict[str, int]:
     """``n`` digits images as PNGs named ``dNNN_<digit>.png``; returns name -> digit."""
-    from sklearn.datasets import load_digits
+    from tests.conftest import sklearn_digits
 
-    d = load_digits()
+    d = sklearn_digits()
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}
     for i in range(n):
@@ -47,7 +47,7 @@ def make_project(tmp_path: Path, n: int = 30, budget: int | None = 10, **setting
     """A digits project in ``tmp_path/proj`` with a first (cold-start) batch queued."""
     write_digits(tmp_path / "images", n)
     directory = tmp_path / "proj"
-    settings = {"train": {"epochs": 2}, "cold_start_epochs": 0, **settings}
+    settings = {"train": {"epochs": 2}, "cold_start_epochs": 0, "min_steps": 10, **settings}
     with Project.init(directory, tmp_path / "images", CLASSES, log=lambda m: None,
                       **settings) as p:
         if budget:

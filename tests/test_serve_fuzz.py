@@ -25,6 +25,8 @@ with warnings.catch_warnings():  # starlette's note that it prefers httpx2 to ht
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
+pytestmark = pytest.mark.slow  # hundreds of generated requests: skipped by make test-quick
+
 SECRET = b"TOP-SECRET-" + secrets.token_hex(32).encode()
 WINDOW = 12  # no run of this many secret bytes may appear in a response
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,

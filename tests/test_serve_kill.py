@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.test_serve import db_rows, make_project, pending_ids
+
+pytestmark = pytest.mark.slow  # server subprocesses: skipped by make test-quick
 
 
 def _free_port() -> int:

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
 from dalbt.distributed import SINGLE, Dist, Lead
+from dalbt.models.net import DALBTNet
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
 from dalbt.strategies import QueryContext, Strategy
@@ -33,7 +34,7 @@ from dalbt.train import TrainResult, accuracy, infer, mc_dropout_probs, pretrain
 
 #: ``new_model(seed) -> model``: a fresh model of the run's kind, initialised from ``seed``, on
 #: the run's device.
-ModelFactory = Callable[[int], nn.Module]
+ModelFactory = Callable[[int], DALBTNet]
 
 
 @dataclass
@@ -98,7 +99,7 @@ class RoundResult:
             probabilities), as dicts of tensors.
     """
 
-    model: nn.Module
+    model: DALBTNet
     train: TrainResult | None
     test_acc: float | None
     queried: np.ndarray
@@ -128,12 +129,14 @@ def _bar(progress: bool, **kw: Any) -> tqdm:
     return tqdm(leave=False, disable=not progress, **kw)
 
 
-def _train(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainConfig, seed: int,
+def _train(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainConfig, seed: int,
            round_: int, cold_start_epochs: int, dist: Dist, progress: bool
            ) -> TrainResult | None:
     """Train ``model`` for the round: supervised (the strategy's hook), or a cold start."""
     if len(data.labelled) == 0:
-        if cold_start_epochs > 0:
+        assert data.candidates is not None  # set in __post_init__
+        # Barlow Twins correlates a batch's two views: one image teaches nothing
+        if cold_start_epochs > 0 and len(data.candidates) >= 2:
             pretrain_barlow(model, data.images, data.candidates,
                             replace(recipe, pretrain_epochs=cold_start_epochs),
                             rngs.torch_generator(seed, rngs.PRETRAIN, round_),
@@ -151,7 +154,7 @@ def _train(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainC
         bar.close()
 
 
-def _query(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainConfig,
+def _query(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainConfig,
            new_model: ModelFactory, seed: int, round_: int, budget: int, total_rounds: int,
            guess: bool, dist: Dist, progress: bool, keep_scores: bool, result: RoundResult
            ) -> None:
@@ -204,7 +207,7 @@ def _query(model: nn.Module, strategy: Strategy, data: RoundData, recipe: TrainC
 
 
 def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed: int,
-              round_: int, budget: int, new_model: ModelFactory, model: nn.Module | None = None,
+              round_: int, budget: int, new_model: ModelFactory, model: DALBTNet | None = None,
               total_rounds: int | None = None, cold_start_epochs: int = 0,
               trained: TrainResult | None = None, dist: Dist = SINGLE, progress: bool = False,
               keep_scores: bool = False) -> RoundResult:

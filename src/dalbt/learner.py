@@ -106,7 +106,7 @@ def as_dalbt_model(model: nn.Module, sample: Tensor, *, dropout: float = 0.0,
     return net
 
 
-def _fresh(template: nn.Module, seed: int) -> nn.Module:
+def _fresh(template: DALBTNet, seed: int) -> DALBTNet:
     """A copy of ``template`` with every layer re-initialised from ``seed``."""
     model = copy.deepcopy(template)
     with torch.random.fork_rng(devices=[]):
@@ -275,12 +275,12 @@ class ActiveLearner:
 
     # -- rounds --------------------------------------------------------------------------
 
-    def _new_model(self, dropout: float) -> Callable[[int], nn.Module]:
+    def _new_model(self, dropout: float) -> Callable[[int], DALBTNet]:
         device = torch.device(self.recipe.device)
 
-        def new_model(seed: int) -> nn.Module:
+        def new_model(seed: int) -> DALBTNet:
             if self._factory is not None:
-                net: nn.Module = as_dalbt_model(self._build(seed), self.data.x_train[:1],
+                net = as_dalbt_model(self._build(seed), self.data.x_train[:1],
                                                 dropout=dropout)
             else:
                 net = _fresh(self._template[dropout], seed)
@@ -316,7 +316,7 @@ class ActiveLearner:
                         model=self.model if reuse else None,
                         trained=fitted[1] if reuse and fitted is not None else None,
                         cold_start_epochs=self.cold_start_epochs, progress=self.progress)
-        self.model = res.model  # type: ignore[assignment]
+        self.model = res.model
         if res.train is not None:
             self._fitted = (self._version, res.train)
             self._copy_back(res.model)

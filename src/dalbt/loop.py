@@ -26,6 +26,7 @@ from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
+from dalbt.models.net import DALBTNet
 from dalbt.recipe import MAX_SEED, MAX_WIDTH, OOD_POLICIES, RunConfig, check_int
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import build_strategy
@@ -113,7 +114,7 @@ def _remove_checkpoint(path: Path) -> None:
 
 
 def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data: ImageDataset,
-                      images: np.ndarray, new_model: Callable[[int], torch.nn.Module],
+                      images: np.ndarray, new_model: Callable[[int], DALBTNet],
                       progress: bool, log: Callable[[str], None], dist: Dist = SINGLE) -> dict:
     """Barlow Twins pre-training on the whole pool (every training image outside the
     validation split), once per run; the weights are kept in the experiment directory (rank 0
@@ -122,8 +123,12 @@ def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data:
     if dist.from_main(lambda: path is not None and path.exists()):
         what = f"pre-training checkpoint of run {run_id}"
         fix = "delete it to pre-train again (same seed, same weights), or restore it from a backup"
-        state = dist.from_main(lambda: _read_checkpoint(
-            path, cfg.train.device if not dist.active else "cpu", what, fix))
+        def read() -> dict:
+            assert path is not None  # rank 0 found it
+            return _read_checkpoint(path, cfg.train.device if not dist.active else "cpu", what,
+                                    fix)
+
+        state = dist.from_main(read)
         _apply_state(new_model(0), state, path, what, fix)  # fails here, not in a round
         return state
     model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
@@ -323,7 +328,7 @@ def run_experiment(
         log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {len(done)}")
     pretrained = None
     if cfg.train.pretrain_epochs > 0:
-        pretrained = _pretrained_state(cfg, ex.directory, run.id, data, ex.round_data.candidates,
+        pretrained = _pretrained_state(cfg, ex.directory, run.id, data, ex.candidates,
                                        ex.new_model, progress, log, dist)
     model = None
     for r in range(len(done), cfg.rounds + 1):
@@ -356,14 +361,14 @@ class _Experiment:
         self.directory = store.directory if store is not None else None
         self.pool = Pool.from_splits(data.n_train, self.splits)
         self.device = torch.device(cfg.train.device)
+        self.candidates = np.setdiff1d(np.arange(data.n_train), self.splits.validation)
         self.round_data = RoundData(
             images=data.x_train, targets=data.y_train, num_classes=data.num_classes,
             labelled=self.pool.labelled, validation=self.splits.validation,
-            unlabelled=self.pool.unlabelled,
-            candidates=np.setdiff1d(np.arange(data.n_train), self.splits.validation),
+            unlabelled=self.pool.unlabelled, candidates=self.candidates,
             test=(data.x_test, data.y_test))
 
-    def new_model(self, seed: int) -> torch.nn.Module:
+    def new_model(self, seed: int) -> DALBTNet:
         cfg, data = self.cfg, self.data
         return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
                            latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
@@ -398,7 +403,7 @@ class _Experiment:
         _check_replay(store, run, rounds, cfg, splits, self.ood)
         return run, rounds
 
-    def initial_model(self, run_id: int, r: int, pretrained: dict | None) -> torch.nn.Module:
+    def initial_model(self, run_id: int, r: int, pretrained: dict | None) -> DALBTNet:
         """Round ``r``'s starting model: fresh (or, warm-starting, round 0's init and then the
         previous round's checkpoint when resuming), with the pre-trained weights loaded."""
         warm = self.cfg.train.warm_start

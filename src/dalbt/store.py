@@ -378,7 +378,7 @@ class Store:
             "--out directory")
 
     def _run(self, row: tuple) -> RunRecord:
-        values = {}
+        values: dict[str, Any] = {}
         for column, text, parse in (("config", row[5], _object), ("env", row[6], _object),
                                     ("initial", row[7], _int_list)):
             try:

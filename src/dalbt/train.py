@@ -8,6 +8,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from dalbt.losses import barlow_twins_loss, joint_loss
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
 from dalbt.rng import isolated_torch_rng
+
+if TYPE_CHECKING:
+    from dalbt.models.net import DALBTNet
 
 INFERENCE_BATCH = 2048
 
@@ -55,7 +59,7 @@ class _Joint(nn.Module):
     """One training step's forward passes as one module (what DDP wraps): logits of the
     undistorted batch (B, K) and, when given, projections of the two views (B', P) each."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DALBTNet) -> None:
         super().__init__()
         self.model = model
 
@@ -113,7 +117,8 @@ class BestOnValidation:
     def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig, dist: Dist = SINGLE
                  ) -> None:
         self.x_val, self.y_val, self.cfg, self.dist = x_val, y_val, cfg, dist
-        self.best_acc, self.best_epoch, self.best_state = -math.inf, 0, None
+        self.best_acc, self.best_epoch = -math.inf, 0
+        self.best_state: dict[str, Any] | None = None
         self.best_losses = (float("nan"), float("nan"))
         self.history: list[tuple[int, float]] = []
 
@@ -228,7 +233,7 @@ def batches(n: int, size: int, generator: torch.Generator | None = None,
 
 
 @torch.inference_mode()
-def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
+def infer(model: DALBTNet, images: Tensor, indices: np.ndarray,
           batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None,
           dist: Dist = SINGLE) -> Outputs:
     """Logits and latents of the model for dataset indices, in one batched pass.
@@ -270,9 +275,9 @@ def infer(model: nn.Module, images: Tensor, indices: np.ndarray,
     )
 
 
-def pretrain_barlow(model: nn.Module, x_train: Tensor, indices: np.ndarray, cfg: TrainConfig,
+def pretrain_barlow(model: DALBTNet, x_train: Tensor, indices: np.ndarray, cfg: TrainConfig,
                     shuffle_gen: torch.Generator, augment_gen: torch.Generator,
-                    on_epoch: Callable[[int, dict], None] | None = None,
+                    on_epoch: Callable[[int, dict], object] | None = None,
                     dist: Dist = SINGLE) -> list[float]:
     """Barlow Twins pre-training of encoder + projector on unlabelled images (no labels).
 
@@ -327,7 +332,7 @@ def pretrain_barlow(model: nn.Module, x_train: Tensor, indices: np.ndarray, cfg:
 
 
 @torch.inference_mode()
-def mc_dropout_probs(model: nn.Module, images: Tensor, indices: np.ndarray, samples: int,
+def mc_dropout_probs(model: DALBTNet, images: Tensor, indices: np.ndarray, samples: int,
                      generator: torch.Generator, batch_size: int = INFERENCE_BATCH,
                      dist: Dist = SINGLE) -> Tensor:
     """MC-dropout class probabilities with dropout on the latent before the classifier.
@@ -398,7 +403,7 @@ def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
 
 
 def train_round(
-    model: nn.Module,
+    model: DALBTNet,
     x_train: Tensor,
     y_train: Tensor,
     labelled: np.ndarray,
@@ -406,7 +411,7 @@ def train_round(
     cfg: TrainConfig,
     shuffle_gen: torch.Generator,
     augment_gen: torch.Generator,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    on_epoch: Callable[[int, dict], object] | None = None,
     unlabelled: np.ndarray | None = None,
     dist: Dist = SINGLE,
 ) -> TrainResult:

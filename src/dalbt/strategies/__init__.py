@@ -81,7 +81,9 @@ def build_strategy(name: str, **options: Any) -> Strategy:
     if name not in STRATEGIES:
         raise DalbtError(f"unknown strategy {name!r}; known strategies: "
                          f"{', '.join(sorted(STRATEGIES))} (see 'dalbt strategies')")
-    options = check_options(name, strategy_options(STRATEGIES[name]), options)
+    # a class object is hashable; mypy says otherwise (python/mypy#20409)
+    options = check_options(name, strategy_options(STRATEGIES[name]),  # type: ignore[arg-type]
+                            options)
     try:
         return STRATEGIES[name](**options)
     except (TypeError, ValueError) as exc:
@@ -115,7 +117,7 @@ def register_strategy(cls: type[Strategy], *, replace: bool = False) -> type[Str
         raise DalbtError(f"a strategy named {cls.name!r} is already registered; choose another "
                          "name or pass replace=True")
     try:
-        strategy_options(cls)
+        strategy_options(cls)  # type: ignore[arg-type]  # python/mypy#20409
     except TypeError as exc:
         raise DalbtError(str(exc)) from None
     STRATEGIES[cls.name] = cls

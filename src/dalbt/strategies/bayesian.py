@@ -216,7 +216,7 @@ class BatchBaldStrategy(_McDropoutStrategy):
         super().__init__(samples=samples, dropout=dropout)
         for what, value in (("num_samples", num_samples), ("max_exact_configs", max_exact_configs),
                             ("max_pool", max_pool)):
-            if value is None and what != "num_samples":
+            if value is None:  # the optional two; a None num_samples fails in int() below
                 continue
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{what} must be a positive integer, got {value!r}")

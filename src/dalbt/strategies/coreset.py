@@ -118,8 +118,8 @@ def _lazy_greedy(pool: Tensor, pool_sq: Tensor, cent: Tensor, cent_sq: Tensor, m
                 d2 = torch.addmm(cent_sq[None, lo:c], pool.index_select(0, rows) - mu,
                                  cent[lo:c].T, alpha=-2.0)
                 d2 += pool_sq.index_select(0, rows)[:, None]
-                d2 = d2.amin(dim=1).clamp_min_(0.0).numpy()
-                bound[hot_idx[todo]] = np.minimum(b[todo], d2)
+                fresh = d2.amin(dim=1).clamp_min_(0.0).numpy()
+                bound[hot_idx[todo]] = np.minimum(b[todo], fresh)
                 seen[hot_idx[todo]] = c
                 continue
             if best > tau or hot_size >= u:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from dalbt.options import NonNegativeFloat, PositiveFloat, PositiveInt, UnitInte
 from dalbt.rng import isolated_torch_rng
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy
 from dalbt.strategies.coreset import k_center_greedy
+
+if TYPE_CHECKING:
+    from dalbt.models.net import DALBTNet
 
 # Weak view: crop + flip only. The reference pads by 4 and crops 32x32 (a translation that keeps
 # >= ~77 % of the image); here a mild random resized crop (>= 75 % of the area) stands for it.
@@ -205,7 +208,7 @@ class MoBYv2ALStrategy(Strategy):
         self.proj_dim = int(proj_dim)
         self.hidden_dim = int(hidden_dim)
 
-    def make_learner(self, model: nn.Module) -> MoBYLearner:
+    def make_learner(self, model: DALBTNet) -> MoBYLearner:
         """The MoBY branch around ``model.encoder`` (heads drawn from torch's global RNG)."""
         return MoBYLearner(model.encoder, model.latent_dim, self.proj_dim, self.hidden_dim,
                            self.queue_size, self.temperature)
@@ -274,7 +277,7 @@ class MoBYv2ALStrategy(Strategy):
                 ce = F.cross_entropy(model(x), y_train[idx].to(device))
                 loss = ce
                 xu = x[:0]
-                if use_unl:
+                if cycler is not None:  # use_unl
                     xu = to_float(x_train[pool[cycler.take(len(idx))]], device)
                 if use_con and len(x) + len(xu) >= 2:
                     xc = torch.cat([x, xu])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, overload
 
 import numpy as np
 import torch
@@ -261,6 +261,16 @@ class WeibullStrategy(Strategy):
         if len(top) < self.min_tail or np.ptp(top) == 0:
             return None
         return fit_high(d, size)
+
+    @overload
+    def log_hazards(self, z: Tensor, predictions: Tensor, means: Tensor,
+                    tails: list[WeibullTail | None], return_assigned: Literal[False] = ...
+                    ) -> np.ndarray: ...
+
+    @overload
+    def log_hazards(self, z: Tensor, predictions: Tensor, means: Tensor,
+                    tails: list[WeibullTail | None], return_assigned: Literal[True]
+                    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def log_hazards(self, z: Tensor, predictions: Tensor, means: Tensor,
                     tails: list[WeibullTail | None], return_assigned: bool = False
