@@ -402,6 +402,47 @@ def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
     return int(dist.sum(correct)) / len(images)
 
 
+class _JointStep:
+    """The loss of one training step of :func:`train_round` (paper Eq. 2): CE on the clean
+    labelled batch plus ``gamma`` times the Barlow Twins loss of two augmented views of it
+    (and, with a pool, of as many pool images, whose labels are never read)."""
+
+    def __init__(self, net: nn.Module, x_train: Tensor, y_train: Tensor, pool: Tensor | None,
+                 cfg: TrainConfig, aug: TwoViewAugment, precision: _Precision,
+                 shuffle_gen: torch.Generator, augment_gen: torch.Generator, dist: Dist) -> None:
+        self.net, self.x_train, self.y_train, self.pool = net, x_train, y_train, pool
+        self.cfg, self.aug, self.precision, self.dist = cfg, aug, precision, dist
+        self.shuffle_gen, self.augment_gen = shuffle_gen, augment_gen
+        self.device = torch.device(cfg.device)
+
+    def __call__(self, lab: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, ce, bt)`` of the batch ``lab[pos]`` (this rank's rows of it)."""
+        dist, cfg, device = self.dist, self.cfg, self.device
+        n = len(pos)  # the whole batch; this rank takes rows a:b of it
+        a, b = dist.shard(n)
+        idx = lab[pos[a:b]]
+        x = to_float(self.x_train[idx], device)
+        y = self.y_train[idx].to(device)
+        if cfg.gamma <= 0 or n < 2:
+            with self.precision.autocast():
+                logits, _, _ = self.net(x)
+            return joint_loss(logits.float(), y, None, None, 0.0, all_reduce=dist.all_reduce)
+        xv, rows = x, torch.arange(a, b)
+        pool = self.pool
+        if pool is not None:  # pool images join the views only: their labels are never read
+            u = pool[torch.randint(len(pool), (n,), generator=self.shuffle_gen)]
+            xv = torch.cat([x, to_float(self.x_train[u[a:b]], device)])
+            rows = torch.cat([rows, rows + n])
+        if dist.active:
+            v1, v2 = self.aug(xv, self.augment_gen, rows, n * (2 if pool is not None else 1))
+        else:
+            v1, v2 = self.aug(xv, self.augment_gen)
+        with self.precision.autocast():
+            logits, p1, p2 = self.net(x, v1, v2)
+        return joint_loss(logits.float(), y, p1.float(), p2.float(), cfg.gamma, cfg.lambd,
+                          all_reduce=dist.all_reduce)
+
+
 def train_round(
     model: DALBTNet,
     x_train: Tensor,
@@ -447,7 +488,6 @@ def train_round(
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
     use_bt = cfg.gamma > 0
     with isolated_torch_rng(seed + dist.rank, cfg.device), dist.synced_batchnorm(model):
-        device = torch.device(cfg.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         aug = TwoViewAugment()
         precision = _Precision(cfg)
@@ -459,36 +499,15 @@ def train_round(
         selector = BestOnValidation(x_train[val], y_train[val], cfg, dist)
         # The projector is unused by steps without the Barlow Twins term; DDP must know.
         net = dist.wrap(_Joint(model), find_unused_parameters=not use_bt or len(lab) < 2)
+        step = _JointStep(net, x_train, y_train, pool if ssl_pool else None, cfg, aug,
+                          precision, shuffle_gen, augment_gen, dist)
         ce_mean = bt_mean = float("nan")
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             ce_sum = bt_sum = 0.0
             steps = 0
             for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
-                n = len(pos)  # the whole batch; this rank takes rows a:b of it
-                a, b = dist.shard(n)
-                idx = lab[pos[a:b]]
-                x = to_float(x_train[idx], device)
-                y = y_train[idx].to(device)
-                if use_bt and n >= 2:
-                    xv, rows = x, torch.arange(a, b)
-                    if ssl_pool:  # pool images join the views only: their labels are never read
-                        u = pool[torch.randint(len(pool), (n,), generator=shuffle_gen)]
-                        xv = torch.cat([x, to_float(x_train[u[a:b]], device)])
-                        rows = torch.cat([rows, rows + n])
-                    if dist.active:
-                        v1, v2 = aug(xv, augment_gen, rows, n * (2 if ssl_pool else 1))
-                    else:
-                        v1, v2 = aug(xv, augment_gen)
-                    with precision.autocast():
-                        logits, p1, p2 = net(x, v1, v2)
-                    loss, ce, bt = joint_loss(logits.float(), y, p1.float(), p2.float(), cfg.gamma,
-                                              cfg.lambd, all_reduce=dist.all_reduce)
-                else:
-                    with precision.autocast():
-                        logits, _, _ = net(x)
-                    loss, ce, bt = joint_loss(logits.float(), y, None, None, 0.0,
-                                              all_reduce=dist.all_reduce)
+                loss, ce, bt = step(lab, pos)
                 opt.zero_grad(set_to_none=True)
                 precision.step(loss, opt)
                 ce_sum += float(ce.detach())
@@ -500,7 +519,7 @@ def train_round(
             selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-        del net
+        del net, step
         result = selector.result(model, (ce_mean, bt_mean))
     dist.broadcast_module(model)
     return result
