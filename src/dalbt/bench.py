@@ -378,6 +378,10 @@ def _check_protocol(cfg: RunConfig, where: str) -> None:
             raise DalbtError(f"{where}: {name} must be >= 0, got {value}")
     if cfg.train.lr <= 0:
         raise DalbtError(f"{where}: lr must be positive, got {cfg.train.lr}")
+    try:
+        cfg.train.check()
+    except DalbtError as exc:
+        raise DalbtError(f"{where}: {exc}") from None
     if cfg.val_size is not None and cfg.val_size < 0:
         raise DalbtError(f"{where}: val_size must be >= 0, got {cfg.val_size}")
     if cfg.ood_policy not in OOD_POLICIES:

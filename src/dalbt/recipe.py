@@ -24,6 +24,10 @@ MAX_LR = 1e6  # Adam's first step is lr / 0.1: far above it float32 overflows mi
 
 AMP_MODES = ("bf16", "fp16")  # TrainConfig.amp, besides None (float32)
 OOD_POLICIES = ("return", "discard")  # RunConfig.ood_policy
+SCHEDULES = ("constant", "cosine")  # TrainConfig.schedule
+SELECTIONS = ("best", "last")  # TrainConfig.select
+FINETUNE_MODES = ("all", "head")  # TrainConfig.finetune
+MAX_STEPS = 1 << 30
 
 
 def check_int(flag: str, value: object, low: int, high: int) -> None:
@@ -68,6 +72,21 @@ class TrainConfig:
         pretrain_batch: Batch size of the pre-training.
         amp: Mixed-precision training on CUDA: ``bf16`` or ``fp16`` (with a gradient scaler)
             autocast; None: float32.
+        steps: Step-based recipe: train each round for exactly this many optimiser steps
+            whatever the labelled-set size (the sampler cycles through the labelled set);
+            None: ``epochs`` epochs (the paper's recipe).
+        schedule: Learning-rate schedule over the round's steps: ``constant`` or ``cosine``
+            (to 0 at the last step).
+        warmup_steps: Linear warm-up of the learning rate over the first steps (0: none).
+        balanced: Draw labelled batches class-balanced (each class equally often).
+        ce_augment: The cross-entropy sees an augmented view instead of the clean image (the
+            Barlow Twins term is unchanged).
+        eval_every_steps: With ``steps``: validate every this many steps (and at the end);
+            None: once per pass over the labelled set.
+        select: ``best``: keep the weights that were best on validation; ``last``: the final
+            weights (no validation split needed).
+        finetune: ``all``: train the whole network; ``head``: freeze the (pre-trained)
+            encoder and train only the linear classifier on its features.
     """
 
     epochs: int = 20
@@ -83,6 +102,14 @@ class TrainConfig:
     pretrain_epochs: int = 0
     pretrain_batch: int = 256
     amp: str | None = None
+    steps: int | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    balanced: bool = False
+    ce_augment: bool = False
+    eval_every_steps: int | None = None
+    select: str = "best"
+    finetune: str = "all"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +128,37 @@ class TrainConfig:
         check_int("--pretrain-batch", self.pretrain_batch, 2, MAX_BATCH)
         if self.amp is not None and self.amp not in AMP_MODES:
             raise DalbtError(f"--amp must be {' or '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.steps is not None:
+            check_int("--steps", self.steps, 1, MAX_STEPS)
+        check_int("--warmup-steps", self.warmup_steps, 0, MAX_STEPS)
+        if self.eval_every_steps is not None:
+            check_int("--eval-every-steps", self.eval_every_steps, 1, MAX_STEPS)
+            if self.steps is None:
+                raise DalbtError("--eval-every-steps needs the step-based recipe: give --steps")
+        for flag, value, allowed in (("--schedule", self.schedule, SCHEDULES),
+                                     ("--select", self.select, SELECTIONS),
+                                     ("--finetune", self.finetune, FINETUNE_MODES)):
+            if value not in allowed:
+                raise DalbtError(f"{flag} must be {' or '.join(allowed)}, got {value!r}")
+
+    def key_dict(self) -> dict[str, Any]:
+        """The settings that change results (see :meth:`RunConfig.key_dict`): settings added
+        after the first stores are left out while at their defaults, so older runs keep their
+        keys."""
+        d = self.to_dict()
+        for k in _NOT_IN_KEY:
+            d.pop(k, None)
+        for k, default in _LATER_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k, None)
+        return d
+
+
+# Recipe settings added after the first stores, with their defaults (left out of run keys
+# while at them; ``amp`` None is float32, as before mixed precision).
+_LATER_DEFAULTS: dict[str, Any] = {"amp": None, "steps": None, "schedule": "constant",
+                                   "warmup_steps": 0, "balanced": False, "ce_augment": False,
+                                   "eval_every_steps": None, "select": "best", "finetune": "all"}
 
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
@@ -161,9 +219,7 @@ class RunConfig:
         d = self.to_dict()
         for k in _NOT_IN_KEY:
             d.pop(k, None)
-            d["train"].pop(k, None)
-        if d["train"].get("amp") is None:  # keys of float32 runs as before mixed precision
-            d["train"].pop("amp", None)
+        d["train"] = self.train.key_dict()
         return d
 
     @classmethod

@@ -32,7 +32,15 @@ from dalbt.cli.types import (
     width,
 )
 from dalbt.errors import DalbtError, RankZeroFailed
-from dalbt.recipe import AMP_MODES, OOD_POLICIES, RunConfig, TrainConfig
+from dalbt.recipe import (
+    AMP_MODES,
+    FINETUNE_MODES,
+    OOD_POLICIES,
+    SCHEDULES,
+    SELECTIONS,
+    RunConfig,
+    TrainConfig,
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -182,6 +190,30 @@ def _add_recipe_options(r: argparse.ArgumentParser, train: TrainConfig) -> None:
                    help=f"mixed-precision training on CUDA: {AMP_MODES[0]} (the default of "
                         f"--amp) or {AMP_MODES[1]} (with gradient scaling); ignored with a "
                         "warning on the CPU")
+    _add_step_options(r, train)
+
+
+def _add_step_options(r: argparse.ArgumentParser, train: TrainConfig) -> None:
+    """The step-based recipe's options of ``dalbt run``."""
+    r.add_argument("--steps", type=positive_int, default=train.steps,
+                   help="step-based recipe: exactly N optimiser steps per round, whatever the "
+                        "labelled-set size (default: --epochs epochs, the paper's recipe)")
+    r.add_argument("--schedule", choices=SCHEDULES, default=train.schedule,
+                   help="learning-rate schedule over a round's steps")
+    r.add_argument("--warmup-steps", type=non_negative_int, default=train.warmup_steps,
+                   help="linear learning-rate warm-up over the first N steps")
+    r.add_argument("--balanced", action="store_true",
+                   help="class-balanced labelled batches (each class drawn equally often)")
+    r.add_argument("--ce-augment", action="store_true",
+                   help="the cross-entropy sees an augmented view, not only the clean image")
+    r.add_argument("--eval-every-steps", type=positive_int, default=train.eval_every_steps,
+                   help="with --steps: validate every N steps (default: once per pass over "
+                        "the labelled set)")
+    r.add_argument("--select", choices=SELECTIONS, default=train.select,
+                   help="keep the weights best on validation, or the last ones")
+    r.add_argument("--finetune", choices=FINETUNE_MODES, default=train.finetune,
+                   help="train the whole network, or only the linear head on the frozen "
+                        "(pre-trained) encoder's features")
 
 
 def _add_report_parser(sub: Any) -> None:
@@ -334,7 +366,12 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
                                   eval_every=args.eval_every, device=device,
                                   ssl_unlabelled=args.ssl_pool,
                                   pretrain_epochs=args.pretrain_epochs,
-                                  pretrain_batch=args.pretrain_batch, amp=amp))
+                                  pretrain_batch=args.pretrain_batch, amp=amp,
+                                  steps=args.steps, schedule=args.schedule,
+                                  warmup_steps=args.warmup_steps, balanced=args.balanced,
+                                  ce_augment=args.ce_augment,
+                                  eval_every_steps=args.eval_every_steps, select=args.select,
+                                  finetune=args.finetune))
             run_experiment(cfg, store, resume=args.resume, data=data,
                            progress=not args.no_progress and sys.stderr.isatty(), dist=dist,
                            save_scores=args.save_scores)
