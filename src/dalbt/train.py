@@ -485,6 +485,10 @@ def train_round(
     Returns:
         :class:`TrainResult`; ``model`` holds the selected weights on return.
     """
+    if cfg.finetune == "head":
+        from dalbt.probe import train_head
+        return train_head(model, x_train, y_train, labelled, validation, cfg, shuffle_gen,
+                          augment_gen, on_epoch=on_epoch, unlabelled=unlabelled, dist=dist)
     seed = int(torch.randint(0, 2**62, (1,), generator=shuffle_gen))
     use_bt = cfg.gamma > 0
     with isolated_torch_rng(seed + dist.rank, cfg.device), dist.synced_batchnorm(model):
