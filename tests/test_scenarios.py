@@ -84,15 +84,15 @@ def test_pretraining_lowers_barlow_loss_and_is_reused_on_resume(tmp_path, digits
     cfg = _cfg(rounds=1, pretrain_epochs=1, pretrain_batch=128)
     _, plain = _run(tmp_path, "plain", _cfg(rounds=1), digits)
     run, pre = _run(tmp_path, "pre", cfg, digits)
-    assert (tmp_path / "pre" / "checkpoints" / f"run-{run.id}-pretrained.pt").exists()
+    assert len(list((tmp_path / "pre" / "encoders").glob("*.pt"))) == 1  # the shared encoder
     assert pre[0]["test_acc"] != plain[0]["test_acc"] or pre[0]["train_ce"] != plain[0]["train_ce"]
 
-    import dalbt.loop
+    import dalbt.encoders
 
     def fail(*a, **k):
         raise AssertionError("pre-training must not run again")
 
-    monkeypatch.setattr(dalbt.loop, "pretrain_barlow", fail)
+    monkeypatch.setattr(dalbt.encoders, "pretrain_barlow", fail)
     with Store(tmp_path / "pre") as store:  # a resumed run reuses the stored weights
         store.delete_rounds(run.id, 1)
     _, again = _run(tmp_path, "pre", cfg, digits, resume=True)

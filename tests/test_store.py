@@ -27,8 +27,8 @@ RUN = ["run", "--dataset", "digits", "--strategy", "random", "--initial", "20", 
 def killed(tmp_path_factory):
     """A warm-start, pre-trained run killed after recording round 1, twice over:
 
-    ``live``: the directory afterwards (rounds 0 and 1 in the database, checkpoints of the
-    pre-training and of round 1);
+    ``live``: the directory afterwards (rounds 0 and 1 in the database, the shared pre-trained
+    encoder, the checkpoint of round 1);
     ``image``: the files as a kill -9 at that moment leaves them, with round 1's checkpoint into
     the database file skipped (as if killed between the round's commit and its checkpoint):
     round 0 is in ``dalbt.sqlite``, round 1 only in ``dalbt.sqlite-wal``.
@@ -185,14 +185,21 @@ def _damage(path, how):
     ("round", "missing", True, ["is missing"]),
     ("pretrained", "truncated", False, ["truncated or damaged", "pre-train again"]),
     ("pretrained", "garbled", True, ["does not match its checksum", "pre-train again"]),
+    ("legacy", "truncated", False, ["truncated or damaged", "use the shared encoder"]),
+    ("legacy", "garbled", True, ["does not match its checksum", "use the shared encoder"]),
 ])
 def test_damaged_checkpoint_is_one_line(live, capsys, kind, how, checksum, needles):
-    name = "run-1-round-1.pt" if kind == "round" else "run-1-pretrained.pt"
-    path = live / "checkpoints" / name
+    [shared] = (live / "encoders").glob("*.pt")  # the seed's shared pre-trained encoder
+    path = {"round": live / "checkpoints" / "run-1-round-1.pt", "pretrained": shared,
+            "legacy": live / "checkpoints" / "run-1-pretrained.pt"}[kind]
+    if kind == "legacy":  # as a run pre-trained before the shared cache left it
+        shutil.move(shared, path)
+        shutil.move(f"{shared}.sha256", f"{path}.sha256")
     if not checksum:  # as a checkpoint written before checksums
-        (live / "checkpoints" / f"{name}.sha256").unlink()
+        path.with_name(f"{path.name}.sha256").unlink()
     _damage(path, how)
-    what = "warm-start checkpoint of run 1 round 1" if kind == "round" else "pre-training"
+    what = {"round": "warm-start checkpoint of run 1 round 1", "pretrained":
+            "pre-trained encoder", "legacy": "pre-training checkpoint of run 1"}[kind]
     line = _fails(capsys, _resume(live), path, what, *needles)
     if kind == "round":
         assert "--delete-run 1" in line and "another --out" in line

@@ -23,6 +23,9 @@ Every run goes through :func:`dalbt.loop.run_experiment` with ``resume=True``: r
 share the initial labelled set, finished runs are skipped and interrupted ones continue, so a
 bench can be stopped and restarted at will. Runs can execute in parallel worker processes that
 write to the same experiment store (SQLite in WAL mode; each run writes only its own rows).
+With ``pretrain_epochs > 0``, each shared pre-trained encoder the runs need (one per seed and
+pre-training settings, see :mod:`dalbt.encoders`) is pre-trained once, before the workers
+start; they only read it.
 """
 
 from __future__ import annotations
@@ -693,14 +696,18 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _plan_runs(bench: BenchConfig, full_data: bool, device: str | None,
-               data_root: str | None) -> tuple[list[PlannedRun], list[str]]:
-    """The bench's runs with the device and data root overrides applied, and its notes."""
+               data_root: str | None, pretrain_cache: str | None = None
+               ) -> tuple[list[PlannedRun], list[str]]:
+    """The bench's runs with the device, data root and encoder cache overrides applied, and
+    its notes."""
     runs, notes = expand(bench, full_data=full_data)
     for run in runs:
         if device is not None:
             run.config.train.device = device
         if data_root is not None:
             run.config.data_root = data_root
+        if pretrain_cache is not None:
+            run.config.pretrain_cache = pretrain_cache
     return runs, notes
 
 
@@ -730,6 +737,41 @@ def _run_statuses(out: Path, runs: list[PlannedRun], data: Any) -> list[str]:
         return [_status(store, run, lambda: data) for run in runs]
     finally:
         store.close()
+
+
+def _needs_encoder(store: Any, run: PlannedRun, out: Path) -> bool:
+    """Whether ``run`` will read a shared pre-trained encoder: it pre-trains, and it has no
+    pre-training checkpoint of its own from before the shared cache."""
+    from dalbt.encoders import legacy_path
+
+    if run.full_data or run.config.train.pretrain_epochs <= 0:
+        return False
+    rec = store.find_run(run.key)
+    return rec is None or not legacy_path(out, rec.id).exists()
+
+
+def _pretrain_encoders(out: Path, todo: list[PlannedRun], data: Any, progress: bool,
+                       log: Callable[[str], None]) -> None:
+    """Pre-train each shared encoder that the runs to do need, once, in this process and
+    before the workers start, so that they only read it (see :mod:`dalbt.encoders`)."""
+    from dalbt.encoders import encoder_covers
+    from dalbt.loop import prepare_encoder
+    from dalbt.store import Store
+
+    with Store(out) as store:
+        needed = [run for run in todo if _needs_encoder(store, run, out)]
+    seen: set[str] = set()
+    t0, made = time.perf_counter(), 0
+    for run in needed:
+        cfg = run.config  # one encoder per data, model, seed and pre-training settings
+        sig = json.dumps([encoder_covers(cfg, 0, 0), cfg.val_size, cfg.pretrain_cache])
+        if sig in seen:
+            continue
+        seen.add(sig)
+        made += prepare_encoder(cfg, out, data, progress=progress, log=log)[1]
+    if made:
+        log(f"pre-trained {made} shared encoder{'s' if made > 1 else ''} of {len(seen)} "
+            f"needed in {_fmt_time(time.perf_counter() - t0)}")
 
 
 def _plan_line(bench: BenchConfig, n_runs: int, n_todo: int, full_data: bool,
@@ -796,6 +838,7 @@ def run_bench(
     data_root: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pretrain_cache: str | None = None,
 ) -> dict[str, Any]:
     """Run every run of a bench that is not finished yet.
 
@@ -807,8 +850,12 @@ def run_bench(
         dry_run: Only print the plan (label, seed, status of every run).
         device: torch device of every run (None: the bench's setting).
         data_root: Dataset directory of every run (None: the bench's setting).
-        progress: Show a progress bar (runs done / total, ETA) on stderr.
+        progress: Show progress bars on stderr (pre-training with its loss; runs done /
+            total, ETA).
         log: Where the plan and the one-line summary per finished run go.
+        pretrain_cache: Directory of the shared pre-trained encoders of every run (None: the
+            bench's setting, else ``out``); each one a run needs is pre-trained here before
+            the workers start.
 
     Returns:
         ``{"total", "finished_before", "ran", "left_out", "results"}``.
@@ -818,7 +865,7 @@ def run_bench(
     """
     if jobs < 1:
         raise DalbtError(f"--jobs must be positive, got {jobs}")
-    runs, notes = _plan_runs(bench, full_data, device, data_root)
+    runs, notes = _plan_runs(bench, full_data, device, data_root, pretrain_cache)
     out = Path(out)
     data = _dataset(bench.settings["dataset"], runs[0].config.data_root)
     _validate_runs(bench, runs, data)
@@ -838,5 +885,6 @@ def run_bench(
     _write_manifest(out, bench, runs)
     tasks = [{"config": run.config.to_dict(), "out": str(out), "label": run.label,
               "full_data": run.full_data} for run in todo]
+    _pretrain_encoders(out, todo, data, progress, log)
     _execute_tasks(tasks, jobs, bench.name, progress, log, summary)
     return summary

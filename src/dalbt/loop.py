@@ -7,30 +7,27 @@ which the oracle labels for round r + 1. The loop knows nothing about any partic
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
 from dalbt.al_round import RoundData, RoundResult, run_round
+from dalbt.checkpoint import apply_state, read_checkpoint, remove_checkpoint, save_checkpoint
 from dalbt.data import ImageDataset, load_dataset
 from dalbt.data.pool import HELD_OUT, Pool, Splits, make_splits
 from dalbt.distributed import SINGLE, Dist
+from dalbt.encoders import SharedEncoder, legacy_path, read_shared
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.models.net import DALBTNet
 from dalbt.recipe import MAX_SEED, MAX_WIDTH, OOD_POLICIES, RunConfig, check_int
 from dalbt.store import RunRecord, Store, config_key
 from dalbt.strategies import build_strategy
-from dalbt.train import pretrain_barlow
 
 
 def resolve_val_size(cfg: RunConfig, n_train: int) -> int:
@@ -91,97 +88,6 @@ def _checkpoint_path(directory: Path, run_id: int, round_: int) -> Path:
     return directory / "checkpoints" / f"run-{run_id}-round-{round_}.pt"
 
 
-def _digest_path(path: Path) -> Path:
-    """The checkpoint's SHA-256 (damage inside the tensor data would load silently)."""
-    return path.with_name(path.name + ".sha256")
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    _digest_path(path).unlink(missing_ok=True)  # killed before the new digest: torch checks
-    os.replace(tmp, path)
-    side_tmp = path.with_suffix(".sha256.tmp")
-    side_tmp.write_text(digest + "\n")
-    os.replace(side_tmp, _digest_path(path))
-
-
-def _remove_checkpoint(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    _digest_path(path).unlink(missing_ok=True)
-
-
-def _pretrained_state(cfg: RunConfig, directory: Path | None, run_id: int, data: ImageDataset,
-                      images: np.ndarray, new_model: Callable[[int], DALBTNet],
-                      progress: bool, log: Callable[[str], None], dist: Dist = SINGLE) -> dict:
-    """Barlow Twins pre-training on the whole pool (every training image outside the
-    validation split), once per run; the weights are kept in the experiment directory (rank 0
-    reads and writes them; the other ranks get them by broadcast)."""
-    path = directory / "checkpoints" / f"run-{run_id}-pretrained.pt" if directory else None
-    if dist.from_main(lambda: path is not None and path.exists()):
-        what = f"pre-training checkpoint of run {run_id}"
-        fix = "delete it to pre-train again (same seed, same weights), or restore it from a backup"
-        def read() -> dict:
-            assert path is not None  # rank 0 found it
-            return _read_checkpoint(path, cfg.train.device if not dist.active else "cpu", what,
-                                    fix)
-
-        state = dist.from_main(read)
-        _apply_state(new_model(0), state, path, what, fix)  # fails here, not in a round
-        return state
-    model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
-    bar = tqdm(total=cfg.train.pretrain_epochs, desc="pre-train", unit="ep", leave=False,
-               disable=not progress)
-    t0 = time.perf_counter()
-    losses = pretrain_barlow(model, data.x_train, images, cfg.train,
-                             rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 1),
-                             rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 2),
-                             on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)),
-                             dist=dist)
-    bar.close()
-    log(f"[{cfg.strategy} seed {cfg.seed}] Barlow Twins pre-training on {len(images)} images: "
-        f"{cfg.train.pretrain_epochs} epochs, loss {losses[0]:.1f} -> {losses[-1]:.1f}, "
-        f"{time.perf_counter() - t0:.1f}s")
-    if path is not None:
-        _save_checkpoint(path, model)
-    return model.state_dict()
-
-
-def _read_checkpoint(path: Path, map_location: Any, what: str, fix: str) -> dict:
-    """``torch.load`` of a state dict, with a damaged file as a one-line DalbtError."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DalbtError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
-    side = _digest_path(path)
-    if side.exists() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
-        raise DalbtError(f"the {what} {path} does not match its checksum {side.name}, the "
-                         f"file is damaged: {fix}")
-    try:
-        state = torch.load(io.BytesIO(data), map_location=map_location)
-    except Exception as exc:  # a truncated or garbled file fails in many ways
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise DalbtError(f"cannot read the {what} {path} ({type(exc).__name__}: {first}); the "
-                         f"file is truncated or damaged: {fix}") from None
-    if not isinstance(state, dict):
-        raise DalbtError(f"the {what} {path} holds a {type(state).__name__}, not model "
-                         f"weights: {fix}")
-    return state
-
-
-def _apply_state(model: torch.nn.Module, state: dict, path: Path | None, what: str,
-                 fix: str) -> None:
-    """``model.load_state_dict`` with weights of another model as a one-line DalbtError."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise DalbtError(f"the {what} {path} does not fit the run's model ({first}): {fix}"
-                         ) from None
-
-
 def _load_checkpoint(path: Path | None, device: torch.device, dist: Dist,
                      missing: str, what: str = "checkpoint", fix: str = "") -> dict:
     """A checkpoint that rank 0 reads (the others get it by broadcast); ``missing`` is the
@@ -189,7 +95,7 @@ def _load_checkpoint(path: Path | None, device: torch.device, dist: Dist,
     def load() -> dict:
         if path is None or not path.exists():
             raise DalbtError(missing)
-        return _read_checkpoint(path, device if not dist.active else "cpu", what, fix)
+        return read_checkpoint(path, device if not dist.active else "cpu", what, fix)
 
     return dist.from_main(load)
 
@@ -204,7 +110,33 @@ def _resume_warm_start(model: torch.nn.Module, directory: Path | None, run_id: i
            "into another --out directory")
     state = _load_checkpoint(prev, device, dist, f"cannot resume warm-start run {run_id} at "
                              f"round {round_}: the {what} {prev} is missing; {fix}", what, fix)
-    _apply_state(model, state, prev, what, fix)
+    apply_state(model, state, prev, what, fix)
+
+
+def prepare_encoder(cfg: RunConfig, directory: str | os.PathLike,
+                    data: ImageDataset | None = None, progress: bool = True,
+                    log: Callable[[str], None] = print) -> tuple[str, bool]:
+    """Pre-train the shared encoder of ``cfg`` into its cache unless the cache holds it
+    (``dalbt bench`` does so before its workers start, so that they only read it).
+
+    Args:
+        cfg: A run's config with ``train.pretrain_epochs > 0``.
+        directory: The run's experiment directory (the cache unless ``cfg.pretrain_cache``).
+        data: The loaded dataset (loaded from ``cfg`` when None).
+        progress: Show a progress bar with the loss.
+        log: Where the one-line summary goes.
+
+    Returns:
+        (the encoder's key, whether it was pre-trained now).
+    """
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root)
+    data = apply_scenario(cfg, data)
+    validate(cfg, data)
+    ex = _Experiment(cfg, None, data, SINGLE, log)
+    ex.directory = Path(directory)
+    encoder = ex.encoder()
+    return encoder.key, encoder.ensure(data.x_train, ex.candidates, ex.new_model, progress, log)
 
 
 def label_queries(pool: Pool, queried: np.ndarray, round_: int, ood: np.ndarray,
@@ -328,8 +260,7 @@ def run_experiment(
         log(f"resuming run {run.id} ({cfg.strategy}, seed {cfg.seed}) at round {len(done)}")
     pretrained = None
     if cfg.train.pretrain_epochs > 0:
-        pretrained = _pretrained_state(cfg, ex.directory, run.id, data, ex.candidates,
-                                       ex.new_model, progress, log, dist)
+        pretrained = ex.pretrained_state(run.id, progress)
     model = None
     for r in range(len(done), cfg.rounds + 1):
         if model is None or not cfg.train.warm_start:
@@ -373,6 +304,27 @@ class _Experiment:
         return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
                            latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
                            dropout=self.strategy.train_dropout, seed=seed).to(self.device)
+
+    def encoder(self) -> SharedEncoder:
+        """The run's shared pre-trained encoder (cached by rank 0 only)."""
+        cfg, directory = self.cfg, self.directory
+        root = Path(cfg.pretrain_cache).expanduser() if cfg.pretrain_cache else directory
+        return SharedEncoder(cfg, root if self.dist.is_main else None, self.data.n_train,
+                             len(self.splits.validation))
+
+    def pretrained_state(self, run_id: int, progress: bool) -> dict:
+        """Barlow Twins weights on the whole pool (every training image outside the
+        validation split): the run's own checkpoint when it pre-trained before the shared
+        cache, else the shared encoder (read from the cache, or pre-trained and cached now)."""
+        directory, dist = self.directory, self.dist
+        legacy = legacy_path(directory, run_id) if directory is not None else None
+        if dist.from_main(lambda: legacy is not None and legacy.exists()):
+            return read_shared(legacy, f"pre-training checkpoint of run {run_id}",
+                               "delete it to use the shared encoder (same seed, same weights), "
+                               "or restore it from a backup", self.cfg.train.device,
+                               self.new_model, dist)
+        return self.encoder().state(self.data.x_train, self.candidates, self.new_model,
+                                    progress, self.log, dist)
 
     def oracle(self, queried: np.ndarray, round_: int) -> int:
         return label_queries(self.pool, queried, round_, self.ood, self.cfg.ood_policy)
@@ -421,7 +373,7 @@ class _Experiment:
             _save_scores(directory / "scores" / f"run-{run_id}-round-{r}.pt", r, res.scored,
                          queried)
         if cfg.train.warm_start and directory is not None:
-            _save_checkpoint(_checkpoint_path(directory, run_id, r), res.model)
+            save_checkpoint(_checkpoint_path(directory, run_id, r), res.model)
         metrics = {"n_labelled": len(self.round_data.labelled), **res.metrics()}
         ood = self.ood
         metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
@@ -430,7 +382,7 @@ class _Experiment:
         if queried.size:
             self.oracle(queried, r + 1)
         if cfg.train.warm_start and r > 0 and directory is not None:
-            _remove_checkpoint(_checkpoint_path(directory, run_id, r - 1))
+            remove_checkpoint(_checkpoint_path(directory, run_id, r - 1))
         ood_note = f"  ood {metrics['n_ood']}/{len(queried)}" if ood.any() and len(queried) else ""
         self.log(f"[{cfg.strategy} seed {cfg.seed}] round {r:2d}  labelled "
                  f"{metrics['n_labelled']:6d}  val {metrics['val_acc']:.4f}  test "

@@ -162,8 +162,9 @@ _LATER_DEFAULTS: dict[str, Any] = {"amp": None, "steps": None, "schedule": "cons
 
 
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
-# can be resumed on another device or with the data in another directory.
-_NOT_IN_KEY = ("device", "data_root", "progress")
+# can be resumed on another device, with the data or the shared pre-trained encoders in another
+# directory.
+_NOT_IN_KEY = ("device", "data_root", "progress", "pretrain_cache")
 
 
 @dataclass
@@ -190,6 +191,8 @@ class RunConfig:
             (resized, channel-matched) added to the pool as out-of-distribution.
         ood_policy: What happens to a queried out-of-distribution image (it costs budget and
             gets no label): ``return`` to the pool (the paper) or ``discard`` it.
+        pretrain_cache: Directory of the shared pre-trained encoders (``<dir>/encoders``),
+            which several experiment directories can share; None: the experiment directory.
     """
 
     dataset: str = "digits"
@@ -208,6 +211,7 @@ class RunConfig:
     unknown_classes: list[str] = field(default_factory=list)
     mix: str | None = None
     ood_policy: str = "return"
+    pretrain_cache: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -247,7 +247,7 @@ def _label(strategy: str, options: dict) -> str:
     return strategy + "(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
 
 
-_NOT_PROTOCOL = ("seed", "device", "data_root", "progress")
+_NOT_PROTOCOL = ("seed", "device", "data_root", "progress", "pretrain_cache")
 
 
 def _protocol(config: dict) -> dict[str, object]:

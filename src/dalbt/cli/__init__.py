@@ -148,6 +148,9 @@ def _add_run_parser(sub: Any) -> None:
     r.add_argument("--seed", type=seed, nargs="+", default=[run.seed],
                    help=f"one or more seeds, one run each (default: {run.seed})")
     r.add_argument("--out", default="runs/default", help="experiment directory")
+    r.add_argument("--pretrain-cache", default=run.pretrain_cache, metavar="DIR",
+                   help="directory of the shared pre-trained encoders (DIR/encoders), which "
+                        "several --out directories can share (default: --out)")
     r.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda is GPU LOCAL_RANK)")
     r.add_argument("--threads", type=threads, default=None,
@@ -250,6 +253,9 @@ def _add_bench_parser(sub: Any) -> None:
                    help="print the runs and their status; run nothing")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     b.add_argument("--data-root", default=None, help="directory with the dataset files")
+    b.add_argument("--pretrain-cache", default=None, metavar="DIR",
+                   help="directory of the shared pre-trained encoders (default: the bench's "
+                        "pretrain_cache setting, else --out)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -359,7 +365,7 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
                 rounds=args.rounds, seed=seed, val_size=args.val_size,
                 latent_dim=args.latent_dim, projector_dims=args.projector,
                 data_root=args.data_root, unknown_classes=args.unknown_classes, mix=args.mix,
-                ood_policy=args.ood_policy,
+                ood_policy=args.ood_policy, pretrain_cache=args.pretrain_cache,
                 train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, gamma=args.gamma,
                                   lambd=args.lambd, warm_start=args.warm_start,
@@ -408,7 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", cfg.name)
     device = resolve_device(args.device)
     bench.run_bench(cfg, out, jobs=args.jobs, full_data=args.full_data, dry_run=args.dry_run,
-                    device=device, data_root=args.data_root,
+                    device=device, data_root=args.data_root, pretrain_cache=args.pretrain_cache,
                     progress=not args.no_progress and sys.stderr.isatty())
     if not args.dry_run:
         print(f"results in {out}; write the report with 'dalbt report {out}'")
