@@ -301,3 +301,25 @@ def test_resumed_step_recipe_run_gives_the_same_queries(tmp_path, digits, monkey
         assert a["test_acc"] == pytest.approx(b["test_acc"])
         assert a["best_epoch"] == b["best_epoch"] and a["best_epoch"] in (4, 6)
     assert sum(len(r["queried"]) for r in full) == 30
+
+
+@pytest.mark.parametrize(("name", "opts", "steps"), [
+    ("dal-osr", {}, 9),  # the run's step recipe
+    ("dal-osr", {"epochs": 2}, 2 * 1),  # its own epochs: 14 labelled at batch 16, 1 step each
+    ("ensemble-varratio", {"members": 2}, 2 * 9),
+    ("ensemble-varratio", {"members": 2, "epochs": 3}, 2 * 3 * 1),
+])
+def test_strategies_that_train_their_own_models_follow_the_recipe(name, opts, steps):
+    import dataclasses
+
+    from dalbt.strategies import build_strategy
+    from tests.conftest import make_real_context
+
+    ctx = make_real_context(np.arange(0, 40, 3))
+    ctx = dataclasses.replace(ctx, train_config=TrainConfig(batch_size=16, steps=9,
+                                                            schedule="cosine"))
+    with optimiser_steps() as lrs:
+        assert len(build_strategy(name, **opts).select(ctx, 5)) == 5
+    assert len(lrs) == steps
+    if "epochs" not in opts:  # the schedule of the step recipe, restarted by each model
+        assert lrs[:9] == pytest.approx([1e-3 * lr_factor(s, 9, 0, "cosine") for s in range(9)])
