@@ -328,9 +328,14 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
     # One distributed training round = the one-process round (up to rounding): batches of
     # 16 + 11 + 10 (37 at batch 16: a remainder of 5 is re-cut with the batch before) split
     # unevenly across the ranks, Barlow Twins on labelled + pool images (projector batch norm
-    # synced), validation sharded; then cross-entropy only, 33 = 16 + 9 + 8.
+    # synced), validation sharded; then cross-entropy only, 33 = 16 + 9 + 8; then the step
+    # recipe with everything that draws (balanced batches, the augmented cross-entropy).
+    step_recipe = TrainConfig(steps=7, batch_size=16, gamma=0.5, ssl_unlabelled=True,
+                              schedule="cosine", warmup_steps=2, balanced=True,
+                              ce_augment=True, eval_every_steps=2)
     for cfg, n_lab in ((TrainConfig(epochs=2, batch_size=16, gamma=0.5, ssl_unlabelled=True), 37),
-                       (TrainConfig(epochs=2, batch_size=16, gamma=0.0), 33)):
+                       (TrainConfig(epochs=2, batch_size=16, gamma=0.0), 33),
+                       (step_recipe, 37)):
         _compare_training(dist, x, y, cfg, n_lab)
     _check_lead(dist, rank)
     distributed.shutdown(dist)

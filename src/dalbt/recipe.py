@@ -60,10 +60,12 @@ class TrainConfig:
         batch_size: Labelled mini-batch size.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
-        gamma: Weight of the Barlow Twins term; 0 trains with CE only (no augmentation).
+        gamma: Weight of the Barlow Twins term; 0 trains with CE only (no augmentation unless
+            ``ce_augment``).
         lambd: Barlow Twins off-diagonal weight.
         warm_start: Continue from the previous round's model instead of re-initialising.
-        eval_every: Evaluate on the validation split every this many epochs (and at the end).
+        eval_every: Evaluate on the validation split every this many epochs (and at the end;
+            epoch recipe only).
         device: torch device string.
         ssl_unlabelled: Semi-supervised DALBT: each step's Barlow Twins term covers the labelled
             batch and an equally large batch of unlabelled pool images.
@@ -73,18 +75,27 @@ class TrainConfig:
         amp: Mixed-precision training on CUDA: ``bf16`` or ``fp16`` (with a gradient scaler)
             autocast; None: float32.
         steps: Step-based recipe: train each round for exactly this many optimiser steps
-            whatever the labelled-set size (the sampler cycles through the labelled set);
-            None: ``epochs`` epochs (the paper's recipe).
-        schedule: Learning-rate schedule over the round's steps: ``constant`` or ``cosine``
-            (to 0 at the last step).
-        warmup_steps: Linear warm-up of the learning rate over the first steps (0: none).
-        balanced: Draw labelled batches class-balanced (each class equally often).
-        ce_augment: The cross-entropy sees an augmented view instead of the clean image (the
-            Barlow Twins term is unchanged).
+            whatever the labelled-set size (the sampler cycles through the labelled set in
+            passes cut as an epoch's, reshuffled each pass; with fewer labelled images than
+            ``batch_size`` every step sees the whole labelled set); None: ``epochs`` epochs
+            (the paper's recipe).
+        schedule: Learning-rate schedule over the round's steps (``steps``, or all the steps of
+            the epoch recipe): ``constant`` or ``cosine`` (from ``lr`` down to 0 at the end of
+            the last step; after the warm-up).
+        warmup_steps: Linear warm-up of the learning rate over the first steps, from
+            ``lr / warmup_steps`` to ``lr`` (0: none).
+        balanced: Draw labelled batches class-balanced: the classes present in rounds of a
+            random permutation (each class equally often), then an image of the class (each
+            class's images in reshuffled passes, so rare ones repeat).
+        ce_augment: The cross-entropy sees a weak augmentation of the labelled batch (random
+            resized crop of >= 75 % of the area and flip, ``dalbt.train.CE_VIEW``) instead of
+            the clean image; the Barlow Twins views and term are unchanged (also with
+            ``gamma`` 0, when the augmentation serves the cross-entropy alone).
         eval_every_steps: With ``steps``: validate every this many steps (and at the end);
             None: once per pass over the labelled set.
         select: ``best``: keep the weights that were best on validation; ``last``: the final
-            weights (no validation split needed).
+            weights (no validation split needed; with one, it is evaluated once, at the end,
+            for the report).
         finetune: ``all``: train the whole network; ``head``: freeze the (pre-trained)
             encoder and train only the linear classifier on its features.
     """

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dalbt.data.augment import TwoViewAugment
+from dalbt.data.augment import TwoViewAugment, ViewConfig, augment
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import TrainingDiverged
 from dalbt.losses import barlow_twins_loss, joint_loss
@@ -26,6 +27,13 @@ if TYPE_CHECKING:
     from dalbt.models.net import DALBTNet
 
 INFERENCE_BATCH = 2048
+
+# The view the cross-entropy sees with ``TrainConfig.ce_augment``: the weak, supervised-style
+# augmentation (random resized crop of >= 75 % of the area, horizontal flip; no colour, blur or
+# solarisation), as MoBYv2AL's weak view. The Barlow Twins views (8 % crops, blur) are too strong
+# for a classifier that is tested on clean images.
+CE_VIEW = ViewConfig(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, gray_p=0.0,
+                     crop_scale=(0.75, 1.0))
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,10 +98,12 @@ class TrainResult:
 
     Attributes:
         val_acc: Validation accuracy of the selected model (NaN without validation split).
-        best_epoch: Epoch (1-based) of the selected model.
-        train_ce: Mean cross-entropy of the selected epoch.
-        train_bt: Mean Barlow Twins loss of the selected epoch (0 when gamma = 0).
-        history: Per evaluated epoch: (epoch, val_acc).
+        best_epoch: Epoch (1-based), or step with the step recipe (``TrainConfig.steps``), of
+            the selected model (the last one with ``select="last"`` or without validation).
+        train_ce: Mean cross-entropy of the selected epoch (with the step recipe: of the steps
+            since the previous checkpoint).
+        train_bt: Mean Barlow Twins loss of the same steps (0 when gamma = 0).
+        history: Per validation: (epoch, or step with the step recipe; val_acc).
     """
 
     val_acc: float
@@ -103,20 +113,179 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """The optimiser steps and checkpoints of one round's training.
+
+    The epoch recipe (``TrainConfig.steps`` None) has a checkpoint after every epoch; the step
+    recipe one every ``eval_every_steps`` steps (default: one pass over the labelled set) and
+    one after the last step. A checkpoint is numbered by its epoch, or by the steps done.
+
+    Attributes:
+        n: Labelled images.
+        size: Batch size.
+        total: Optimiser steps of the round.
+        every: Validation interval: epochs (``eval_every``), or steps.
+        last: Number of the last checkpoint (``epochs``, or ``steps``).
+        by_step: The step recipe.
+        balanced: Class-balanced batches (``TrainConfig.balanced``).
+    """
+
+    n: int
+    size: int
+    total: int
+    every: int
+    last: int
+    by_step: bool = False
+    balanced: bool = False
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, n_labelled: int) -> RoundPlan:
+        """The plan of ``cfg`` on ``n_labelled`` labelled images."""
+        per_pass = n_batches(n_labelled, cfg.batch_size)
+        if cfg.steps is None:
+            return cls(n_labelled, cfg.batch_size, cfg.epochs * per_pass, cfg.eval_every,
+                       cfg.epochs, False, cfg.balanced)
+        every = cfg.eval_every_steps or per_pass or cfg.steps  # no labels: no pass
+        return cls(n_labelled, cfg.batch_size, cfg.steps, every, cfg.steps, True, cfg.balanced)
+
+    def due(self, mark: int) -> bool:
+        """Whether checkpoint ``mark`` validates (every ``every`` and the last)."""
+        return mark % self.every == 0 or mark == self.last
+
+    def periods(self, generator: torch.Generator, labels: Tensor | None = None
+                ) -> Iterator[tuple[int, Iterable[Tensor]]]:
+        """The round's batches, grouped by checkpoint.
+
+        Args:
+            generator: Draws the batches (a new shuffle each pass over the labelled set).
+            labels: Labels of the labelled images, (n,); needed when ``balanced``.
+
+        Yields:
+            (checkpoint number, its batches): (b,) int64 positions into the labelled set.
+            An epoch is one pass cut by :func:`batches`; the step recipe cycles through such
+            passes (reshuffled each) and stops after ``total`` steps, so with fewer labelled
+            images than the batch size every step sees the whole labelled set. With
+            ``balanced``, a pass has the same batch sizes but its positions are drawn by a
+            :class:`BalancedSampler` (an image may then come twice in a pass, or not at all).
+        """
+        draw = self._pass_drawer(generator, labels)
+        if not self.by_step:
+            for epoch in range(1, self.last + 1):
+                yield epoch, draw()
+            return
+        stream: Iterator[Tensor] = (itertools.chain.from_iterable(
+            draw() for _ in itertools.count()) if self.n else iter(()))
+        for start in range(0, self.last, self.every):
+            stop = min(start + self.every, self.last)
+            yield stop, itertools.islice(stream, stop - start)
+
+    def _pass_drawer(self, generator: torch.Generator, labels: Tensor | None
+                     ) -> Callable[[], list[Tensor]]:
+        """A function that draws the batches of one pass over the labelled set."""
+        if not self.balanced:
+            return lambda: batches(self.n, self.size, generator)
+        if labels is None or len(labels) != self.n:
+            raise ValueError("balanced batches need the labels of the labelled set")
+        sampler = BalancedSampler(labels, generator)
+        cut = _cut(self.n, self.size, min_batch(self.size))
+        return lambda: [sampler.take(k) for k in cut]
+
+
+class BalancedSampler:
+    """Class-balanced draws of positions into a labelled set.
+
+    Classes (those present) are drawn in rounds of a random permutation of them, so every class
+    is drawn equally often (exactly, after each multiple of the number of classes); each class's
+    images are drawn in passes of a random permutation of them (again after each pass), so
+    a rare class repeats its images and a common one is subsampled.
+
+    Args:
+        labels: Labels of the labelled images, (n,) int.
+        generator: Source of all the draws.
+    """
+
+    def __init__(self, labels: Tensor, generator: torch.Generator) -> None:
+        labels = torch.as_tensor(labels)
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        self.classes = classes
+        self.members = [torch.nonzero(inverse == c).flatten() for c in range(len(classes))]
+        self.generator = generator
+        self._class_queue = torch.empty(0, dtype=torch.int64)
+        self._queues = [torch.empty(0, dtype=torch.int64) for _ in self.members]
+
+    def take(self, k: int) -> Tensor:
+        """The next ``k`` positions, (k,) int64."""
+        cls = self._draw_classes(k)
+        out = torch.empty(k, dtype=torch.int64)
+        for c, members in enumerate(self.members):
+            where = torch.nonzero(cls == c).flatten()
+            if len(where):
+                out[where] = self._draw_members(c, members, len(where))
+        return out
+
+    def _draw_classes(self, k: int) -> Tensor:
+        while len(self._class_queue) < k:
+            perm = torch.randperm(len(self.members), generator=self.generator)
+            self._class_queue = torch.cat([self._class_queue, perm])
+        cls, self._class_queue = self._class_queue[:k], self._class_queue[k:]
+        return cls
+
+    def _draw_members(self, c: int, members: Tensor, k: int) -> Tensor:
+        queue = self._queues[c]
+        while len(queue) < k:
+            queue = torch.cat([queue, members[torch.randperm(len(members),
+                                                             generator=self.generator)]])
+        self._queues[c] = queue[k:]
+        return queue[:k]
+
+
+def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "constant") -> float:
+    """Multiplier of the learning rate at optimiser step ``step`` (0-based) of ``total``.
+
+    Linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps (from lr / warmup to
+    lr), then 1 (``constant``) or the cosine ``(1 + cos(pi * t)) / 2`` with ``t = (step -
+    warmup) / (total - warmup)``, which falls from 1 and reaches 0 just after the last step.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int
+                 ) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The schedule of ``cfg`` (:func:`lr_factor`) over ``total`` steps; step it after each
+    optimiser step. None for a constant rate without warm-up (the paper's recipe)."""
+    if cfg.schedule == "constant" and not cfg.warmup_steps:
+        return None
+    warmup, schedule = cfg.warmup_steps, cfg.schedule
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, total, warmup, schedule))
+
+
 class BestOnValidation:
-    """Model selection on the validation split: keeps the weights of the best epoch.
+    """Model selection on the validation split: keeps the weights of the best checkpoint.
 
     Args:
         x_val: Validation images, (V, C, H, W) uint8.
         y_val: Their labels, (V,).
-        cfg: ``eval_every`` and ``epochs`` decide when to evaluate.
+        cfg: ``select``: ``best`` keeps the best validated weights, ``last`` the final ones
+            (validated once, at the end, for the report).
         dist: In a distributed run, the accuracy is sharded and summed, so every rank takes the
             same decision (and keeps the same weights).
+        plan: When to validate (:meth:`RoundPlan.due`); default: the epoch recipe of ``cfg``
+            (``eval_every``, ``epochs``). Give the round's plan with the step recipe.
     """
 
-    def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig, dist: Dist = SINGLE
-                 ) -> None:
+    def __init__(self, x_val: Tensor, y_val: Tensor, cfg: TrainConfig, dist: Dist = SINGLE,
+                 plan: RoundPlan | None = None) -> None:
+        if plan is None and cfg.steps is not None:
+            raise ValueError("with the step recipe, give BestOnValidation the round's plan")
         self.x_val, self.y_val, self.cfg, self.dist = x_val, y_val, cfg, dist
+        self.plan = plan if plan is not None else RoundPlan.of(cfg, 0)
         self.best_acc, self.best_epoch = -math.inf, 0
         self.best_state: dict[str, Any] | None = None
         self.best_losses = (float("nan"), float("nan"))
@@ -124,25 +293,28 @@ class BestOnValidation:
 
     def end_epoch(self, model: nn.Module, epoch: int, losses: tuple[float, float],
                   metrics: dict) -> None:
-        """Evaluate when due (adds ``val_acc`` to ``metrics``) and keep the best weights."""
-        cfg = self.cfg
-        if not len(self.y_val) or (epoch % cfg.eval_every and epoch != cfg.epochs):
+        """At checkpoint ``epoch`` (an epoch, or the steps done): evaluate when due (adds
+        ``val_acc`` to ``metrics``) and keep the best weights."""
+        last = self.cfg.select == "last"
+        if not len(self.y_val) or not self.plan.due(epoch) or (last and epoch != self.plan.last):
             return
         acc = accuracy(model, self.x_val, self.y_val, dist=self.dist)
         self.history.append((epoch, acc))
         metrics["val_acc"] = acc
-        if acc > self.best_acc:
+        if last or acc > self.best_acc:
             self.best_acc, self.best_epoch, self.best_losses = acc, epoch, losses
-            self.best_state = copy.deepcopy(model.state_dict())
+            if not last:
+                self.best_state = copy.deepcopy(model.state_dict())
 
     def result(self, model: nn.Module, last_losses: tuple[float, float]) -> TrainResult:
-        """Load the selected weights into ``model`` and describe them (the last epoch when
-        there is no validation split)."""
-        if self.best_state is None:
-            return TrainResult(val_acc=float("nan"), best_epoch=self.cfg.epochs,
+        """Load the selected weights into ``model`` and describe them (the last checkpoint
+        when there is no validation split)."""
+        if not self.history:
+            return TrainResult(val_acc=float("nan"), best_epoch=self.plan.last,
                                train_ce=last_losses[0], train_bt=last_losses[1],
                                history=self.history)
-        model.load_state_dict(self.best_state)
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
         return TrainResult(val_acc=self.best_acc, best_epoch=self.best_epoch,
                            train_ce=self.best_losses[0], train_bt=self.best_losses[1],
                            history=self.history)
@@ -154,9 +326,12 @@ EXPLODED_CE = 1e3
 
 
 def check_finite(what: str, epoch: int, losses: dict[str, float], lr: float,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, unit: str = "epoch") -> None:
     """Stop training whose losses (or, with ``model``, weights) are no longer finite, or whose
     cross-entropy ``losses["ce"]`` exploded past :data:`EXPLODED_CE`.
+
+    ``epoch`` is the checkpoint's number in ``unit`` (``"step"`` with the step recipe: the
+    message then names the steps done).
 
     Raises:
         TrainingDiverged: Naming the epoch, the loss and the likely cause (the learning rate).
@@ -169,7 +344,7 @@ def check_finite(what: str, epoch: int, losses: dict[str, float], lr: float,
     if bad:
         which = ", ".join(f"{k} = {v}" for k, v in bad.items())
         raise TrainingDiverged(
-            f"{what} diverged in epoch {epoch} ({which}): the learning rate {lr:g} is probably "
+            f"{what} diverged in {unit} {epoch} ({which}): the learning rate {lr:g} is probably "
             "too high (the paper uses 1e-3), or a loss weight (--gamma, --lambd); nothing of "
             "this round was stored, so rerun with smaller values")
 
@@ -208,7 +383,10 @@ def n_batches(n: int, size: int) -> int:
 
 def with_min_steps(cfg: TrainConfig, n: int, min_steps: int) -> TrainConfig:
     """``cfg`` with its epochs raised so that ``n`` labelled images give at least ``min_steps``
-    optimiser steps (with few labels an epoch is a step or two)."""
+    optimiser steps (with few labels an epoch is a step or two); with the step recipe, its
+    ``steps`` raised to ``min_steps``."""
+    if cfg.steps is not None:
+        return replace(cfg, steps=max(cfg.steps, min_steps))
     steps = n_batches(n, cfg.batch_size)
     return replace(cfg, epochs=max(cfg.epochs, math.ceil(min_steps / max(steps, 1))))
 
@@ -403,17 +581,35 @@ def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
 
 
 class _JointStep:
-    """The loss of one training step of :func:`train_round` (paper Eq. 2): CE on the clean
-    labelled batch plus ``gamma`` times the Barlow Twins loss of two augmented views of it
-    (and, with a pool, of as many pool images, whose labels are never read)."""
+    """One training step of :func:`train_round` (paper Eq. 2): CE on the clean labelled batch
+    (with ``ce_augment``, on a :data:`CE_VIEW` augmentation of it) plus ``gamma`` times the
+    Barlow Twins loss of two augmented views of it (and, with a pool, of as many pool images,
+    whose labels are never read); then the optimiser step and the schedule's."""
 
     def __init__(self, net: nn.Module, x_train: Tensor, y_train: Tensor, pool: Tensor | None,
-                 cfg: TrainConfig, aug: TwoViewAugment, precision: _Precision,
+                 cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int,
                  shuffle_gen: torch.Generator, augment_gen: torch.Generator, dist: Dist) -> None:
         self.net, self.x_train, self.y_train, self.pool = net, x_train, y_train, pool
-        self.cfg, self.aug, self.precision, self.dist = cfg, aug, precision, dist
+        self.cfg, self.opt, self.dist = cfg, opt, dist
+        self.aug, self.precision = TwoViewAugment(), _Precision(cfg)
+        self.sched = lr_scheduler(opt, cfg, total_steps)
         self.shuffle_gen, self.augment_gen = shuffle_gen, augment_gen
         self.device = torch.device(cfg.device)
+
+    def run(self, lab: Tensor, period: Iterable[Tensor]) -> tuple[float, float]:
+        """Take a step on each batch ``lab[pos]`` of ``period``; mean (ce, bt) of the steps."""
+        ce_sum = bt_sum = 0.0
+        steps = 0
+        for pos in period:
+            loss, ce, bt = self(lab, pos)
+            self.opt.zero_grad(set_to_none=True)
+            self.precision.step(loss, self.opt)
+            if self.sched is not None:
+                self.sched.step()
+            ce_sum += float(ce.detach())
+            bt_sum += float(bt.detach())
+            steps += 1
+        return ce_sum / max(steps, 1), bt_sum / max(steps, 1)
 
     def __call__(self, lab: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, ce, bt)`` of the batch ``lab[pos]`` (this rank's rows of it)."""
@@ -425,7 +621,7 @@ class _JointStep:
         y = self.y_train[idx].to(device)
         if cfg.gamma <= 0 or n < 2:
             with self.precision.autocast():
-                logits, _, _ = self.net(x)
+                logits, _, _ = self.net(self._ce_view(x, a, n))
             return joint_loss(logits.float(), y, None, None, 0.0, all_reduce=dist.all_reduce)
         xv, rows = x, torch.arange(a, b)
         pool = self.pool
@@ -437,10 +633,19 @@ class _JointStep:
             v1, v2 = self.aug(xv, self.augment_gen, rows, n * (2 if pool is not None else 1))
         else:
             v1, v2 = self.aug(xv, self.augment_gen)
-        with self.precision.autocast():
-            logits, p1, p2 = self.net(x, v1, v2)
+        with self.precision.autocast():  # the CE view is drawn after the two views
+            logits, p1, p2 = self.net(self._ce_view(x, a, n), v1, v2)
         return joint_loss(logits.float(), y, p1.float(), p2.float(), cfg.gamma, cfg.lambd,
                           all_reduce=dist.all_reduce)
+
+    def _ce_view(self, x: Tensor, a: int, n: int) -> Tensor:
+        """What the cross-entropy sees of ``x`` (rows ``a:`` of a batch of ``n``): ``x``, or
+        with ``ce_augment`` a :data:`CE_VIEW` augmentation of it."""
+        if not self.cfg.ce_augment:
+            return x
+        if self.dist.active:
+            return augment(x, CE_VIEW, self.augment_gen, torch.arange(a, a + len(x)), n)
+        return augment(x, CE_VIEW, self.augment_gen)
 
 
 def train_round(
@@ -456,12 +661,18 @@ def train_round(
     unlabelled: np.ndarray | None = None,
     dist: Dist = SINGLE,
 ) -> TrainResult:
-    """Train ``model`` in place on the labelled set and keep the best validation epoch.
+    """Train ``model`` in place on the labelled set and keep the best validated weights.
 
     Each step: CE on the undistorted labelled batch plus ``gamma`` times the Barlow Twins loss
     of the projections of two augmented views of the same batch (paper Eq. 2). Layers that draw
     from torch's global RNG (dropout) see a fork of it seeded from ``shuffle_gen``, so training
     is reproducible and the caller's global RNG state is left as it was.
+
+    The epoch recipe (``cfg.steps`` None, the paper's) trains ``cfg.epochs`` passes over the
+    labelled set; the step recipe exactly ``cfg.steps`` optimiser steps, cycling through the
+    labelled set (:class:`RoundPlan`). Either takes ``cfg.schedule`` and ``cfg.warmup_steps``
+    (:func:`lr_factor`), ``cfg.balanced`` (:class:`BalancedSampler`), ``cfg.ce_augment``
+    (:data:`CE_VIEW`) and ``cfg.select``.
 
     Args:
         model: DALBTNet on ``cfg.device``.
@@ -472,7 +683,8 @@ def train_round(
         cfg: The recipe.
         shuffle_gen: Generator of the mini-batch order (and of the dropout seed).
         augment_gen: Generator of the augmentations.
-        on_epoch: Called after each epoch with (epoch, metrics dict).
+        on_epoch: Called at each checkpoint with (epoch, or steps done with the step recipe;
+            metrics dict: ``ce``, ``bt`` and, when validated, ``val_acc``).
         unlabelled: Pool indices; with ``cfg.ssl_unlabelled`` each step also adds the Barlow
             Twins loss of an equally large batch of them (their labels are never read).
         dist: In a distributed run (every rank calls it with the same arguments), training runs
@@ -493,37 +705,28 @@ def train_round(
     use_bt = cfg.gamma > 0
     with isolated_torch_rng(seed + dist.rank, cfg.device), dist.synced_batchnorm(model):
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        aug = TwoViewAugment()
-        precision = _Precision(cfg)
         lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
         pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
                                           dtype=np.int64))
         ssl_pool = use_bt and cfg.ssl_unlabelled and len(pool) >= 2
         val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
-        selector = BestOnValidation(x_train[val], y_train[val], cfg, dist)
+        plan = RoundPlan.of(cfg, len(lab))
+        selector = BestOnValidation(x_train[val], y_train[val], cfg, dist, plan)
         # The projector is unused by steps without the Barlow Twins term; DDP must know.
         net = dist.wrap(_Joint(model), find_unused_parameters=not use_bt or len(lab) < 2)
-        step = _JointStep(net, x_train, y_train, pool if ssl_pool else None, cfg, aug,
-                          precision, shuffle_gen, augment_gen, dist)
-        ce_mean = bt_mean = float("nan")
-        for epoch in range(1, cfg.epochs + 1):
+        step = _JointStep(net, x_train, y_train, pool if ssl_pool else None, cfg, opt,
+                          plan.total, shuffle_gen, augment_gen, dist)
+        losses = (float("nan"), float("nan"))
+        unit = "step" if plan.by_step else "epoch"
+        for mark, period in plan.periods(shuffle_gen, y_train[lab] if cfg.balanced else None):
             model.train()
-            ce_sum = bt_sum = 0.0
-            steps = 0
-            for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
-                loss, ce, bt = step(lab, pos)
-                opt.zero_grad(set_to_none=True)
-                precision.step(loss, opt)
-                ce_sum += float(ce.detach())
-                bt_sum += float(bt.detach())
-                steps += 1
-            ce_mean, bt_mean = ce_sum / max(steps, 1), bt_sum / max(steps, 1)
-            metrics = {"ce": ce_mean, "bt": bt_mean}
-            check_finite("training", epoch, metrics, cfg.lr, model)
-            selector.end_epoch(model, epoch, (ce_mean, bt_mean), metrics)
+            losses = step.run(lab, period)
+            metrics = {"ce": losses[0], "bt": losses[1]}
+            check_finite("training", mark, metrics, cfg.lr, model, unit)
+            selector.end_epoch(model, mark, losses, metrics)
             if on_epoch is not None:
-                on_epoch(epoch, metrics)
+                on_epoch(mark, metrics)
         del net, step
-        result = selector.result(model, (ce_mean, bt_mean))
+        result = selector.result(model, losses)
     dist.broadcast_module(model)
     return result

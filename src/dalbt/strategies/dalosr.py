@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -138,7 +139,9 @@ class DalOsrStrategy(Strategy):
 
     Args:
         beta: Weight of the KL term (paper: 0.1).
-        epochs: Training epochs; ``None`` uses the run's.
+        epochs: Training epochs; ``None`` uses the run's recipe (with the step recipe, its
+            steps, schedule and class balance; there is no validation, and the cross-entropy
+            sees the clean image).
         tail_frac: Fraction of each class's correct samples fitted (paper: 0.05; 0.5 on MNIST).
         min_tail: Smallest tail size (as ``weibull``).
         assign: Class a pool sample is scored against (as ``weibull``; default its prediction).
@@ -165,10 +168,12 @@ class DalOsrStrategy(Strategy):
 
     def fit_model(self, ctx: QueryContext) -> VariationalClassifier:
         """Train a fresh variational classifier on the labelled set (returned in eval mode)."""
-        from dalbt.train import batches, to_float  # dalbt.train imports this package
+        from dalbt.train import RoundPlan, lr_scheduler, to_float  # imports this package
 
         images: Tensor = ctx.require("images")
         cfg = ctx.require("train_config")
+        if self.epochs is not None:  # its own epochs: the epoch recipe
+            cfg = dataclasses.replace(cfg, epochs=self.epochs, steps=None, eval_every_steps=None)
         base = ctx.require("model_factory")(int(ctx.rng.integers(0, 2**63 - 1)))
         device = next(base.parameters()).device
         net = VariationalClassifier(base.encoder, base.latent_dim, ctx.num_classes,
@@ -178,9 +183,11 @@ class DalOsrStrategy(Strategy):
         shuffle_gen, noise_gen = ctx.torch_generator(), ctx.torch_generator()
         lab = torch.from_numpy(ctx.labelled)
         y_lab = torch.from_numpy(ctx.labelled_targets)
+        plan = RoundPlan.of(cfg, len(lab))
+        sched = lr_scheduler(opt, cfg, plan.total)
         net.train()
-        for _ in range(self.epochs if self.epochs is not None else cfg.epochs):
-            for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
+        for _, period in plan.periods(shuffle_gen, y_lab if cfg.balanced else None):
+            for pos in period:
                 if len(pos) < 2:
                     continue
                 logits, mu, logvar = net(to_float(images[lab[pos]], device), noise_gen)
@@ -189,6 +196,8 @@ class DalOsrStrategy(Strategy):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
         return net.eval()
 
     def prepare(self, ctx: QueryContext) -> None:

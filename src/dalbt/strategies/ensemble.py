@@ -81,7 +81,8 @@ class EnsembleVarRatioStrategy(Strategy):
 
     Args:
         members: Ensemble size M (>= 2).
-        epochs: Training epochs of each member; ``None`` uses the run's.
+        epochs: Training epochs of each member (the epoch recipe, also in a run with the step
+            recipe); ``None`` uses the run's recipe.
     """
 
     name = "ensemble-varratio"
@@ -105,8 +106,8 @@ class EnsembleVarRatioStrategy(Strategy):
         images: Tensor = ctx.require("images")
         factory = ctx.require("model_factory")
         cfg = ctx.require("train_config")
-        if self.epochs is not None:
-            cfg = dataclasses.replace(cfg, epochs=self.epochs)
+        if self.epochs is not None:  # its own epochs: the epoch recipe
+            cfg = dataclasses.replace(cfg, epochs=self.epochs, steps=None, eval_every_steps=None)
         # train_round indexes labels by dataset index: -1 marks samples it must never use.
         y = torch.full((len(images),), -1, dtype=torch.int64)
         y[torch.from_numpy(ctx.labelled)] = torch.from_numpy(ctx.labelled_targets)

@@ -142,6 +142,71 @@ class _Cycler:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
+class _MoBYStep:
+    """The optimiser steps of MoBYv2AL's training: CE on the labelled batch (with the recipe's
+    ``ce_augment``, on a ``CE_VIEW`` augmentation of it) plus the weighted MoBY losses of its
+    weak and strong views (and of as many pool images); one step for the encoder, classifier
+    and heads, then the recipe's learning-rate schedule."""
+
+    def __init__(self, strategy: MoBYv2ALStrategy, model: Any, learner: MoBYLearner,
+                 opt: torch.optim.Optimizer, sched: Any, x_train: Tensor, y_train: Tensor,
+                 pool: Tensor, cfg: Any, total_steps: int, cycler: _Cycler | None,
+                 augment_gen: torch.Generator) -> None:
+        self.s, self.model, self.learner, self.opt, self.sched = (strategy, model, learner,
+                                                                  opt, sched)
+        self.x_train, self.y_train, self.pool, self.cfg = x_train, y_train, pool, cfg
+        self.total_steps, self.cycler, self.augment_gen = total_steps, cycler, augment_gen
+        from dalbt.train import CE_VIEW, to_float  # dalbt.train imports this package
+
+        self.ce_view, self.to_float = CE_VIEW, to_float
+        self.device = torch.device(cfg.device)
+        self.use_con = strategy.labelled_weight > 0 or strategy.unlabelled_weight > 0
+        self.step = 0
+
+    def run(self, lab: Tensor, period: Any) -> tuple[float, float]:
+        """Take a step on each batch ``lab[pos]`` of ``period``; mean (ce, moby) losses."""
+        ce_sum = con_sum = 0.0
+        n_steps = n_con = 0
+        for pos in period:
+            ce, con = self._loss(lab[pos])
+            n_steps += 1
+            ce_sum += ce
+            if con is not None:
+                con_sum += con
+                n_con += 1
+        return (ce_sum / n_steps if n_steps else float("nan"),
+                con_sum / n_con if n_con else 0.0)
+
+    def _loss(self, idx: Tensor) -> tuple[float, float | None]:
+        """One step on the labelled images ``idx``: (ce, mean MoBY loss or None)."""
+        s, device, to_float = self.s, self.device, self.to_float
+        x = to_float(self.x_train[idx], device)
+        x_ce = augment(x, self.ce_view, self.augment_gen) if self.cfg.ce_augment else x
+        ce = F.cross_entropy(self.model(x_ce), self.y_train[idx].to(device))
+        loss, con = ce, None
+        xu = x[:0]
+        if self.cycler is not None:  # use_unl
+            xu = to_float(self.x_train[self.pool[self.cycler.take(len(idx))]], device)
+        if self.use_con and len(x) + len(xu) >= 2:
+            xc = torch.cat([x, xu])
+            v1 = augment(xc, s.weak_view, self.augment_gen)
+            v2 = augment(xc, s.strong_view, self.augment_gen)
+            per = self.learner.loss(v1, v2, momentum_schedule(self.step, self.total_steps,
+                                                              s.momentum))
+            loss = loss + s.labelled_weight * per[: len(x)].mean()
+            if len(xu):
+                loss = loss + s.unlabelled_weight * per[len(x) :].mean()
+            con = float(per.detach().mean())
+        # one step for everything (encoder, classifier, heads) after summing the losses
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.step += 1
+        return float(ce.detach()), con
+
+
 class MoBYv2ALStrategy(Strategy):
     """MoBYv2AL (Caramalau, Bhattarai, Stoyanov & Kim, 2022, "MoBYv2AL: Self-supervised Active
     Learning for Image Classification", BMVC).
@@ -229,12 +294,15 @@ class MoBYv2ALStrategy(Strategy):
             labelled: Labelled dataset indices, (L,).
             validation: Validation dataset indices, (V,) (model selection only).
             cfg: ``dalbt.train.TrainConfig`` (epochs, batch_size, lr, weight_decay, eval_every,
-                device; the Barlow Twins settings ``gamma``, ``lambd`` and ``ssl_unlabelled``
-                are not used: the pool always feeds the MoBY loss here).
+                device, and the step recipe's steps, schedule, warmup_steps, balanced,
+                ce_augment, eval_every_steps and select, as ``train_round``; the Barlow Twins
+                settings ``gamma``, ``lambd`` and ``ssl_unlabelled`` are not used: the pool
+                always feeds the MoBY loss here).
             shuffle_gen: Batch order, unlabelled batches, head initialisation and the seed of
                 the global-RNG fork (dropout).
             augment_gen: The augmentations.
-            on_epoch: Called after each epoch with (epoch, metrics dict).
+            on_epoch: Called at each checkpoint with (epoch, or steps done with the step
+                recipe; metrics dict).
             unlabelled: Pool indices, (U,); their images feed the contrastive loss only.
 
         Returns:
@@ -249,62 +317,33 @@ class MoBYv2ALStrategy(Strategy):
                validation: np.ndarray, cfg: Any, shuffle_gen: torch.Generator,
                augment_gen: torch.Generator, on_epoch: Callable | None,
                unlabelled: np.ndarray | None) -> Any:
-        from dalbt.train import BestOnValidation, batches, check_finite, n_batches, to_float
+        from dalbt.train import BestOnValidation, RoundPlan, check_finite, lr_scheduler
 
-        device = torch.device(cfg.device)
         learner = self.make_learner(model)
         opt = torch.optim.Adam([*model.parameters(), *learner.head_parameters()], lr=cfg.lr,
                                weight_decay=cfg.weight_decay)
         lab = torch.as_tensor(np.asarray(labelled, dtype=np.int64))
         pool = torch.as_tensor(np.asarray(unlabelled if unlabelled is not None else [],
                                           dtype=np.int64))
-        use_con = self.labelled_weight > 0 or self.unlabelled_weight > 0
         use_unl = self.unlabelled_weight > 0 and len(pool) > 0
-        cycler = _Cycler(len(pool), shuffle_gen) if use_unl else None
         val = torch.as_tensor(np.asarray(validation, dtype=np.int64))
-        selector = BestOnValidation(x_train[val], y_train[val], cfg)
-        total_steps = max(1, cfg.epochs * n_batches(len(lab), cfg.batch_size))
-        step = 0
-        ce_mean = con_mean = float("nan")
-        for epoch in range(1, cfg.epochs + 1):
+        plan = RoundPlan.of(cfg, len(lab))
+        selector = BestOnValidation(x_train[val], y_train[val], cfg, plan=plan)
+        step = _MoBYStep(self, model, learner, opt, lr_scheduler(opt, cfg, plan.total),
+                         x_train, y_train, pool, cfg, max(1, plan.total),
+                         _Cycler(len(pool), shuffle_gen) if use_unl else None, augment_gen)
+        losses = (float("nan"), float("nan"))
+        unit = "step" if plan.by_step else "epoch"
+        for mark, period in plan.periods(shuffle_gen, y_train[lab] if cfg.balanced else None):
             model.train()
             learner.train()
-            ce_sum = con_sum = 0.0
-            n_steps = n_con = 0
-            for pos in batches(len(lab), cfg.batch_size, shuffle_gen):
-                idx = lab[pos]
-                x = to_float(x_train[idx], device)
-                ce = F.cross_entropy(model(x), y_train[idx].to(device))
-                loss = ce
-                xu = x[:0]
-                if cycler is not None:  # use_unl
-                    xu = to_float(x_train[pool[cycler.take(len(idx))]], device)
-                if use_con and len(x) + len(xu) >= 2:
-                    xc = torch.cat([x, xu])
-                    v1 = augment(xc, self.weak_view, augment_gen)
-                    v2 = augment(xc, self.strong_view, augment_gen)
-                    per = learner.loss(v1, v2, momentum_schedule(step, total_steps,
-                                                                 self.momentum))
-                    loss = loss + self.labelled_weight * per[: len(x)].mean()
-                    if len(xu):
-                        loss = loss + self.unlabelled_weight * per[len(x) :].mean()
-                    con_sum += float(per.detach().mean())
-                    n_con += 1
-                # one step for everything (encoder, classifier, heads) after summing the losses
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ce_sum += float(ce.detach())
-                n_steps += 1
-                step += 1
-            ce_mean = ce_sum / n_steps if n_steps else float("nan")
-            con_mean = con_sum / n_con if n_con else 0.0
-            metrics = {"ce": ce_mean, "moby": con_mean}
-            check_finite("MoBYv2AL training", epoch, metrics, cfg.lr, model)
-            selector.end_epoch(model, epoch, (ce_mean, con_mean), metrics)
+            losses = step.run(lab, period)
+            metrics = {"ce": losses[0], "moby": losses[1]}
+            check_finite("MoBYv2AL training", mark, metrics, cfg.lr, model, unit)
+            selector.end_epoch(model, mark, losses, metrics)
             if on_epoch is not None:
-                on_epoch(epoch, metrics)
-        return selector.result(model, (ce_mean, con_mean))
+                on_epoch(mark, metrics)
+        return selector.result(model, losses)
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         pool = ctx.pool_outputs().latents
