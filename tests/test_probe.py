@@ -201,7 +201,8 @@ def test_run_with_a_linear_head_keeps_the_pretrained_encoder(tmp_path, digits, m
     assert run.status == "finished" and [r["n_labelled"] for r in rounds] == [30, 50, 70]
     assert all(r["train_bt"] == 0.0 and r["best_epoch"] > 0 for r in rounds)
     assert all(len(r["queried"]) == 20 for r in rounds[:2])
-    pretrained = torch.load(tmp_path / "checkpoints" / f"run-{run.id}-pretrained.pt")
+    (cached,) = sorted((tmp_path / "encoders").glob("*.pt"))  # the seed's shared encoder
+    pretrained = torch.load(cached)
     assert len(encoders) == 3
     for state in encoders:
         assert state.keys() == {k for k in pretrained if not k.startswith("classifier")}

@@ -142,13 +142,15 @@ def _train(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainCo
                             rngs.torch_generator(seed, rngs.PRETRAIN, round_),
                             rngs.torch_generator(seed, rngs.AUGMENT, round_), dist=dist)
         return None
-    bar = _bar(progress, total=recipe.epochs, desc=f"round {round_} train", unit="ep")
+    steps = recipe.steps is not None  # on_epoch then reports the step of each checkpoint
+    bar = _bar(progress, total=recipe.steps if steps else recipe.epochs,
+               desc=f"round {round_} train", unit="step" if steps else "ep")
     try:
         return strategy.train_model(
             model, data.images, data.visible_targets(), data.labelled, data.validation, recipe,
             rngs.torch_generator(seed, rngs.SHUFFLE, round_),
             rngs.torch_generator(seed, rngs.AUGMENT, round_),
-            on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)),
+            on_epoch=lambda e, m: (bar.update(e - bar.n), bar.set_postfix(m)),
             unlabelled=data.unlabelled, dist=dist)
     finally:
         bar.close()
