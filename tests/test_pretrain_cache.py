@@ -272,3 +272,26 @@ def test_pretrain_cache_options():
     assert run.config.pretrain_cache == "enc"
     assert run.key == config_key(RunConfig.from_dict({**run.config.to_dict(),
                                                       "pretrain_cache": None}).key_dict())
+
+
+def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monkeypatch):
+    from dalbt import encoders
+    from dalbt.bench import run_full_data
+    from dalbt.data import load_dataset
+    from dalbt.recipe import RunConfig, TrainConfig
+    from dalbt.store import Store
+
+    calls = []
+    real = encoders.pretrain_barlow
+    monkeypatch.setattr(encoders, "pretrain_barlow",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = RunConfig(dataset="digits", initial=20, budget=10, rounds=1, seed=2, val_size=100,
+                    train=TrainConfig(epochs=1, pretrain_epochs=1, pretrain_batch=512,
+                                      finetune="head"))
+    store = Store(tmp_path)
+    run = run_full_data(cfg, store, data=load_dataset("digits"), log=lambda _: None)
+    assert run.status == "finished" and calls == [1]
+    assert len(list((tmp_path / "encoders").glob("*.pt"))) == 1
+    # a linear head on the pre-trained encoder: the paper's random encoder would give ~10 %
+    assert store.rounds(run.id)[0]["test_acc"] > 0.5
+    store.close()

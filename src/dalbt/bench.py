@@ -544,7 +544,8 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     """Train the protocol's model and recipe on the whole training set (minus validation).
 
     Stored as a run with strategy ``full-data``, one round (round 0, no query); skipped when
-    the store already holds it finished. Barlow Twins pre-training is not applied.
+    the store already holds it finished. With ``pretrain_epochs``, it starts from the seed's
+    shared Barlow Twins encoder, as the AL runs do.
 
     Args:
         cfg: The protocol (its strategy and rounds are ignored).
@@ -557,15 +558,16 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     """
     import torch
 
+    from dalbt import rng as rngs
     from dalbt.al_round import RoundData, run_round
     from dalbt.data import load_dataset
-    from dalbt.loop import apply_scenario
+    from dalbt.loop import apply_scenario, encoder_state
     from dalbt.models import build_model
     from dalbt.strategies import Strategy
 
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
-    data = apply_scenario(cfg, data)
+    raw, data = data, apply_scenario(cfg, data)
     full, labelled, validation = full_data_config(cfg, data)
     key = config_key(full.key_dict())
     run = store.find_run(key)
@@ -585,8 +587,11 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
                            num_classes=data.num_classes, labelled=labelled,
                            validation=validation, unlabelled=np.empty(0, dtype=np.int64),
                            test=(data.x_test, data.y_test))
+    model = new_model(rngs.int_seed(full.seed, rngs.INIT, 0))
+    if full.train.pretrain_epochs > 0:  # the seed's shared encoder, as the AL runs start from
+        model.load_state_dict(encoder_state(cfg, store.directory, raw, progress=False, log=log))
     res = run_round(Strategy(), round_data, full.train, seed=full.seed, round_=0, budget=0,
-                    new_model=new_model)
+                    new_model=new_model, model=model)
     metrics = {"n_labelled": len(labelled), **res.metrics()}
     test_acc, t_train, val_acc = res.test_acc, res.t_train, metrics["val_acc"]
     store.record_round(run.id, 0, metrics, np.empty(0, dtype=np.int64), finished=True)

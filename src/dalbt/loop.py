@@ -139,6 +139,23 @@ def prepare_encoder(cfg: RunConfig, directory: str | os.PathLike,
     return encoder.key, encoder.ensure(data.x_train, ex.candidates, ex.new_model, progress, log)
 
 
+def encoder_state(cfg: RunConfig, directory: str | os.PathLike,
+                  data: ImageDataset | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """The shared pre-trained encoder's weights of ``cfg``'s seed (read from the cache, or
+    pre-trained and cached now): what every AL run of that seed starts from.
+
+    Args: as :func:`prepare_encoder`.
+    """
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root)
+    data = apply_scenario(cfg, data)
+    validate(cfg, data)
+    ex = _Experiment(cfg, None, data, SINGLE, log)
+    ex.directory = Path(directory)
+    return ex.encoder().state(data.x_train, ex.candidates, ex.new_model, progress, log)
+
+
 def label_queries(pool: Pool, queried: np.ndarray, round_: int, ood: np.ndarray,
                   policy: str) -> int:
     """The simulated oracle: label the in-distribution queries; out-of-distribution ones cost
