@@ -6,6 +6,16 @@ round-1 model it also trains is not reported), then measures raw pool-scoring th
 LeNet (target: >= 15,000 images/s on 2 cores).
 
 Usage: python benchmarks/round_time.py [--epochs 20] [--strategy weibull] [--threads 2]
+
+The step recipe and the shared encoder (issue 13), e.g. a round on 1,100 labels::
+
+    python benchmarks/round_time.py --initial 1100 --val-size 1000 --steps 600 \
+        --eval-every-steps 100 --pretrain-epochs 10 --pretrain-cache benchmarks/results/encoders
+    python benchmarks/round_time.py --initial 1100 --val-size 1000 --finetune head \
+        --pretrain-epochs 10 --pretrain-cache benchmarks/results/encoders
+
+(the encoder is read from the cache when the benches pre-trained it; its one-off time is in
+the cache's JSON and is not part of a round).
 """
 
 from __future__ import annotations
@@ -30,19 +40,34 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--strategy", nargs="+", default=["weibull", "random"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--initial", type=int, default=100, help="labelled images of the round")
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every-steps", type=int, default=None)
+    p.add_argument("--finetune", default="all")
+    p.add_argument("--pretrain-epochs", type=int, default=0)
+    p.add_argument("--pretrain-cache", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)
 
-    print(f"{args.dataset}: {data.n_train} train, {args.threads} threads, LeNet, "
-          f"{args.epochs} epochs, 100 labelled, budget 100")
+    recipe = (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + (
+        f", finetune {args.finetune}, pre-trained {args.pretrain_epochs} epochs"
+        if args.pretrain_epochs else "")
+    print(f"{args.dataset}: {data.n_train} train, {args.threads} threads, LeNet, {recipe}, "
+          f"{args.initial} labelled, {args.val_size} validation, budget 100")
     print(f"{'strategy':>10} {'train s':>8} {'score s':>8} {'select s':>9} {'total s':>8}")
     for name in ["warm-up", *args.strategy]:
         # the first run pays one-off costs (thread pools, allocator): it is not reported
         warm = name == "warm-up"
+        train = TrainConfig(epochs=args.epochs, steps=args.steps,
+                            eval_every_steps=args.eval_every_steps, finetune=args.finetune,
+                            pretrain_epochs=args.pretrain_epochs)
+        if warm:
+            train = TrainConfig(epochs=1)
         cfg = RunConfig(dataset=args.dataset, strategy=args.strategy[0] if warm else name,
-                        initial=100, budget=100, rounds=1, val_size=5000,
-                        train=TrainConfig(epochs=1 if warm else args.epochs))
+                        initial=args.initial, budget=100, rounds=1, val_size=args.val_size,
+                        train=train, pretrain_cache=args.pretrain_cache)
         with tempfile.TemporaryDirectory() as d, Store(d) as store:
             run = run_experiment(cfg, store, progress=False, data=data, log=lambda s: None)
             r0 = store.rounds(run.id)[0]
