@@ -14,12 +14,12 @@ from dalbt.store import config_key
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # stores written before the step-recipe settings existed
-STORES = [RESULTS / name / "dalbt.sqlite" for name in ("digits", "fashion-mnist-small")]
+STORES = [RESULTS / name / "dalbt.sqlite" for name in ("digits-rerun", "fashion-mnist-small")]
 
 
 @pytest.mark.parametrize("db", STORES, ids=lambda p: p.parent.name)
 def test_committed_runs_keep_their_keys(db):
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = sqlite3.connect(f"file:{db}?immutable=1", uri=True)  # writes no -shm/-wal
     rows = con.execute("SELECT config, key FROM runs").fetchall()
     con.close()
     assert rows
