@@ -287,11 +287,20 @@ def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monk
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = RunConfig(dataset="digits", initial=20, budget=10, rounds=1, seed=2, val_size=100,
                     train=TrainConfig(epochs=1, pretrain_epochs=1, pretrain_batch=512,
-                                      finetune="head"))
+                                      finetune="head"), pretrain_cache=str(tmp_path / "cache"))
     store = Store(tmp_path)
     run = run_full_data(cfg, store, data=load_dataset("digits"), log=lambda _: None)
+    # as the bench runs it: given the full-data config itself (strategy 'full-data'), it
+    # reads the same shared encoder
+    from dalbt.bench import full_data_config
+
+    full = full_data_config(cfg, load_dataset("digits"))[0]
+    with Store(tmp_path / "again") as again:
+        rerun = run_full_data(full, again, data=load_dataset("digits"), log=lambda _: None)
+        assert calls == [1]  # not pre-trained again: the encoder is the same
+        assert again.rounds(rerun.id)[0]["test_acc"] == store.rounds(run.id)[0]["test_acc"]
     assert run.status == "finished" and calls == [1]
-    assert len(list((tmp_path / "encoders").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache" / "encoders").glob("*.pt"))) == 1
     # a linear head on the pre-trained encoder: the paper's random encoder would give ~10 %
     assert store.rounds(run.id)[0]["test_acc"] > 0.5
     store.close()

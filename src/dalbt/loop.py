@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +146,13 @@ def encoder_state(cfg: RunConfig, directory: str | os.PathLike,
     """The shared pre-trained encoder's weights of ``cfg``'s seed (read from the cache, or
     pre-trained and cached now): what every AL run of that seed starts from.
 
-    Args: as :func:`prepare_encoder`.
+    Args: as :func:`prepare_encoder` (``cfg``'s strategy plays no part: it may be the
+        full-data reference's).
     """
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root)
     data = apply_scenario(cfg, data)
+    cfg = replace(cfg, strategy="random", strategy_options={})
     validate(cfg, data)
     ex = _Experiment(cfg, None, data, SINGLE, log)
     ex.directory = Path(directory)
