@@ -9,10 +9,15 @@ from torch import nn
 
 from dalbt.data import load_dataset
 from dalbt.errors import DalbtError
-from dalbt.learner import ActiveLearner
+from dalbt.learner import ActiveLearner as _ActiveLearner
 from dalbt.recipe import TrainConfig
 
 TINY = TrainConfig(epochs=2, batch_size=16)
+
+
+def ActiveLearner(*args, **kwargs):  # noqa: N802 - the learner with few steps per round
+    kwargs.setdefault("min_steps", 20)
+    return _ActiveLearner(*args, **kwargs)
 
 
 class TwoLayerMLP(nn.Module):
