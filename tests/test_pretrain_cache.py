@@ -304,3 +304,41 @@ def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monk
     # a linear head on the pre-trained encoder: the paper's random encoder would give ~10 %
     assert store.rounds(run.id)[0]["test_acc"] > 0.5
     store.close()
+
+
+def test_models_strategies_train_start_from_the_shared_encoder(tmp_path, monkeypatch):
+    """Ensemble members (and DAL-OSR's, PT4AL's models) get the seed's pre-trained encoder and
+    projector; their classifiers keep their own seeds, so that members still differ."""
+    import torch
+
+    from dalbt.data import load_dataset
+    from dalbt.loop import run_experiment
+    from dalbt.recipe import RunConfig, TrainConfig
+    from dalbt.store import Store
+    from dalbt.strategies.base import QueryContext
+
+    made = []
+    real_post_init = QueryContext.__post_init__
+
+    def spy(self):
+        real_post_init(self)
+        if self.model_factory is not None:
+            made.append(self.model_factory(7))
+            made.append(self.model_factory(8))
+
+    monkeypatch.setattr(QueryContext, "__post_init__", spy)
+    cfg = RunConfig(dataset="digits", strategy="random", initial=20, budget=10, rounds=1,
+                    seed=3, val_size=100,
+                    train=TrainConfig(epochs=1, pretrain_epochs=1, pretrain_batch=512))
+    with Store(tmp_path) as store:
+        run_experiment(cfg, store, progress=False, data=load_dataset("digits"),
+                       log=lambda _: None)
+    (cached,) = sorted((tmp_path / "encoders").glob("*.pt"))
+    shared = torch.load(cached)
+    assert made
+    a, b = made[0].state_dict(), made[1].state_dict()
+    for name, value in shared.items():
+        if name.startswith("classifier."):
+            assert not torch.equal(a[name], b[name])  # each member its own head
+        else:
+            assert torch.equal(a[name], value) and torch.equal(b[name], value), name

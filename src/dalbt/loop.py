@@ -281,6 +281,8 @@ def run_experiment(
     pretrained = None
     if cfg.train.pretrain_epochs > 0:
         pretrained = ex.pretrained_state(run.id, progress)
+        ex.shared_encoder = {k: v for k, v in pretrained.items()
+                             if not k.startswith("classifier.")}
     model = None
     for r in range(len(done), cfg.rounds + 1):
         if model is None or not cfg.train.warm_start:
@@ -288,9 +290,9 @@ def run_experiment(
         ex.round_data.labelled = ex.round_data.known = ex.pool.labelled
         ex.round_data.unlabelled = ex.pool.unlabelled
         res = run_round(ex.strategy, ex.round_data, cfg.train, seed=cfg.seed, round_=r,
-                        budget=cfg.budget if r < cfg.rounds else 0, new_model=ex.new_model,
-                        model=model, total_rounds=cfg.rounds, dist=dist, progress=progress,
-                        keep_scores=save_scores)
+                        budget=cfg.budget if r < cfg.rounds else 0,
+                        new_model=ex.strategy_model, model=model, total_rounds=cfg.rounds,
+                        dist=dist, progress=progress, keep_scores=save_scores)
         ex.finish_round(run.id, r, res, save_scores)
     return dist.from_main(lambda: (store.find_run(ex.key) if store is not None else None) or run)
 
@@ -312,6 +314,7 @@ class _Experiment:
         self.directory = store.directory if store is not None else None
         self.pool = Pool.from_splits(data.n_train, self.splits)
         self.device = torch.device(cfg.train.device)
+        self.shared_encoder: dict | None = None  # pre-trained weights, classifier left out
         self.candidates = np.setdiff1d(np.arange(data.n_train), self.splits.validation)
         self.round_data = RoundData(
             images=data.x_train, targets=data.y_train, num_classes=data.num_classes,
@@ -345,6 +348,15 @@ class _Experiment:
                                self.new_model, dist)
         return self.encoder().state(self.data.x_train, self.candidates, self.new_model,
                                     progress, self.log, dist)
+
+    def strategy_model(self, seed: int) -> DALBTNet:
+        """A model for a strategy that trains its own (ensemble members, DAL-OSR, PT4AL): fresh
+        from ``seed``, with the run's shared pre-trained encoder and projector loaded when the
+        run pre-trains (the classifier keeps its ``seed`` initialisation, so members differ)."""
+        model = self.new_model(seed)
+        if self.shared_encoder is not None:
+            model.load_state_dict(self.shared_encoder, strict=False)
+        return model
 
     def oracle(self, queried: np.ndarray, round_: int) -> int:
         return label_queries(self.pool, queried, round_, self.ood, self.cfg.ood_policy)

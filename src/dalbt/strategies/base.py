@@ -48,7 +48,8 @@ class QueryContext:
         train_config: The run's training recipe (a ``dalbt.train.TrainConfig``), for
             strategies that train models of their own with the same recipe.
         model_factory: ``model_factory(seed) -> DALBTNet``: a fresh model of the run's kind
-            (architecture, dropout), initialised from ``seed``, on ``device``.
+            (architecture, dropout), initialised from ``seed``, on ``device``; when the run
+            pre-trains, its encoder and projector are the run's shared pre-trained ones.
         device: torch device of the run.
         candidates: Every dataset index that can ever be in the pool or labelled (all training
             images outside the validation split), fixed for the whole run.
