@@ -7,6 +7,23 @@ import torch
 from dalbt.strategies import Outputs, QueryContext
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as dalbt loads them (1500 train / 297 test, 1x8x8): read once; no
+    test may modify it."""
+    from dalbt.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def small_lenet(d, seed=0):
+    """A LeNet for ``d`` with a small projector (fast training in tests)."""
+    from dalbt.models import build_model
+
+    return build_model("lenet", d.channels, d.image_size, d.num_classes, seed=seed,
+                       projector_dims=(32, 32))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: tiny batches gain nothing from more, and spinning threads slow the

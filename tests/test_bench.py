@@ -8,18 +8,13 @@ import pytest
 
 from dalbt import bench
 from dalbt.cli import main
-from dalbt.data import DATASETS, load_dataset
+from dalbt.data import DATASETS
 from dalbt.errors import DalbtError
 from dalbt.store import Store
 from dalbt.strategies import STRATEGIES
 
 TINY = {"dataset": "digits", "model": "lenet", "initial": 20, "budget": 10, "rounds": 1,
         "epochs": 1, "val_size": 100, "projector_dims": [16, 16]}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(autouse=True)

@@ -7,20 +7,9 @@ import pytest
 import torch
 
 from dalbt.cli import main
-from dalbt.data import load_dataset
 from dalbt.errors import TrainingDiverged
-from dalbt.models import build_model
 from dalbt.train import EXPLODED_CE, TrainConfig, check_finite, pretrain_barlow, train_round
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _model(d):
-    return build_model("lenet", d.channels, d.image_size, d.num_classes, seed=0,
-                       projector_dims=(32, 32))
+from tests.conftest import small_lenet
 
 
 def test_check_finite_names_the_loss_and_the_learning_rate():
@@ -39,7 +28,7 @@ def test_check_finite_names_the_loss_and_the_learning_rate():
 def test_train_round_stops_when_the_loss_explodes(digits, gamma):
     cfg = TrainConfig(epochs=5, batch_size=32, lr=1e6, gamma=gamma)
     with pytest.raises(TrainingDiverged, match="diverged in epoch"):
-        train_round(_model(digits), digits.x_train, digits.y_train, np.arange(64),
+        train_round(small_lenet(digits), digits.x_train, digits.y_train, np.arange(64),
                     np.arange(1000, 1100), cfg, torch.Generator().manual_seed(0),
                     torch.Generator().manual_seed(1))
 
@@ -47,7 +36,7 @@ def test_train_round_stops_when_the_loss_explodes(digits, gamma):
 def test_pretraining_stops_when_the_loss_turns_nan(digits):
     cfg = TrainConfig(pretrain_epochs=5, pretrain_batch=64, lr=1e8)
     with pytest.raises(TrainingDiverged, match="pre-training diverged"):
-        pretrain_barlow(_model(digits), digits.x_train, np.arange(256), cfg,
+        pretrain_barlow(small_lenet(digits), digits.x_train, np.arange(256), cfg,
                         torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from dalbt.data import load_dataset
 from dalbt.errors import DalbtError
 from dalbt.learner import ActiveLearner as _ActiveLearner
 from dalbt.recipe import TrainConfig
@@ -30,11 +29,6 @@ class TwoLayerMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.encoder(x))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _loop(data, strategy: str, seed: int, rounds: int = 3, budget: int = 12) -> list[np.ndarray]:

@@ -11,17 +11,11 @@ import threading
 import numpy as np
 import pytest
 
-from dalbt.data import load_dataset
 from dalbt.errors import DalbtError
 from dalbt.loop import RunConfig, run_experiment
 from dalbt.store import Store
 from dalbt.train import TrainConfig
 from tests.conftest import kill_at_round
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _cfg(strategy="weibull", seed=0, rounds=2, **kw):

@@ -30,11 +30,6 @@ TINY = {"dataset": "digits", "model": "lenet", "initial": 20, "budget": 10, "rou
         "epochs": 1, "val_size": 100, "projector_dims": [16, 16], "pretrain_epochs": 1}
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 @pytest.fixture
 def pretrained(monkeypatch):
     """Every call of the Barlow Twins pre-training (the seed of its augmentation stream)."""
@@ -277,7 +272,6 @@ def test_pretrain_cache_options():
 def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monkeypatch):
     from dalbt import encoders
     from dalbt.bench import run_full_data
-    from dalbt.data import load_dataset
     from dalbt.recipe import RunConfig, TrainConfig
     from dalbt.store import Store
 
@@ -311,7 +305,6 @@ def test_models_strategies_train_start_from_the_shared_encoder(tmp_path, monkeyp
     projector; their classifiers keep their own seeds, so that members still differ."""
     import torch
 
-    from dalbt.data import load_dataset
     from dalbt.loop import run_experiment
     from dalbt.recipe import RunConfig, TrainConfig
     from dalbt.store import Store

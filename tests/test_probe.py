@@ -11,7 +11,6 @@ import torch.distributed as tdist
 from torch import nn
 
 from dalbt import distributed, probe
-from dalbt.data import load_dataset
 from dalbt.distributed import SINGLE
 from dalbt.loop import RunConfig, run_experiment
 from dalbt.models import build_model
@@ -20,11 +19,6 @@ from dalbt.store import Store
 from dalbt.train import TrainConfig, accuracy, train_round
 
 HEAD = TrainConfig(finetune="head", pretrain_epochs=1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(autouse=True)

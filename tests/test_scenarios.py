@@ -4,18 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dalbt.data import load_dataset
 from dalbt.errors import DalbtError
 from dalbt.loop import RunConfig, apply_scenario, run_experiment
 from dalbt.models import build_model
 from dalbt.store import Store
 from dalbt.train import TrainConfig, pretrain_barlow, train_round
 from tests.conftest import kill_at_round
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _cfg(strategy="random", rounds=3, **kw):

@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from dalbt.data import load_dataset
 from dalbt.errors import TrainingDiverged
-from dalbt.models import build_model
 from dalbt.train import (
     BalancedSampler,
     RoundPlan,
@@ -25,22 +23,13 @@ from dalbt.train import (
     train_round,
     with_min_steps,
 )
+from tests.conftest import small_lenet
 
 VAL = np.arange(1400, 1450)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _model(d, seed=0):
-    return build_model("lenet", d.channels, d.image_size, d.num_classes, seed=seed,
-                       projector_dims=(32, 32))
-
-
 def _train(d, lab, cfg, val=VAL, model=None, **kw):
-    model = model if model is not None else _model(d)
+    model = model if model is not None else small_lenet(d)
     res = train_round(model, d.x_train, d.y_train, np.asarray(lab), val, cfg,
                       torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), **kw)
     return model, res
@@ -69,7 +58,7 @@ def _ce_inputs(model) -> list[torch.Tensor]:
 @pytest.mark.parametrize("n_lab", [1, 7, 1000])
 def test_step_recipe_takes_exactly_steps_optimiser_steps(digits, n_lab):
     lab = np.arange(n_lab)
-    model = _model(digits)
+    model = small_lenet(digits)
     seen = _ce_inputs(model)
     with optimiser_steps() as lrs:
         _, res = _train(digits, lab, TrainConfig(steps=23, batch_size=64), model=model)
@@ -124,7 +113,7 @@ def test_balanced_training_sees_both_classes_equally_on_a_90_10_set(digits, bala
     lab = np.concatenate([np.flatnonzero(y == 0)[:90], np.flatnonzero(y == 1)[:10]])
     spy = Spy(digits.x_train)
     cfg = TrainConfig(steps=40, batch_size=20, balanced=balanced, gamma=0.0)
-    train_round(_model(digits), spy, digits.y_train, lab, np.arange(0), cfg,
+    train_round(small_lenet(digits), spy, digits.y_train, lab, np.arange(0), cfg,
                 torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     drawn = torch.cat([r for r in spy.reads if set(r.tolist()) <= set(lab.tolist())])
     assert len(drawn) == 40 * 20
@@ -171,7 +160,7 @@ def test_ce_augment_changes_what_the_cross_entropy_sees_and_leaves_the_barlow_te
     lab = np.arange(40)
     runs = {}
     for ce_augment in (False, True):
-        model = _model(digits)
+        model = small_lenet(digits)
         seen, metrics = _encoder_inputs(model), []
         _train(digits, lab, TrainConfig(steps=1, ce_augment=ce_augment), model=model,
                on_epoch=lambda s, m, metrics=metrics: metrics.append(m))
@@ -193,7 +182,7 @@ def test_ce_augment_without_barlow_twins_augments_the_cross_entropy_only(digits)
     lab = np.arange(40)
     seen = {}
     for ce_augment in (False, True):
-        model = _model(digits)
+        model = small_lenet(digits)
         seen[ce_augment] = _encoder_inputs(model)
         _train(digits, lab, TrainConfig(steps=2, gamma=0.0, ce_augment=ce_augment),
                model=model)
@@ -264,7 +253,7 @@ def test_mobyv2al_honours_the_step_recipe(digits):
     calls: list[int] = []
     with optimiser_steps() as lrs:
         res = strategy.train_model(
-            _model(digits), digits.x_train, digits.y_train, np.arange(7), VAL,
+            small_lenet(digits), digits.x_train, digits.y_train, np.arange(7), VAL,
             TrainConfig(steps=11, eval_every_steps=4, schedule="cosine", balanced=True,
                         ce_augment=True),
             torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),

@@ -2,8 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from dalbt.data import load_dataset
-from dalbt.models import build_model
 from dalbt.train import (
     TrainConfig,
     accuracy,
@@ -14,16 +12,7 @@ from dalbt.train import (
     pretrain_barlow,
     train_round,
 )
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def _model(d, seed=0):
-    return build_model("lenet", d.channels, d.image_size, d.num_classes, seed=seed,
-                       projector_dims=(32, 32))
+from tests.conftest import small_lenet
 
 
 def test_batches_recut_a_small_remainder_with_the_last_full_batch():
@@ -62,7 +51,7 @@ def _record_train_batches(model) -> list[int]:
 
 @pytest.mark.parametrize("n_lab", [130, 131, 134, 65, 97])
 def test_no_training_step_on_a_batch_smaller_than_the_minimum(digits, n_lab):
-    model = _model(digits)
+    model = small_lenet(digits)
     sizes = _record_train_batches(model)
     cfg = TrainConfig(epochs=2, batch_size=64, gamma=0.001)
     train_round(model, digits.x_train, digits.y_train, np.arange(n_lab), np.arange(1000, 1050),
@@ -73,7 +62,7 @@ def test_no_training_step_on_a_batch_smaller_than_the_minimum(digits, n_lab):
 
 
 def test_pretraining_never_steps_on_a_small_remainder(digits):
-    model = _model(digits)
+    model = small_lenet(digits)
     sizes = _record_train_batches(model)
     cfg = TrainConfig(pretrain_epochs=1, pretrain_batch=64)
     pretrain_barlow(model, digits.x_train, np.arange(130), cfg,
@@ -84,7 +73,7 @@ def test_pretraining_never_steps_on_a_small_remainder(digits):
 def test_joint_training_learns_and_selects_on_validation(digits):
     lab = np.arange(0, 600)
     val = np.arange(1000, 1200)
-    model = _model(digits)
+    model = small_lenet(digits)
     before = accuracy(model, digits.x_test, digits.y_test)
     cfg = TrainConfig(epochs=8, gamma=0.001)
     res = train_round(model, digits.x_train, digits.y_train, lab, val, cfg,
@@ -103,19 +92,19 @@ def test_training_is_deterministic_and_gamma_zero_skips_barlow(digits):
     lab, val = np.arange(0, 100), np.arange(1000, 1100)
     outs = []
     for _ in range(2):
-        m = _model(digits)
+        m = small_lenet(digits)
         train_round(m, digits.x_train, digits.y_train, lab, val, TrainConfig(epochs=2),
                     torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
         outs.append(infer(m, digits.x_train, np.arange(50)).logits)
     assert torch.equal(outs[0], outs[1])
-    res = train_round(_model(digits), digits.x_train, digits.y_train, lab, val,
+    res = train_round(small_lenet(digits), digits.x_train, digits.y_train, lab, val,
                       TrainConfig(epochs=1, gamma=0.0), torch.Generator().manual_seed(0),
                       torch.Generator().manual_seed(1))
     assert res.train_bt == 0.0
 
 
 def test_infer_returns_outputs_in_dataset_index_order(digits):
-    m = _model(digits)
+    m = small_lenet(digits)
     idx = np.array([5, 900, 3, 41])
     out = infer(m, digits.x_train, idx, batch_size=3)
     assert out.indices.tolist() == idx.tolist()
