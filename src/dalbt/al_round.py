@@ -91,7 +91,8 @@ class RoundResult:
         train: Training summary (None for a cold start, which trains no classifier).
         test_acc: Accuracy on ``RoundData.test`` (None without a test set).
         queried: Dataset indices the strategy chose, (Q,) int64, in query order.
-        guesses: The model's outputs on ``queried`` (None for a cold start or no query).
+        guesses: With ``guesses=True``: the model's outputs on ``queried`` (None for a cold
+            start or no query).
         t_train: Seconds spent training.
         t_score: Seconds spent preparing the strategy and computing what it asked for.
         t_select: Seconds spent in the strategy's selection.
@@ -212,7 +213,7 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
               round_: int, budget: int, new_model: ModelFactory, model: DALBTNet | None = None,
               total_rounds: int | None = None, cold_start_epochs: int = 0,
               trained: TrainResult | None = None, dist: Dist = SINGLE, progress: bool = False,
-              keep_scores: bool = False) -> RoundResult:
+              keep_scores: bool = False, guesses: bool = False) -> RoundResult:
     """One AL round: train (or cold-start), measure, query.
 
     Args:
@@ -234,6 +235,8 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
             arguments; the strategy runs on rank 0).
         progress: Show progress bars.
         keep_scores: Keep what the scorers computed in ``RoundResult.scored``.
+        guesses: Also return the trained model's outputs on the queried images (what a
+            labelling app shows as its guess).
 
     Returns:
         What the round did.
@@ -260,6 +263,7 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
         result.test_acc = accuracy(model, data.test[0], data.test[1], dist=dist)
     if budget > 0 and len(data.unlabelled):
         _query(model, strategy, data, recipe, new_model, seed, round_, budget,
-               total_rounds if total_rounds is not None else round_ + 1, not cold, dist,
+               total_rounds if total_rounds is not None else round_ + 1,
+               guesses and not cold, dist,
                progress, keep_scores, result)
     return result

@@ -593,10 +593,9 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     res = run_round(Strategy(), round_data, full.train, seed=full.seed, round_=0, budget=0,
                     new_model=new_model, model=model)
     metrics = {"n_labelled": len(labelled), **res.metrics()}
-    test_acc, t_train, val_acc = res.test_acc, res.t_train, metrics["val_acc"]
     store.record_round(run.id, 0, metrics, np.empty(0, dtype=np.int64), finished=True)
-    log(f"[{FULL_DATA} seed {full.seed}] labelled {len(labelled)}  val {val_acc:.4f}  "
-        f"test {test_acc:.4f}  train {t_train:.1f}s")
+    log(f"[{FULL_DATA} seed {full.seed}] labelled {len(labelled)}  val {metrics['val_acc']:.4f}  "
+        f"test {res.test_acc:.4f}  train {res.t_train:.1f}s")
     return store.find_run(key) or run
 
 

@@ -27,7 +27,7 @@ from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.models.net import DALBTNet
 from dalbt.recipe import MAX_SEED, MAX_WIDTH, OOD_POLICIES, RunConfig, check_int
-from dalbt.store import RunRecord, Store, config_key
+from dalbt.store import FULL_DATA, RunRecord, Store, config_key
 from dalbt.strategies import build_strategy
 
 
@@ -114,6 +114,22 @@ def _resume_warm_start(model: torch.nn.Module, directory: Path | None, run_id: i
     apply_state(model, state, prev, what, fix)
 
 
+def _encoder_experiment(cfg: RunConfig, directory: str | os.PathLike,
+                        data: ImageDataset | None, log: Callable[[str], None]
+                        ) -> tuple[_Experiment, ImageDataset]:
+    """The experiment parts the shared encoder of ``cfg``'s seed depends on (its strategy
+    plays no part: ``cfg`` may be the full-data reference's)."""
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root)
+    data = apply_scenario(cfg, data)
+    if cfg.strategy == FULL_DATA:  # not a strategy; the encoder does not depend on it
+        cfg = replace(cfg, strategy="random", strategy_options={})
+    validate(cfg, data)
+    ex = _Experiment(cfg, None, data, SINGLE, log)
+    ex.directory = Path(directory)
+    return ex, data
+
+
 def prepare_encoder(cfg: RunConfig, directory: str | os.PathLike,
                     data: ImageDataset | None = None, progress: bool = True,
                     log: Callable[[str], None] = print) -> tuple[str, bool]:
@@ -130,12 +146,7 @@ def prepare_encoder(cfg: RunConfig, directory: str | os.PathLike,
     Returns:
         (the encoder's key, whether it was pre-trained now).
     """
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_root)
-    data = apply_scenario(cfg, data)
-    validate(cfg, data)
-    ex = _Experiment(cfg, None, data, SINGLE, log)
-    ex.directory = Path(directory)
+    ex, data = _encoder_experiment(cfg, directory, data, log)
     encoder = ex.encoder()
     return encoder.key, encoder.ensure(data.x_train, ex.candidates, ex.new_model, progress, log)
 
@@ -146,16 +157,9 @@ def encoder_state(cfg: RunConfig, directory: str | os.PathLike,
     """The shared pre-trained encoder's weights of ``cfg``'s seed (read from the cache, or
     pre-trained and cached now): what every AL run of that seed starts from.
 
-    Args: as :func:`prepare_encoder` (``cfg``'s strategy plays no part: it may be the
-        full-data reference's).
+    Args: as :func:`prepare_encoder`.
     """
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_root)
-    data = apply_scenario(cfg, data)
-    cfg = replace(cfg, strategy="random", strategy_options={})
-    validate(cfg, data)
-    ex = _Experiment(cfg, None, data, SINGLE, log)
-    ex.directory = Path(directory)
+    ex, data = _encoder_experiment(cfg, directory, data, log)
     return ex.encoder().state(data.x_train, ex.candidates, ex.new_model, progress, log)
 
 

@@ -772,7 +772,8 @@ class Project:
         res = run_round(strategy, data, train_cfg, seed=cfg.seed, round_=round_, budget=budget,
                         new_model=new_model,
                         total_rounds=max(cfg.planned_rounds, round_ + 1),
-                        cold_start_epochs=cfg.cold_start_epochs, progress=progress)
+                        cold_start_epochs=cfg.cold_start_epochs, progress=progress,
+                        guesses=True)
         model, chosen, method = res.model, res.queried, "cold-start" if cold else cfg.strategy
         val_acc = float(res.train.val_acc) if res.train is not None and len(val_pos) else None
         predicted: list[str | None] = (
