@@ -16,7 +16,7 @@ from dalbt.loop import RunConfig, run_experiment
 from dalbt.models import build_model
 from dalbt.models.net import DALBTNet, make_projector
 from dalbt.store import Store
-from dalbt.train import TrainConfig, accuracy, train_round
+from dalbt.train import TrainConfig, accuracy, infer, train_round
 
 HEAD = TrainConfig(finetune="head", pretrain_epochs=1)
 
@@ -202,6 +202,50 @@ def test_run_with_a_linear_head_keeps_the_pretrained_encoder(tmp_path, digits, m
         assert state.keys() == {k for k in pretrained if not k.startswith("classifier")}
         for k, v in state.items():
             assert torch.equal(v, pretrained[k]), k
+
+
+def test_head_outputs_equal_a_full_pass_and_encode_the_images_once(digits):
+    model = _lenet(digits)
+    cache = probe.FrozenLatents()
+    idx = np.array([5, 0, 17, 3])
+    z = cache(model, digits.x_train, idx)
+    assert cache.encodings == 1
+    ref = infer(model, digits.x_train, idx)
+    torch.testing.assert_close(z, ref.latents, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache(model, digits.x_train, idx[::-1]), z.flip(0))
+    assert cache.encodings == 1  # indexed, not encoded again
+    out = probe.head_outputs(model, digits.x_train, idx)
+    np.testing.assert_array_equal(out.indices, idx)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_latents_follow_the_encoder_weights_and_the_images(digits):
+    model = _lenet(digits)
+    cache = probe.FrozenLatents()
+    idx = np.arange(4)
+    before = cache(model, digits.x_train, idx)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # not the encoder: nothing to recompute
+    cache(model, digits.x_train, idx)
+    assert cache.encodings == 1
+    with torch.no_grad():
+        next(model.encoder.parameters()).mul_(2.0)
+    after = cache(model, digits.x_train, idx)
+    assert cache.encodings == 2 and not torch.equal(before, after)
+    cache(model, digits.x_train.clone(), idx)  # other images, even with equal values
+    assert cache.encodings == 3
+
+
+def test_a_head_run_encodes_the_pool_once(tmp_path, digits, monkeypatch):
+    cache = probe.FrozenLatents()
+    monkeypatch.setattr(probe, "frozen_latents", cache)
+    cfg = RunConfig(dataset="digits", strategy="badge", initial=30, budget=20, rounds=2,
+                    val_size=100, projector_dims=(32, 32),
+                    train=TrainConfig(epochs=1, finetune="head", pretrain_epochs=1))
+    with Store(tmp_path) as store:
+        run = run_experiment(cfg, store, progress=False, data=digits, log=lambda s: None)
+    assert run.status == "finished"
+    assert cache.encodings == 1  # three rounds of training and two queries share one pass
 
 
 # --- distributed: every rank fits the same head ------------------------------------------------

@@ -28,6 +28,7 @@ from dalbt import rng as rngs
 from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.models.net import DALBTNet
 from dalbt.outputs import Outputs
+from dalbt.probe import head_outputs
 from dalbt.recipe import TrainConfig
 from dalbt.strategies import QueryContext, Strategy
 from dalbt.train import TrainResult, accuracy, infer, mc_dropout_probs, pretrain_barlow
@@ -168,7 +169,11 @@ def _query(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainCo
     def score(idx: np.ndarray) -> Outputs:
         if dist.is_main:
             bar.total = (bar.total or 0) + len(idx)
-        out = infer(model, data.images, idx, progress=bar.update, dist=dist)
+        if recipe.finetune == "head":  # the frozen encoder's latents are stored per run
+            out = head_outputs(model, data.images, idx, dist=dist)
+            bar.update(len(idx))
+        else:
+            out = infer(model, data.images, idx, progress=bar.update, dist=dist)
         if scored is not None:
             scored.append({"kind": "outputs", "indices": torch.as_tensor(out.indices),
                            "logits": out.logits, "latents": out.latents})

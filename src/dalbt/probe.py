@@ -1,10 +1,12 @@
 """``--finetune head``: a linear probe on a frozen encoder.
 
 The encoder (and the Barlow Twins projector) are never trained: the latents of the labelled and
-validation images are computed once per round (eval mode, :func:`dalbt.train.infer`) and only
+validation images come from the frozen encoder's latents of every image, computed once per run
+and encoder (:class:`FrozenLatents`; eval mode, :func:`dalbt.train.infer`), and only
 ``model.classifier``, an ``nn.Linear`` on the latents, is fitted to them by multinomial logistic
-regression. Strategies then score the pool with the same model as under ``--finetune all``, so
-they see the same :class:`~dalbt.strategies.QueryContext` either way.
+regression. Strategies score the pool with the same model as under ``--finetune all``
+(:func:`head_outputs`: the classifier on the stored latents), so they see the same
+:class:`~dalbt.strategies.QueryContext` either way.
 
 How the head is fitted, and why:
 
@@ -39,6 +41,7 @@ One fit of 1,000 labels x 60 dimensions takes about 0.2 s on one core of a busy 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import weakref
@@ -53,8 +56,9 @@ from torch import Tensor, nn
 
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import TrainingDiverged
+from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
-from dalbt.train import TrainResult, infer
+from dalbt.train import INFERENCE_BATCH, TrainResult, infer
 
 if TYPE_CHECKING:
     from dalbt.models.net import DALBTNet
@@ -242,10 +246,75 @@ def select_on_validation(fits: Iterable[HeadFit], z_val: Tensor, y_val: Tensor
     return best, best_acc, history
 
 
+def encoder_fingerprint(model: DALBTNet) -> str:
+    """A digest of the encoder's weights and buffers: equal digests, equal latents."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FrozenLatents:
+    """The latents of every image under a frozen encoder, computed once and reused.
+
+    Under ``--finetune head`` the encoder is the same in every round of a run (the shared
+    pre-trained one), so encoding the 55,000-image pool again each round is wasted work: the
+    first request encodes all N images (eval mode, :func:`dalbt.train.infer`), later requests
+    index the stored (N, D) latents. The entry is keyed by the image tensor (a weak reference)
+    and :func:`encoder_fingerprint`, so changed weights or other images recompute it; one entry
+    is kept, so a process holds one (N, D) float32 array at most.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref[Tensor], str, Tensor] | None = None
+        self.encodings = 0  # how many times the whole image set was encoded (tests read it)
+
+    def __call__(self, model: DALBTNet, images: Tensor, indices: np.ndarray,
+                 dist: Dist = SINGLE) -> Tensor:
+        """(M, D) float32 CPU latents of ``images[indices]``."""
+        fingerprint = encoder_fingerprint(model)
+        entry = self._entry
+        if entry is None or entry[0]() is not images or entry[1] != fingerprint:
+            self._entry = None  # free the old array before building the new one
+            out = infer(model, images, np.arange(len(images)), dist=dist)
+            entry = (weakref.ref(images), fingerprint, out.latents.clone())
+            self._entry = entry
+            self.encodings += 1
+        return entry[2][torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))]
+
+    def clear(self) -> None:
+        """Drop the stored latents."""
+        self._entry = None
+
+
+#: The process's frozen-encoder latents (see :class:`FrozenLatents`).
+frozen_latents = FrozenLatents()
+
+
 def _latents(model: DALBTNet, images: Tensor, indices: np.ndarray, dist: Dist) -> Tensor:
-    """(M, D) float32 CPU latents of ``images[indices]`` (eval mode, batched)."""
-    out = infer(model, images, np.asarray(indices, dtype=np.int64), dist=dist)
-    return out.latents.clone()  # a normal tensor (infer's are inference tensors)
+    """(M, D) float32 CPU latents of ``images[indices]`` under the frozen encoder."""
+    return frozen_latents(model, images, indices, dist)
+
+
+@torch.no_grad()
+def head_outputs(model: DALBTNet, images: Tensor, indices: np.ndarray,
+                 dist: Dist = SINGLE) -> Outputs:
+    """What :func:`dalbt.train.infer` returns, from the frozen encoder's stored latents: the
+    classifier alone runs each round.
+
+    Returns:
+        :class:`Outputs` with CPU float32 logits (M, K) and latents (M, D).
+    """
+    z = _latents(model, images, indices, dist)
+    device = next(model.classifier.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model.classifier(c.to(device)).float().cpu()
+                        for c in z.split(INFERENCE_BATCH)]) if len(z) else \
+        torch.empty(0, model.num_classes)
+    model.train(was_training)
+    return Outputs(indices=np.asarray(indices, dtype=np.int64), logits=logits, latents=z)
 
 
 @torch.no_grad()
