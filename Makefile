@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dalbt-installed
 DEMO   := runs/demo
-DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --steps 300 --eval-every-steps 50 --val-size 200 \
+DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --steps 600 --eval-every-steps 100 --val-size 200 \
              --seed 0 --out $(DEMO) --resume
 
 .PHONY: setup data demo test test-quick lint typecheck bench clean
