@@ -23,6 +23,7 @@ from dalbt.strategies import (
     mobyv2al,
     pt4al,
     random,
+    typicality,
     uncertainty,
     vaal,
     waal,
@@ -40,7 +41,7 @@ from dalbt.strategies.base import (
 
 # Every strategy module lists its classes in STRATEGY_CLASSES.
 _MODULES = (random, weibull, uncertainty, bayesian, coreset, badge, ensemble, vaal, waal, dalosr,
-            pt4al, mobyv2al)
+            pt4al, mobyv2al, typicality)
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for module in _MODULES for cls in module.STRATEGY_CLASSES
 }
