@@ -13,16 +13,19 @@ a classifier output, so they also choose the first images to label (a cold start
 Facts taken from the authors' reference code (github.com/avihu111/TypiClust,
 ``deep-al/pycls/al/typiclust.py`` and ``prob_cover.py``; features loaded through
 ``deep-al/pycls/datasets/utils/features.py``, which L2-normalises them by default), with the
-deviations stated where they occur. Memory is O(N K) throughout: neighbours come from chunked
-scikit-learn queries and the delta-ball graph is stored as sparse (CSR) arrays, never N x N.
+deviations stated where they occur. Memory is O(N K) throughout: nearest neighbours come from
+scikit-learn queries (chunked by scikit-learn), ball distances from blocked float32 matrix products
+of at most 16M entries, and the delta-ball graph is stored as sparse (CSR) arrays, never N x N.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
+import torch
 from scipy import sparse
 from torch import Tensor
 
@@ -44,11 +47,12 @@ K_NN = 20
 FULL_KMEANS_MAX_CLUSTERS = 50
 MINIBATCH_SIZE = 5000
 # ProbCover: the purity rule's alpha (paper: 0.95), the points whose purity is measured, the
-# cap on the graph's mean out-degree (memory), and the query rows per radius query.
+# cap on the graph's mean out-degree (memory), and the query rows per distance block.
 DEFAULT_ALPHA = 0.95
 DEFAULT_PURITY_SAMPLE = 10_000
 DEFAULT_MAX_DEGREE = 1000
 DEFAULT_CHUNK = 1024
+BLOCK_ELEMENTS = 1 << 24  # at most 64 MiB of float32 distances at once
 # Added to the mean neighbour distance before inverting it, as in the reference code.
 TYPICALITY_EPS = 1e-5
 
@@ -213,69 +217,98 @@ def typiclust_positions(x: np.ndarray, n_labelled: int, n: int, rng: np.random.G
     return np.asarray(picks, dtype=np.int64)
 
 
+def _sq_distance_blocks(q: Tensor, q_sq: Tensor, x: Tensor, sq: Tensor, block: int
+                        ) -> Iterator[tuple[int, Tensor]]:
+    """Squared distances of the rows ``q`` to every row of ``x``, one column block at a time.
+
+    ``||q||^2 + ||x||^2 - 2 q.x`` in float32, clamped at 0: at most (len(q), block) floats at
+    once.
+
+    Args:
+        q: Query rows, (Q, D) float32.
+        q_sq: Their squared norms, (Q,).
+        x: All rows, (N, D) float32.
+        sq: Their squared norms, (N,).
+        block: Columns per block.
+
+    Yields:
+        (first column of the block, (Q, <= block) float32 squared distances).
+    """
+    for c0 in range(0, len(x), block):
+        c1 = min(c0 + block, len(x))
+        d2 = torch.addmm(sq[None, c0:c1], q, x[c0:c1].T, alpha=-2.0)
+        yield c0, d2.add_(q_sq[:, None]).clamp_min_(0.0)
+
+
+def _blocking(n: int, chunk: int) -> tuple[int, int]:
+    """(query rows, columns) per distance block: about :data:`BLOCK_ELEMENTS` floats."""
+    rows = max(1, min(int(chunk), n))
+    return rows, max(1, min(n, BLOCK_ELEMENTS // rows))
+
+
 def delta_ball_graph(x: np.ndarray, delta: float, max_degree: int = DEFAULT_MAX_DEGREE,
                      chunk: int = DEFAULT_CHUNK) -> sparse.csr_array:
     """The directed delta-ball graph: an edge i -> j when ``||x_i - x_j|| < delta``.
 
-    Every node has its self-loop (its ball holds it). Built from radius queries of at most
-    ``min(chunk, max_degree)`` rows at a time, so that no chunk's edges can outgrow the cap.
+    Every node has its self-loop (its ball holds it, as in the reference, where the distance 0
+    is below delta). Distances are computed in (chunk, ~16M / chunk) float32 blocks as matrix
+    products and only the edges are kept, so memory is O(E) plus one block; time O(N^2 D).
 
     Args:
         x: Features, (N, D).
         delta: Ball radius (> 0).
         max_degree: Cap on the mean out-degree: memory stays O(N max_degree).
-        chunk: Query rows per radius query.
+        chunk: Query rows per block.
 
     Returns:
-        (N, N) CSR adjacency, int8 ones, int32 column indices, rows sorted by column.
+        (N, N) CSR adjacency, int8 ones, int32 column indices sorted within each row.
 
     Raises:
         DalbtError: The graph would hold more than ``max_degree`` edges per node on average.
     """
-    from sklearn.neighbors import NearestNeighbors
-
     total = len(x)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    sq = (xt * xt).sum(dim=1)
     limit = int(max_degree) * total
-    nn = NearestNeighbors(radius=float(delta)).fit(x)
-    step = max(1, min(int(chunk), int(max_degree)))
+    thr = float(delta) ** 2
+    rows, block = _blocking(total, chunk)
     counts = np.zeros(total, dtype=np.int64)
     cols: list[np.ndarray] = []
     edges = 0
-    for s in range(0, total, step):
-        stop = min(s + step, total)
-        dist, ind = nn.radius_neighbors(x[s:stop], return_distance=True, sort_results=True)
-        lens = np.fromiter((len(a) for a in ind), dtype=np.int64, count=stop - s)
-        rows = np.repeat(np.arange(s, stop), lens)
-        flat_i = np.concatenate(ind) if len(ind) else np.empty(0, dtype=np.int64)
-        flat_d = np.concatenate(dist) if len(dist) else np.empty(0)
-        keep = (flat_d < delta) & (flat_i != rows)  # strict, as the reference; self added below
-        rows, flat_i = rows[keep], flat_i[keep]
-        per_row = np.bincount(rows - s, minlength=stop - s) + 1
-        edges += int(per_row.sum())
-        if edges > limit:
-            raise DalbtError(
-                f"probcover: delta={delta:.4g} puts more than {max_degree} points in a ball on "
-                f"average ({edges:,} edges after {stop:,} of {total:,} points); pass a smaller "
-                f"delta (-O delta=..., unset = the purity rule) or a larger -O max_degree=...")
-        counts[s:stop] = per_row
-        # each row: its self-loop first, then its neighbours by distance
-        out = np.empty(int(per_row.sum()), dtype=np.int32)
-        starts = np.concatenate([[0], np.cumsum(per_row)[:-1]])
-        out[starts] = np.arange(s, stop, dtype=np.int32)
-        rest = np.ones(len(out), dtype=bool)
-        rest[starts] = False
-        out[rest] = flat_i
-        cols.append(out)
+    for s in range(0, total, rows):
+        stop = min(s + rows, total)
+        r_parts, c_parts = [], []
+        for c0, d2 in _sq_distance_blocks(xt[s:stop], sq[s:stop], xt, sq, block):
+            r, c = (d2 < thr).nonzero(as_tuple=True)
+            edges += len(r)
+            if edges > limit:
+                raise DalbtError(
+                    f"probcover: delta={delta:.4g} puts more than {max_degree} points in a ball "
+                    f"on average (over {edges:,} edges among {total:,} points); pass a smaller "
+                    f"delta (-O delta=..., unset = the purity rule) or a larger "
+                    f"-O max_degree=... (memory: about 10 bytes per edge)")
+            r_parts.append(r.numpy())
+            c_parts.append((c + c0).numpy().astype(np.int32))
+        r_all, c_all = np.concatenate(r_parts), np.concatenate(c_parts)
+        # self-loops whatever the rounding says (a point's ball holds it)
+        self_rows = np.arange(stop - s)
+        missing = np.ones(stop - s, dtype=bool)
+        missing[r_all[c_all == r_all + s]] = False
+        r_all = np.concatenate([r_all, self_rows[missing]])
+        c_all = np.concatenate([c_all, (self_rows[missing] + s).astype(np.int32)])
+        edges += int(missing.sum())
+        order = np.lexsort((c_all, r_all))
+        counts[s:stop] = np.bincount(r_all, minlength=stop - s)
+        cols.append(c_all[order])
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     indices = np.concatenate(cols) if cols else np.empty(0, dtype=np.int32)
-    graph = sparse.csr_array((np.ones(len(indices), dtype=np.int8), indices, indptr),
-                             shape=(total, total))
-    graph.sort_indices()
-    return graph
+    return sparse.csr_array((np.ones(len(indices), dtype=np.int8), indices, indptr),
+                            shape=(total, total))
 
 
 def purity_delta(x: np.ndarray, num_classes: int, rng: np.random.Generator,
-                 alpha: float = DEFAULT_ALPHA, sample: int = DEFAULT_PURITY_SAMPLE) -> float:
+                 alpha: float = DEFAULT_ALPHA, sample: int = DEFAULT_PURITY_SAMPLE,
+                 chunk: int = DEFAULT_CHUNK) -> float:
     """ProbCover's delta: the largest radius at which ``alpha`` of the balls are pure.
 
     The paper's rule: pseudo-labels from k-means with k = ``num_classes``; the ball of radius
@@ -286,9 +319,9 @@ def purity_delta(x: np.ndarray, num_classes: int, rng: np.random.Generator,
     ``r``. Purity is measured on up to ``sample`` points drawn from ``rng`` (all when there are
     fewer).
 
-    Cost: k-means with k = num_classes on all N rows (10 initialisations), then a nearest
-    neighbour query of the S sampled points against the rows of the other pseudo-labels,
-    O(S N D) time by brute force, O(S) memory beyond scikit-learn's chunks. Run once per query.
+    Cost: k-means with k = num_classes on all N rows (10 initialisations), then the distances
+    of the S sampled points to all N rows as blocked float32 matrix products, O(S N D) time,
+    O(S) memory plus one (chunk, ~16M / chunk) block. Run once per query.
 
     Args:
         x: Features, (N, D) (ProbCover passes them L2-normalised).
@@ -296,27 +329,33 @@ def purity_delta(x: np.ndarray, num_classes: int, rng: np.random.Generator,
         rng: Draws the k-means seed and the sample.
         alpha: Fraction of pure balls required, in (0, 1).
         sample: Points whose ball purity is measured.
+        chunk: Sampled points per block.
 
     Returns:
         delta (> 0 unless points of different pseudo-labels coincide). When one pseudo-label
-        holds every point, every ball is pure: the diameter of the data's bounding box.
+        holds every point, every ball is pure: just over the diameter of the data's bounding
+        box.
     """
-    from sklearn.neighbors import NearestNeighbors
-
     total = len(x)
     labels = kmeans_labels(x, max(1, min(int(num_classes), total)), _seed(rng))
     if total > sample:
         chosen = np.sort(rng.choice(total, size=int(sample), replace=False))
     else:
         chosen = np.arange(total)
-    r = np.full(len(chosen), np.inf)
-    for c in np.unique(labels[chosen]):
-        other = labels != c
-        if not other.any():
-            continue
-        mine = np.flatnonzero(labels[chosen] == c)
-        dist, _ = NearestNeighbors(n_neighbors=1).fit(x[other]).kneighbors(x[chosen[mine]])
-        r[mine] = dist[:, 0]
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    sq = (xt * xt).sum(dim=1)
+    lab = torch.from_numpy(labels)
+    rows, block = _blocking(len(chosen), chunk)
+    r2 = torch.empty(len(chosen), dtype=torch.float32)
+    for s in range(0, len(chosen), rows):
+        q = torch.from_numpy(chosen[s : s + rows])
+        best = torch.full((len(q),), float("inf"))
+        q_lab = lab[q, None]
+        for c0, d2 in _sq_distance_blocks(xt[q], sq[q], xt, sq, block):
+            d2.masked_fill_(lab[None, c0 : c0 + d2.shape[1]] == q_lab, float("inf"))
+            best = torch.minimum(best, d2.amin(dim=1))
+        r2[s : s + rows] = best
+    r = r2.clamp_min_(0.0).sqrt_().numpy().astype(np.float64)
     need = max(1, math.ceil(alpha * len(r)))
     delta = float(np.sort(r)[len(r) - need])
     if not math.isfinite(delta):
@@ -348,7 +387,7 @@ def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
         delta: Ball radius.
         rng: Orders ties and draws the random rest.
         max_degree: Cap on the graph's mean out-degree (see :func:`delta_ball_graph`).
-        chunk: Query rows per radius query.
+        chunk: Query rows per distance block.
 
     Returns:
         (n,) int64 positions in the pool (0..U-1), in pick order.
