@@ -13,8 +13,12 @@ Peak extra memory is the rise of the process's peak resident set size during ``s
 heap memory is returned to the OS and the high-water mark reset through /proc/self/clear_refs
 just before); memory the allocator still holds from earlier work can hide small allocations.
 
+A strategy that refuses a pool (a DalbtError, e.g. ``probcover`` whose delta-ball graph would
+outgrow its ``max_degree`` cap) gets a row saying so and is not run at larger sizes.
+
 Usage: python benchmarks/selection_scaling.py [--sizes 10000 100000 1000000]
     [--strategies weibull coreset ...] [--threads 2] [--quick]
+    [--option probcover:delta=0.5 ...]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.strategies import STRATEGIES, Outputs, QueryContext, Strategy, build_strategy
 from dalbt.train import TrainConfig
@@ -41,7 +46,7 @@ LABELLED = 1000
 MC_SAMPLES = 20
 BUDGET = 1000
 # Strategies run at 1M (the others stop at 100k unless --sizes/--large says otherwise).
-LARGE = ("coreset", "weibull", "entropy", "badge")
+LARGE = ("coreset", "weibull", "entropy", "badge", "typiclust", "probcover")
 # Per-strategy budget where the default one is out of reach.
 BUDGETS = {"batchbald": 100}
 # Small options for strategies that train models of their own (prepare untimed).
@@ -205,7 +210,16 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="skip larger sizes when the linear extrapolation exceeds this")
     p.add_argument("--quick", action="store_true", help="one small size (5k), budget 100")
+    p.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="an option of one strategy (repeatable), e.g. probcover:delta=0.5")
     args = p.parse_args()
+    args.options = {}
+    for item in args.option:
+        name, _, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not (name and key and eq):
+            p.error(f"--option takes NAME:KEY=VALUE, got {item!r}")
+        args.options.setdefault(name, {})[key] = _parse_value(value)
     args.sizes = [5_000] if args.quick else sorted(args.sizes)
     args.budget = 100 if args.quick else args.budget
     args.strategies = args.strategies or sorted(STRATEGIES)
@@ -215,9 +229,22 @@ def _parse_args() -> argparse.Namespace:
     return args
 
 
+def _parse_value(text: str) -> object:
+    """An option value from the command line: int, float, bool, None or the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+USER_OPTIONS: dict[str, dict] = {}  # --option, per strategy
+
+
 def _build(name: str) -> Strategy:
     opts = SMALL_OPTIONS.get(name, {}) if overrides_prepare(STRATEGIES[name]) else {}
-    return build_strategy(name, **opts)
+    return build_strategy(name, **{**opts, **USER_OPTIONS.get(name, {})})
 
 
 def _prepared(name: str, s: Strategy, data: Synthetic, notes: list[str], stop: set[str],
@@ -257,11 +284,24 @@ def _run_one(name: str, size: int, data: Synthetic, args: argparse.Namespace,
     notes = []
     if n != args.budget:
         notes.append(f"budget {n}")
+    if USER_OPTIONS.get(name):
+        notes.append(",".join(f"{k}={v}" for k, v in USER_OPTIONS[name].items()))
     if SMALL_OPTIONS.get(name) and overrides_prepare(type(s)):
         notes.append("small options " + ",".join(
             f"{k}={v}" for k, v in SMALL_OPTIONS[name].items()))
     s, ctx = _prepared(name, s, data, notes, stop, args.prepare_limit)
-    seconds, mib, exact = measure(lambda: s.select(ctx, n))
+    refusal: list[str] = []
+
+    def run() -> None:
+        try:
+            s.select(ctx, n)
+        except DalbtError as exc:
+            refusal.append(str(exc))
+
+    seconds, mib, exact = measure(run)
+    if refusal:
+        notes.append(f"refused after {seconds:.1f} s: {refusal[0]}")
+        stop.add(name)
     later = [x for x in args.sizes if x > size and (x <= 100_000 or name in args.large)]
     if later and name not in stop and seconds * later[0] / size > args.max_seconds:
         notes.append(f"~{seconds * later[0] / size:.0f} s expected at {later[0]:,}: "
@@ -283,6 +323,7 @@ def _print_table(rows: list[tuple[str, int, float, float, bool, str]]) -> None:
 
 def main() -> None:
     args = _parse_args()
+    USER_OPTIONS.update(args.options)
     torch.set_num_threads(args.threads)
     names = args.strategies
 
