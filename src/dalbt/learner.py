@@ -27,7 +27,7 @@ from dalbt.errors import DalbtError
 from dalbt.models.net import DALBTNet, make_projector
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
-from dalbt.strategies import Strategy, build_strategy
+from dalbt.strategies import STRATEGIES, Strategy, build_strategy
 from dalbt.train import TrainResult, infer, with_min_steps
 
 __all__ = ["ActiveLearner", "ClassifierModule", "as_dalbt_model"]
@@ -195,8 +195,9 @@ class ActiveLearner:
                          else build_strategy(strategy, **strategy_options))
         self.cold_strategy = build_strategy(cold_start_strategy)
         if not self.cold_strategy.label_free:
+            free = ", ".join(sorted(n for n, c in STRATEGIES.items() if c.label_free))
             raise DalbtError(f"cold_start_strategy {cold_start_strategy!r} needs labels; use "
-                             "'coreset' or 'random'")
+                             f"one of: {free}")
         self.cold_start_epochs = int(cold_start_epochs)
         self.progress = progress
         if isinstance(model, nn.Module):
