@@ -251,14 +251,15 @@ def delta_ball_graph(x: np.ndarray, delta: float, max_degree: int = DEFAULT_MAX_
     """The directed delta-ball graph: an edge i -> j when ``||x_i - x_j|| < delta``.
 
     Every node has its self-loop (its ball holds it, as in the reference, where the distance 0
-    is below delta). Distances are computed in (chunk, ~16M / chunk) float32 blocks as matrix
-    products and only the edges are kept, so memory is O(E) plus one block; time O(N^2 D).
+    is below delta). Distances are computed in (rows, N) float32 blocks of at most ~16M entries
+    (rows <= chunk) as matrix products and only the edges are kept, so memory is O(E) plus one
+    block; time O(N^2 D).
 
     Args:
         x: Features, (N, D).
         delta: Ball radius (> 0).
         max_degree: Cap on the mean out-degree: memory stays O(N max_degree).
-        chunk: Query rows per block.
+        chunk: Most query rows per block.
 
     Returns:
         (N, N) CSR adjacency, int8 ones, int32 column indices sorted within each row.
@@ -271,37 +272,33 @@ def delta_ball_graph(x: np.ndarray, delta: float, max_degree: int = DEFAULT_MAX_
     sq = (xt * xt).sum(dim=1)
     limit = int(max_degree) * total
     thr = float(delta) ** 2
-    rows, block = _blocking(total, chunk)
+    # one (rows, N) block per step: its nonzeros come in CSR order (by row, then column)
+    rows = max(1, min(int(chunk), BLOCK_ELEMENTS // max(total, 1)))
     counts = np.zeros(total, dtype=np.int64)
     cols: list[np.ndarray] = []
     edges = 0
     for s in range(0, total, rows):
         stop = min(s + rows, total)
-        r_parts, c_parts = [], []
-        for c0, d2 in _sq_distance_blocks(xt[s:stop], sq[s:stop], xt, sq, block):
-            r, c = (d2 < thr).nonzero(as_tuple=True)
-            edges += len(r)
-            if edges > limit:
-                raise DalbtError(
-                    f"probcover: delta={delta:.4g} puts more than {max_degree} points in a ball "
-                    f"on average (over {edges:,} edges among {total:,} points); pass a smaller "
-                    f"delta (-O delta=..., unset = the purity rule) or a larger "
-                    f"-O max_degree=... (memory: about 10 bytes per edge)")
-            r_parts.append(r.numpy())
-            c_parts.append((c + c0).numpy().astype(np.int32))
-        r_all, c_all = np.concatenate(r_parts), np.concatenate(c_parts)
+        _, d2 = next(_sq_distance_blocks(xt[s:stop], sq[s:stop], xt, sq, total))
+        mask = d2 < thr
+        del d2
         # self-loops whatever the rounding says (a point's ball holds it)
-        self_rows = np.arange(stop - s)
-        missing = np.ones(stop - s, dtype=bool)
-        missing[r_all[c_all == r_all + s]] = False
-        r_all = np.concatenate([r_all, self_rows[missing]])
-        c_all = np.concatenate([c_all, (self_rows[missing] + s).astype(np.int32)])
-        edges += int(missing.sum())
-        order = np.lexsort((c_all, r_all))
-        counts[s:stop] = np.bincount(r_all, minlength=stop - s)
-        cols.append(c_all[order])
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        mask[torch.arange(stop - s), torch.arange(s, stop)] = True
+        counts[s:stop] = mask.sum(dim=1).numpy()
+        edges += int(counts[s:stop].sum())
+        if edges > limit:
+            raise DalbtError(
+                f"probcover: delta={delta:.4g} puts more than {max_degree} points in a ball on "
+                f"average (over {edges:,} edges among {total:,} points); pass a smaller delta "
+                f"(-O delta=..., unset = the purity rule) or a larger -O max_degree=... "
+                f"(memory: about 25 bytes per edge at peak)")
+        cols.append(mask.nonzero()[:, 1].to(torch.int32).numpy())
+        del mask
+    # int32 offsets while they fit, so that scipy keeps the int32 indices (4 bytes an edge)
+    index_type = np.int32 if edges < np.iinfo(np.int32).max else np.int64
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_type)
     indices = np.concatenate(cols) if cols else np.empty(0, dtype=np.int32)
+    del cols
     return sparse.csr_array((np.ones(len(indices), dtype=np.int8), indices, indptr),
                             shape=(total, total))
 
@@ -376,9 +373,9 @@ def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
     argmax of all-zero degrees, i.e. its first row, which can repeat a point or return a
     labelled one). Exact ties go to a random point (the reference: the first row).
 
-    Cost: the graph (:func:`delta_ball_graph`; E edges, memory ~ 10 E bytes for it and its
-    transpose); each pick, O(N) for the argmax plus the in-edges of the points it covers
-    (O(E) over the whole query).
+    Cost: the graph (:func:`delta_ball_graph`, O(N^2 D) time; E edges, about 10 bytes per edge
+    for it and its transpose, 25 at peak while building them); each pick, O(N) for the argmax
+    plus the in-edges of the points it covers (O(E) over the whole query).
 
     Args:
         x: L2-normalised features, (L + U, D): the L labelled rows first, then the pool.
@@ -398,7 +395,9 @@ def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
     into = out.T.tocsr()  # in-neighbours (the graph need not be exactly symmetric in floats)
     covered = np.zeros(total, dtype=bool)
     covered[out.indices[: out.indptr[n_labelled]]] = True
-    degree = np.asarray(out @ (~covered).astype(np.int64), dtype=np.int64)[n_labelled:]
+    # uncovered out-neighbours of every pool row (every row holds its self-loop: none is empty)
+    starts = out.indptr[n_labelled:-1]
+    degree = np.add.reduceat((~covered)[out.indices].view(np.int8), starts, dtype=np.int64)
     tie = tie_keys(rng, np.arange(u))
     # one int64 key per pool point: degree first, then the random tie order (all keys distinct)
     key = degree * u + (u - 1 - tie)
@@ -501,7 +500,7 @@ class ProbCoverStrategy(Strategy):
         alpha: Fraction of pure balls the purity rule requires (paper: 0.95).
         purity_sample: Points whose ball purity the rule measures.
         max_degree: Refuse a delta whose graph has more edges per point than this on average
-            (memory: about 10 bytes per edge).
+            (memory: about 10 bytes per edge, 25 at peak).
     """
 
     name = "probcover"
