@@ -77,6 +77,8 @@ NEEDS = {
     "margin": ({"probs"}, set(), True),
     "badge": ({"probs", "embeddings"}, set(), True),
     "coreset": ({"embeddings"}, {"labelled_embeddings"}, True),
+    "typiclust": ({"embeddings"}, {"labelled_embeddings"}, True),
+    "probcover": ({"embeddings"}, {"labelled_embeddings"}, True),
     "weibull": ({"probs", "embeddings"},
                 {"labelled_embeddings", "labelled_probs", "labelled_targets"}, False),
     "weibull-balanced": ({"probs", "embeddings"},

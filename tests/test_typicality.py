@@ -157,3 +157,14 @@ def test_same_seed_same_query_other_pool_order_same_set(name):
     a = build_strategy(name).select(_ctx(x, labelled=lab, seed=3), 6)
     b = build_strategy(name).select(_ctx(x, labelled=lab, seed=3), 6)
     assert np.array_equal(a, b)
+
+
+def test_probcover_without_num_classes_asks_for_it_or_a_delta():
+    from dalbt.selection import select
+
+    x, y = _clusters()
+    with pytest.raises(DalbtError, match="num_classes"):
+        select("probcover", 3, embeddings=x)
+    got = select("probcover", 3, embeddings=x, num_classes=3)
+    assert sorted(y[got].tolist()) == [0, 1, 2]
+    assert sorted(y[select("probcover", 3, embeddings=x, delta=0.5)].tolist()) == [0, 1, 2]

@@ -17,7 +17,8 @@ What each strategy reads (checked by ``tests/test_selection.py``)::
     entropy, least-confidence, margin
                         probs                 -
     badge               probs, embeddings     -
-    coreset             embeddings            labelled_embeddings (optional: cold start)
+    coreset, typiclust, probcover
+                        embeddings            labelled_embeddings (optional: cold start)
     weibull, weibull-balanced
                         probs, embeddings     labelled_embeddings, labelled_probs,
                                               labelled_targets

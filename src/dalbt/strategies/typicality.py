@@ -526,6 +526,10 @@ class ProbCoverStrategy(Strategy):
         x, n_lab = _round_features(ctx, True)
         delta = self.delta
         if delta is None:
+            if ctx.num_classes < 1:
+                raise DalbtError("probcover chooses delta from k-means with k = the number of "
+                                 "classes, which is unknown here: pass num_classes=... or a "
+                                 "delta (-O delta=...)")
             delta = purity_delta(x, ctx.num_classes, ctx.rng, self.alpha, self.purity_sample)
         self.last_delta = delta
         pos = probcover_positions(x, n_lab, n, delta, ctx.rng, self.max_degree)
