@@ -52,9 +52,35 @@ def test_selection_queries_the_cosine_outliers_first():
     assert set(got[2:].tolist()) == {100, 101, 102, 103}
 
 
+def _cosine_case():
+    """Labelled classes at 0 and 90 degrees; pool 100-103 typical, 104-105 outliers."""
+    rng = np.random.default_rng(0)
+    lab = np.concatenate([_angle(rng.normal(0, 3, 40), rng.uniform(1, 5, 40)),
+                          _angle(90 + rng.normal(0, 3, 40), rng.uniform(1, 5, 40))])
+    y = np.array([0] * 40 + [1] * 40)
+    pool = np.concatenate([_angle(np.array([0.5, 89.5, -0.5, 90.2]), 20.0),
+                           _angle(np.array([50.0, 35.0]))])
+    return (torch.tensor(lab, dtype=torch.float32), y, torch.tensor(y),
+            torch.tensor(pool, dtype=torch.float32), torch.tensor([0, 1, 0, 1, 1, 0]))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_reference_direction_queries_the_least_outlying_split_over_classes(k):
+    lab, y, pred, pool, pool_pred = _cosine_case()
+    s = DalOsrStrategy(direction="inlier", balance=True)
+    got = select_outliers(s.weibull, lab, y, pred, pool, pool_pred, np.arange(100, 106), k, 2,
+                          rng=np.random.default_rng(1))
+    assert set(got.tolist()) <= {100, 101, 102, 103}  # never an outlier
+    classes = pool_pred.numpy()[got - 100]
+    assert (classes == 0).sum() == (classes == 1).sum() == k // 2  # budget / classes each
+    default = select_outliers(DalOsrStrategy().weibull, lab, y, pred, pool, pool_pred,
+                              np.arange(100, 106), 2, 2, rng=np.random.default_rng(1))
+    assert set(default.tolist()) == {104, 105}  # the paper's direction, unchanged
+
+
 def test_options_validated():
     for bad in ({"beta": -1.0}, {"beta": float("nan")}, {"epochs": 0}, {"tail_frac": 0.0},
-                {"tail_frac": 1.5}, {"assign": "foo"}):
+                {"tail_frac": 1.5}, {"assign": "foo"}, {"direction": "sideways"}):
         with pytest.raises(ValueError):
             DalOsrStrategy(**bad)
     with pytest.raises(DalbtError, match="bad options"):

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalbt.options import Fraction, NonNegativeFloat, PositiveInt
-from dalbt.strategies.base import QueryContext, Strategy, top_k
-from dalbt.strategies.weibull import ASSIGNMENTS, Assignment, WeibullStrategy
+from dalbt.strategies.base import QueryContext, Strategy, top_k, top_k_balanced
+from dalbt.strategies.weibull import (
+    ASSIGNMENTS,
+    DIRECTIONS,
+    Assignment,
+    Direction,
+    WeibullStrategy,
+)
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -76,7 +82,9 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
                     lab_predictions: Tensor, pool_latents: Tensor, pool_predictions: Tensor,
                     pool_indices: np.ndarray, k: int, num_classes: int,
                     rng: np.random.Generator | None = None) -> np.ndarray:
-    """Weibull outlier selection on given latents: the ``k`` most outlying pool samples.
+    """Weibull outlier selection on given latents: the ``k`` most outlying pool samples (with
+    ``weibull.direction == "inlier"`` the least outlying; with ``weibull.balance`` the batch is
+    taken round-robin over the classes the samples were scored against).
 
     Args:
         weibull: Its ``fit`` / ``log_hazards`` (distance, tail, class assignment) are used.
@@ -91,11 +99,16 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
         rng: The query's generator, which orders equal scores.
 
     Returns:
-        (k,) int64 dataset indices, highest outlier probability first.
+        (k,) int64 dataset indices, highest outlier probability first (lowest for ``inlier``).
     """
     means, tails = weibull.fit(lab_latents, np.asarray(lab_targets),
                                torch.as_tensor(lab_predictions).numpy(), num_classes)
-    scores = weibull.log_hazards(pool_latents, torch.as_tensor(pool_predictions), means, tails)
+    scores, assigned = weibull.log_hazards(pool_latents, torch.as_tensor(pool_predictions),
+                                           means, tails, return_assigned=True)
+    if weibull.direction == "inlier":
+        scores = -scores
+    if weibull.balance:
+        return top_k_balanced(scores, assigned, pool_indices, k, rng=rng)
     return top_k(scores, pool_indices, k, rng=rng)
 
 
@@ -133,9 +146,12 @@ class DalOsrStrategy(Strategy):
     are queried.
 
     Deviations from the reference code: it negates the scores before ``topk`` and so queries
-    the *least* outlying samples; here the highest outlier probability is queried, as the paper
-    describes. The decoder (reconstruction) variant is not implemented. Mini-batches of one
-    sample are skipped (batch normalisation), so a labelled set of one trains nothing.
+    the *least* outlying samples, ``budget / classes`` per predicted class when its
+    ``samplePerClass`` is set (``lib/OpenSet/meta_recognition.py``); by default the highest
+    outlier probability is queried, as the paper describes, and ``direction="inlier"`` with
+    ``balance=True`` gives the reference code's behaviour. The decoder (reconstruction)
+    variant is not implemented. Mini-batches of one sample are skipped (batch normalisation),
+    so a labelled set of one trains nothing.
 
     Args:
         beta: Weight of the KL term (paper: 0.1).
@@ -145,6 +161,10 @@ class DalOsrStrategy(Strategy):
         tail_frac: Fraction of each class's correct samples fitted (paper: 0.05; 0.5 on MNIST).
         min_tail: Smallest tail size (as ``weibull``).
         assign: Class a pool sample is scored against (as ``weibull``; default its prediction).
+        direction: ``outlier`` (default, the paper: highest outlier probability first) or
+            ``inlier`` (lowest first, as the reference code).
+        balance: Take the batch round-robin over the assigned classes (as the reference code's
+            ``samplePerClass``) instead of one global ranking.
     """
 
     name = "dal-osr"
@@ -152,17 +172,20 @@ class DalOsrStrategy(Strategy):
 
     def __init__(self, beta: NonNegativeFloat = 0.1, epochs: PositiveInt | None = None,
                  tail_frac: Fraction = 0.05, min_tail: PositiveInt = 3,
-                 assign: Assignment = "predicted") -> None:
+                 assign: Assignment = "predicted", direction: Direction = "outlier",
+                 balance: bool = False) -> None:
         if not (beta >= 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a finite number >= 0, got {beta}")
         if epochs is not None and (int(epochs) != epochs or epochs < 1):
             raise ValueError(f"epochs must be a positive integer or None, got {epochs}")
         if assign not in ASSIGNMENTS:
             raise ValueError(f"unknown class assignment {assign!r}; choose one of {ASSIGNMENTS}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
         self.beta = float(beta)
         self.epochs = None if epochs is None else int(epochs)
         self.weibull = WeibullStrategy(distance="cosine", assign=assign, tail_frac=tail_frac,
-                                       min_tail=min_tail)
+                                       min_tail=min_tail, direction=direction, balance=balance)
         # (context, labelled mu, labelled predictions, pool mu, pool predictions) of this query
         self._state: tuple[QueryContext, Tensor, Tensor, Tensor, Tensor] | None = None
 
