@@ -66,22 +66,20 @@ def main() -> None:
     for name in ["warm-up", *args.strategy]:
         # the first run pays one-off costs (thread pools, allocator): it is not reported
         warm = name == "warm-up"
-        train = TrainConfig(epochs=args.epochs, steps=args.steps,
-                            eval_every_steps=args.eval_every_steps, finetune=args.finetune,
-                            pretrain_epochs=args.pretrain_epochs)
-        if warm:
-            train = TrainConfig(epochs=1)
+        train = TrainConfig(epochs=1) if warm else TrainConfig(
+            epochs=args.epochs, steps=args.steps, eval_every_steps=args.eval_every_steps,
+            finetune=args.finetune, pretrain_epochs=args.pretrain_epochs)
         cfg = RunConfig(dataset=args.dataset, strategy=args.strategy[0] if warm else name,
                         initial=args.initial - 100 * args.report_round, budget=100,
                         rounds=args.report_round + 1, val_size=args.val_size,
                         train=train, pretrain_cache=args.pretrain_cache)
         with tempfile.TemporaryDirectory() as d, Store(d) as store:
             run = run_experiment(cfg, store, progress=False, data=data, log=lambda s: None)
-            r0 = store.rounds(run.id)[args.report_round]
+            rec = store.rounds(run.id)[args.report_round]
         if warm:
             continue
-        total = r0["t_train"] + r0["t_score"] + r0["t_select"]
-        print(f"{name:>10} {r0['t_train']:8.2f} {r0['t_score']:8.2f} {r0['t_select']:9.3f} "
+        total = rec["t_train"] + rec["t_score"] + rec["t_select"]
+        print(f"{name:>10} {rec['t_train']:8.2f} {rec['t_score']:8.2f} {rec['t_select']:9.3f} "
               f"{total:8.2f}")
 
     model = build_model("lenet", data.channels, data.image_size, data.num_classes, seed=0)

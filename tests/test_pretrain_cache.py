@@ -17,7 +17,6 @@ import torch
 from dalbt import bench, encoders, loop
 from dalbt import rng as rngs
 from dalbt.cli import build_parser
-from dalbt.data import load_dataset
 from dalbt.data.pool import make_splits
 from dalbt.encoders import SharedEncoder, encoder_covers, encoder_key
 from dalbt.errors import DalbtError
@@ -269,7 +268,7 @@ def test_pretrain_cache_options():
                                                       "pretrain_cache": None}).key_dict())
 
 
-def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monkeypatch):
+def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monkeypatch, digits):
     from dalbt import encoders
     from dalbt.bench import run_full_data
     from dalbt.recipe import RunConfig, TrainConfig
@@ -283,14 +282,14 @@ def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monk
                     train=TrainConfig(epochs=1, pretrain_epochs=1, pretrain_batch=512,
                                       finetune="head"), pretrain_cache=str(tmp_path / "cache"))
     store = Store(tmp_path)
-    run = run_full_data(cfg, store, data=load_dataset("digits"), log=lambda _: None)
+    run = run_full_data(cfg, store, data=digits, log=lambda _: None)
     # as the bench runs it: given the full-data config itself (strategy 'full-data'), it
     # reads the same shared encoder
     from dalbt.bench import full_data_config
 
-    full = full_data_config(cfg, load_dataset("digits"))[0]
+    full = full_data_config(cfg, digits)[0]
     with Store(tmp_path / "again") as again:
-        rerun = run_full_data(full, again, data=load_dataset("digits"), log=lambda _: None)
+        rerun = run_full_data(full, again, data=digits, log=lambda _: None)
         assert calls == [1]  # not pre-trained again: the encoder is the same
         assert again.rounds(rerun.id)[0]["test_acc"] == store.rounds(run.id)[0]["test_acc"]
     assert run.status == "finished" and calls == [1]
@@ -300,7 +299,7 @@ def test_full_data_reference_starts_from_the_seeds_shared_encoder(tmp_path, monk
     store.close()
 
 
-def test_models_strategies_train_start_from_the_shared_encoder(tmp_path, monkeypatch):
+def test_models_strategies_train_start_from_the_shared_encoder(tmp_path, monkeypatch, digits):
     """Ensemble members (and DAL-OSR's, PT4AL's models) get the seed's pre-trained encoder and
     projector; their classifiers keep their own seeds, so that members still differ."""
     import torch
@@ -324,8 +323,7 @@ def test_models_strategies_train_start_from_the_shared_encoder(tmp_path, monkeyp
                     seed=3, val_size=100,
                     train=TrainConfig(epochs=1, pretrain_epochs=1, pretrain_batch=512))
     with Store(tmp_path) as store:
-        run_experiment(cfg, store, progress=False, data=load_dataset("digits"),
-                       log=lambda _: None)
+        run_experiment(cfg, store, progress=False, data=digits, log=lambda _: None)
     (cached,) = sorted((tmp_path / "encoders").glob("*.pt"))
     shared = torch.load(cached)
     assert made

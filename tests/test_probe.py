@@ -17,6 +17,7 @@ from dalbt.models import build_model
 from dalbt.models.net import DALBTNet, make_projector
 from dalbt.store import Store
 from dalbt.train import TrainConfig, accuracy, infer, train_round
+from tests.conftest import small_lenet
 
 HEAD = TrainConfig(finetune="head", pretrain_epochs=1)
 
@@ -24,11 +25,6 @@ HEAD = TrainConfig(finetune="head", pretrain_epochs=1)
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(probe, "_warned", set())
-
-
-def _lenet(d, seed=0):
-    return build_model("lenet", d.channels, d.image_size, d.num_classes, seed=seed,
-                       projector_dims=(32, 32))
 
 
 def _frozen_state(model):
@@ -51,7 +47,7 @@ def _separable(n=120, classes=4, seed=0):
 
 
 def test_head_leaves_encoder_and_projector_unchanged_and_trains_the_classifier(digits):
-    model = _lenet(digits)
+    model = small_lenet(digits)
     frozen, head = _frozen_state(model), copy.deepcopy(model.classifier.state_dict())
     lab, val = np.arange(200), np.arange(1000, 1200)
     res = train_round(model, digits.x_train, digits.y_train, lab, val, HEAD, *_gens(),
@@ -87,7 +83,7 @@ def test_head_is_deterministic_and_independent_of_the_initial_classifier(digits)
     lab, val = np.arange(150), np.arange(1000, 1100)
     heads = []
     for init, shuffle in ((0, 1), (0, 1), (5, 9)):
-        model = _lenet(digits)
+        model = small_lenet(digits)
         torch.manual_seed(init)
         model.classifier.reset_parameters()  # another initial head, same encoder
         train_round(model, digits.x_train, digits.y_train, lab, val, HEAD, *_gens(shuffle))
@@ -159,7 +155,7 @@ def test_standardisation_is_folded_back_into_raw_weights():
 
 
 def test_random_encoder_is_warned_about_once(digits, caplog):
-    model = _lenet(digits)
+    model = small_lenet(digits)
     cfg = TrainConfig(finetune="head")  # pretrain_epochs = 0
     with caplog.at_level(logging.WARNING, logger="dalbt.probe"):
         for _ in range(2):
@@ -169,7 +165,7 @@ def test_random_encoder_is_warned_about_once(digits, caplog):
     assert len(warned) == 1 and "--pretrain-epochs" in warned[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dalbt.probe"):
-        train_round(_lenet(digits), digits.x_train, digits.y_train, np.arange(50),
+        train_round(small_lenet(digits), digits.x_train, digits.y_train, np.arange(50),
                     np.arange(50, 90), HEAD, *_gens())
     assert not [r for r in caplog.records if r.name == "dalbt.probe"]
 
@@ -205,7 +201,7 @@ def test_run_with_a_linear_head_keeps_the_pretrained_encoder(tmp_path, digits, m
 
 
 def test_head_outputs_equal_a_full_pass_and_encode_the_images_once(digits):
-    model = _lenet(digits)
+    model = small_lenet(digits)
     cache = probe.FrozenLatents()
     idx = np.array([5, 0, 17, 3])
     z = cache(model, digits.x_train, idx)
@@ -217,10 +213,12 @@ def test_head_outputs_equal_a_full_pass_and_encode_the_images_once(digits):
     out = probe.head_outputs(model, digits.x_train, idx)
     np.testing.assert_array_equal(out.indices, idx)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    empty = probe.head_outputs(model, digits.x_train, np.empty(0, dtype=np.int64))
+    assert empty.logits.shape == (0, digits.num_classes) and empty.latents.shape == (0, 60)
 
 
 def test_frozen_latents_follow_the_encoder_weights_and_the_images(digits):
-    model = _lenet(digits)
+    model = small_lenet(digits)
     cache = probe.FrozenLatents()
     idx = np.arange(4)
     before = cache(model, digits.x_train, idx)

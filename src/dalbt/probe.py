@@ -283,10 +283,6 @@ class FrozenLatents:
             self.encodings += 1
         return entry[2][torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))]
 
-    def clear(self) -> None:
-        """Drop the stored latents."""
-        self._entry = None
-
 
 #: The process's frozen-encoder latents (see :class:`FrozenLatents`).
 frozen_latents = FrozenLatents()
@@ -311,8 +307,7 @@ def head_outputs(model: DALBTNet, images: Tensor, indices: np.ndarray,
     was_training = model.training
     model.eval()
     logits = torch.cat([model.classifier(c.to(device)).float().cpu()
-                        for c in z.split(INFERENCE_BATCH)]) if len(z) else \
-        torch.empty(0, model.num_classes)
+                        for c in z.split(INFERENCE_BATCH)])  # (0, D) splits into one chunk
     model.train(was_training)
     return Outputs(indices=np.asarray(indices, dtype=np.int64), logits=logits, latents=z)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalbt.options import Fraction, NonNegativeFloat, PositiveInt
-from dalbt.strategies.base import QueryContext, Strategy, top_k, top_k_balanced
+from dalbt.strategies.base import QueryContext, Strategy
 from dalbt.strategies.weibull import (
     ASSIGNMENTS,
     DIRECTIONS,
@@ -82,9 +82,9 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
                     lab_predictions: Tensor, pool_latents: Tensor, pool_predictions: Tensor,
                     pool_indices: np.ndarray, k: int, num_classes: int,
                     rng: np.random.Generator | None = None) -> np.ndarray:
-    """Weibull outlier selection on given latents: the ``k`` most outlying pool samples (with
-    ``weibull.direction == "inlier"`` the least outlying; with ``weibull.balance`` the batch is
-    taken round-robin over the classes the samples were scored against).
+    """Weibull outlier selection on given latents (:meth:`WeibullStrategy.rank`): the ``k``
+    most outlying pool samples (``direction="inlier"``: the least; ``balance``: round-robin
+    over the classes the samples were scored against).
 
     Args:
         weibull: Its ``fit`` / ``log_hazards`` (distance, tail, class assignment) are used.
@@ -101,15 +101,9 @@ def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: 
     Returns:
         (k,) int64 dataset indices, highest outlier probability first (lowest for ``inlier``).
     """
-    means, tails = weibull.fit(lab_latents, np.asarray(lab_targets),
-                               torch.as_tensor(lab_predictions).numpy(), num_classes)
-    scores, assigned = weibull.log_hazards(pool_latents, torch.as_tensor(pool_predictions),
-                                           means, tails, return_assigned=True)
-    if weibull.direction == "inlier":
-        scores = -scores
-    if weibull.balance:
-        return top_k_balanced(scores, assigned, pool_indices, k, rng=rng)
-    return top_k(scores, pool_indices, k, rng=rng)
+    return weibull.rank(lab_latents, np.asarray(lab_targets),
+                        torch.as_tensor(lab_predictions).numpy(), pool_latents,
+                        torch.as_tensor(pool_predictions), pool_indices, k, num_classes, rng=rng)
 
 
 @torch.inference_mode()

@@ -312,18 +312,42 @@ class WeibullStrategy(Strategy):
         out = u[np.arange(n), assigned]
         return (out, assigned) if return_assigned else out
 
-    def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        lab = ctx.labelled_outputs()
-        pool = ctx.pool_outputs()
-        means, tails = self.fit(lab.latents, ctx.labelled_targets, lab.predictions.numpy(),
-                                ctx.num_classes)
-        scores, assigned = self.log_hazards(pool.latents, pool.predictions, means, tails,
+    def rank(self, lab_latents: Tensor, lab_targets: np.ndarray, lab_predictions: np.ndarray,
+             pool_latents: Tensor, pool_predictions: Tensor, pool_indices: np.ndarray, k: int,
+             num_classes: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The ``k`` pool samples to query: fit on the labelled latents, score the pool, and
+        take the most outlying (``direction="inlier"``: the least), one global ranking or, with
+        ``balance``, round-robin over the classes the samples were scored against.
+
+        Args:
+            lab_latents: Labelled latents, (L, D).
+            lab_targets: Their labels, (L,).
+            lab_predictions: Their predicted classes, (L,).
+            pool_latents: Pool latents, (U, D).
+            pool_predictions: Pool predicted classes, (U,).
+            pool_indices: Dataset indices of the pool, (U,).
+            k: How many to return (<= U).
+            num_classes: K.
+            rng: The query's generator, which orders equal scores.
+
+        Returns:
+            (k,) int64 dataset indices in query order.
+        """
+        means, tails = self.fit(lab_latents, lab_targets, lab_predictions, num_classes)
+        scores, assigned = self.log_hazards(pool_latents, pool_predictions, means, tails,
                                             return_assigned=True)
         if self.direction == "inlier":
             scores = -scores
         if self.balance:
-            return top_k_balanced(scores, assigned, ctx.unlabelled, n, rng=ctx.rng)
-        return top_k(scores, ctx.unlabelled, n, rng=ctx.rng)
+            return top_k_balanced(scores, assigned, pool_indices, k, rng=rng)
+        return top_k(scores, pool_indices, k, rng=rng)
+
+    def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
+        lab = ctx.labelled_outputs()
+        pool = ctx.pool_outputs()
+        return self.rank(lab.latents, ctx.labelled_targets, lab.predictions.numpy(),
+                         pool.latents, pool.predictions, ctx.unlabelled, n, ctx.num_classes,
+                         rng=ctx.rng)
 
 
 class WeibullBalancedStrategy(WeibullStrategy):
