@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dalbt.cli.types import option
 from dalbt.errors import DalbtError
 from dalbt.models import build_model
 from dalbt.strategies import STRATEGIES, Outputs, QueryContext, Strategy, build_strategy
@@ -49,6 +50,8 @@ BUDGET = 1000
 LARGE = ("coreset", "weibull", "entropy", "badge", "typiclust", "probcover")
 # Per-strategy budget where the default one is out of reach.
 BUDGETS = {"batchbald": 100}
+# --option NAME:KEY=VALUE, per strategy (filled by _parse_args)
+USER_OPTIONS: dict[str, dict] = {}
 # Small options for strategies that train models of their own (prepare untimed).
 SMALL_OPTIONS: dict[str, dict] = {
     "ensemble-varratio": {"members": 2, "epochs": 1},
@@ -213,13 +216,15 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="an option of one strategy (repeatable), e.g. probcover:delta=0.5")
     args = p.parse_args()
-    args.options = {}
     for item in args.option:
         name, _, kv = item.partition(":")
-        key, eq, value = kv.partition("=")
-        if not (name and key and eq):
+        try:
+            key, value = option(kv)
+        except argparse.ArgumentTypeError:
+            key = ""
+        if not (name and key):
             p.error(f"--option takes NAME:KEY=VALUE, got {item!r}")
-        args.options.setdefault(name, {})[key] = _parse_value(value)
+        USER_OPTIONS.setdefault(name, {})[key] = value
     args.sizes = [5_000] if args.quick else sorted(args.sizes)
     args.budget = 100 if args.quick else args.budget
     args.strategies = args.strategies or sorted(STRATEGIES)
@@ -229,17 +234,6 @@ def _parse_args() -> argparse.Namespace:
     return args
 
 
-def _parse_value(text: str) -> object:
-    """An option value from the command line: int, float, bool, None or the string."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-USER_OPTIONS: dict[str, dict] = {}  # --option, per strategy
 
 
 def _build(name: str) -> Strategy:
@@ -323,7 +317,6 @@ def _print_table(rows: list[tuple[str, int, float, float, bool, str]]) -> None:
 
 def main() -> None:
     args = _parse_args()
-    USER_OPTIONS.update(args.options)
     torch.set_num_threads(args.threads)
     names = args.strategies
 

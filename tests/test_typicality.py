@@ -9,6 +9,8 @@ from dalbt.strategies import build_strategy
 from dalbt.strategies.typicality import (
     delta_ball_graph,
     l2_normalise,
+    mean_knn_distance,
+    probcover_positions,
     purity_delta,
     typicality,
 )
@@ -150,13 +152,32 @@ def test_cold_start_and_catalogue(name):
     catalogue.check_cold_start(name)
 
 
-@pytest.mark.parametrize("name", ["typiclust", "probcover"])
-def test_same_seed_same_query_other_pool_order_same_set(name):
-    x, _ = _clusters()
-    lab = np.array([0, 60])
-    a = build_strategy(name).select(_ctx(x, labelled=lab, seed=3), 6)
-    b = build_strategy(name).select(_ctx(x, labelled=lab, seed=3), 6)
-    assert np.array_equal(a, b)
+def test_mean_knn_distance_blocked_matches_brute_force_with_duplicates():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    x[5] = x[4]  # a duplicate is a neighbour at distance 0, the row itself is not
+    d = np.linalg.norm(x[:, None].astype(np.float64) - x[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    want = np.sort(d, axis=1)[:, :6].mean(axis=1)
+    np.testing.assert_allclose(mean_knn_distance(x, 6, chunk=4), want, rtol=1e-12)
+
+
+def test_probcover_greedy_takes_a_ball_of_most_uncovered_points_at_every_step():
+    rng = np.random.default_rng(0)
+    z = l2_normalise(rng.normal(size=(120, 3)))
+    n_lab, delta = 10, 0.6
+    picks = probcover_positions(z, n_lab, 30, delta, np.random.default_rng(1))
+    ball = delta_ball_graph(z, delta).toarray().astype(bool)
+    covered = ball[:n_lab].any(axis=0)
+    for t, i in enumerate(picks):
+        gain = (ball[n_lab:] & ~covered).sum(axis=1)
+        if gain.max() == 0:  # everything covered: the rest is random, without repeats
+            assert len(set(picks[t:].tolist()) | set(picks[:t].tolist())) == len(picks)
+            break
+        assert gain[i] == gain.max(), f"step {t}"
+        covered |= ball[n_lab + i]
+    else:
+        pytest.fail("30 balls were expected to cover the 120 points")
 
 
 def test_probcover_without_num_classes_asks_for_it_or_a_delta():
