@@ -51,6 +51,7 @@ def validate(cfg: RunConfig, data: ImageDataset) -> None:
         check_int("--projector width", width, 1, MAX_WIDTH)
     if cfg.ood_policy not in OOD_POLICIES:
         raise DalbtError(f"--ood-policy must be 'return' or 'discard', got {cfg.ood_policy!r}")
+    _validate_initial_strategy(cfg)
     if cfg.train.ssl_unlabelled and cfg.train.gamma <= 0:
         raise DalbtError("--ssl-pool adds the Barlow Twins loss on pool images: it needs "
                          "--gamma > 0")
@@ -65,6 +66,25 @@ def validate(cfg: RunConfig, data: ImageDataset) -> None:
         raise DalbtError(f"initial + budget * rounds = {need} exceeds the pool of {pool} images "
                          f"({data.n_train} train - {val} validation); lower --initial, --budget "
                          "or --rounds")
+
+
+def _validate_initial_strategy(cfg: RunConfig) -> None:
+    """A cold start needs a label-free strategy and the shared encoder's features."""
+    from dalbt.catalogue import check_cold_start
+
+    name = cfg.initial_choice()
+    if name == "random":
+        return
+    what = f"--initial-strategy {cfg.initial_strategy}" + (
+        f" (the run's strategy, {name})" if cfg.initial_strategy != name else "")
+    try:
+        check_cold_start(name)
+    except DalbtError as exc:
+        raise DalbtError(f"{what}: {exc}") from None
+    if cfg.train.pretrain_epochs <= 0:
+        raise DalbtError(f"{what} chooses the initial set on the shared pre-trained encoder's "
+                         "features: add --pretrain-epochs (e.g. 10), or use --initial-strategy "
+                         "random")
 
 
 def apply_scenario(cfg: RunConfig, data: ImageDataset) -> ImageDataset:
@@ -273,6 +293,7 @@ def run_experiment(
     data = apply_scenario(cfg, data)
     validate(cfg, data)
     ex = _Experiment(cfg, store, data, dist, log)
+    ex.choose_initial(progress)
     # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
     run, done = dist.from_main(lambda: ex.open_run(resume))
     if run.status == "finished":
@@ -352,6 +373,47 @@ class _Experiment:
                                self.new_model, dist)
         return self.encoder().state(self.data.x_train, self.candidates, self.new_model,
                                     progress, self.log, dist)
+
+    def choose_initial(self, progress: bool) -> None:
+        """Cold start: let the label-free ``cfg.initial_choice()`` choose the initial set on
+        the shared pre-trained encoder's latents, from every image outside validation (the
+        set the store recorded, when it already holds the run). Chosen out-of-distribution
+        images get no label: they cost initial budget and stay in the pool. Nothing to do for
+        ``random``: the seed's split is the initial set."""
+        if self.cfg.initial_choice() == "random":
+            return
+        store, key = self.store, self.key
+        recorded = self.dist.from_main(
+            lambda: getattr(store.find_run(key) if store is not None else None, "initial", None))
+        initial = recorded if recorded is not None else self._cold_start(progress)
+        self.splits = Splits(validation=self.splits.validation,
+                             initial=np.sort(np.asarray(initial, dtype=np.int64)))
+        self.pool = Pool.from_splits(self.data.n_train, self.splits)
+
+    def _cold_start(self, progress: bool) -> np.ndarray:
+        cfg, data = self.cfg, self.data
+        name = cfg.initial_choice()
+        state = self.encoder().state(data.x_train, self.candidates, self.new_model, progress,
+                                     self.log, self.dist)
+        model = self.new_model(rngs.int_seed(cfg.seed, rngs.INIT, 0))
+        model.load_state_dict(state)
+        strategy = build_strategy(name, **(cfg.strategy_options if name == cfg.strategy else {}))
+        empty = np.empty(0, dtype=np.int64)
+        view = RoundData(images=data.x_train, targets=data.y_train, num_classes=data.num_classes,
+                         labelled=empty, validation=self.splits.validation,
+                         unlabelled=self.candidates, candidates=self.candidates)
+        picks = run_round(strategy, view, cfg.train, seed=cfg.seed, round_=rngs.COLD_START_ROUND,
+                          budget=cfg.initial, new_model=self.strategy_model, model=model,
+                          total_rounds=cfg.rounds, dist=self.dist, progress=progress).queried
+        labelled = picks[~self.ood[picks]]
+        if not len(labelled):
+            raise DalbtError(f"--initial-strategy {name} chose {len(picks)} images, all out of "
+                             "distribution: nothing to train on; raise --initial or use "
+                             "--initial-strategy random")
+        self.log(f"[{cfg.strategy} seed {cfg.seed}] initial set of {len(picks)} chosen by {name}"
+                 + (f" ({len(picks) - len(labelled)} out of distribution, unlabelled)"
+                    if len(labelled) < len(picks) else ""))
+        return labelled
 
     def strategy_model(self, seed: int) -> DALBTNet:
         """A model for a strategy that trains its own (ensemble members, DAL-OSR, PT4AL): fresh

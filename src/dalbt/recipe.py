@@ -177,6 +177,9 @@ _LATER_DEFAULTS: dict[str, Any] = {"amp": None, "steps": None, "schedule": "cons
 # directory.
 _NOT_IN_KEY = ("device", "data_root", "progress", "pretrain_cache")
 
+#: ``initial_strategy`` value: the run's own strategy chooses its initial set.
+SAME = "same"
+
 
 @dataclass
 class RunConfig:
@@ -204,6 +207,10 @@ class RunConfig:
             gets no label): ``return`` to the pool (the paper) or ``discard`` it.
         pretrain_cache: Directory of the shared pre-trained encoders (``<dir>/encoders``),
             which several experiment directories can share; None: the experiment directory.
+        initial_strategy: Who chooses the initial labelled set: ``random`` (the seed's split,
+            shared by every strategy), a label-free strategy (on the shared pre-trained
+            encoder's features, before any label), or ``same`` (the run's own strategy, which
+            must be label-free): a cold start.
     """
 
     dataset: str = "digits"
@@ -223,6 +230,11 @@ class RunConfig:
     mix: str | None = None
     ood_policy: str = "return"
     pretrain_cache: str | None = None
+    initial_strategy: str = "random"
+
+    def initial_choice(self) -> str:
+        """The strategy that chooses the initial set (``same`` resolved to the run's)."""
+        return self.strategy if self.initial_strategy == SAME else self.initial_strategy
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,6 +247,9 @@ class RunConfig:
         for k in _NOT_IN_KEY:
             d.pop(k, None)
         d["train"] = self.train.key_dict()
+        d["initial_strategy"] = self.initial_choice()
+        if d["initial_strategy"] == "random":  # added later: older runs keep their keys
+            del d["initial_strategy"]
         return d
 
     @classmethod

@@ -21,6 +21,10 @@ QUERY = 4  # a strategy's own randomness, per round
 MIX = 5  # which images of another dataset are mixed into the pool
 PRETRAIN = 6  # Barlow Twins pre-training on the pool (model init, order, augmentation)
 
+#: The round number whose streams a cold-start choice of the initial set uses (before round 0;
+#: never a real round).
+COLD_START_ROUND = 1 << 30
+
 
 def seed_sequence(seed: int, stream: int, *key: int) -> np.random.SeedSequence:
     """The SeedSequence of one named stream of a run."""

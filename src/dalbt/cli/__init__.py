@@ -123,6 +123,11 @@ def _add_run_parser(sub: Any) -> None:
                         "unknown one is reported with the strategy's valid options")
     r.add_argument("--initial", type=positive_int, default=run.initial,
                    help="initial labelled images")
+    r.add_argument("--initial-strategy", default=run.initial_strategy, metavar="NAME",
+                   help="who chooses the initial set: random (the seed's split, default), a "
+                        "label-free strategy (typiclust, probcover, coreset, ...) on the "
+                        "pre-trained encoder's features (needs --pretrain-epochs), or 'same' "
+                        "(the run's strategy): a cold start")
     r.add_argument("--budget", type=positive_int, default=run.budget,
                    help="images queried per round")
     r.add_argument("--rounds", type=non_negative_int, default=run.rounds, help="query rounds")
@@ -366,6 +371,7 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
                 latent_dim=args.latent_dim, projector_dims=args.projector,
                 data_root=args.data_root, unknown_classes=args.unknown_classes, mix=args.mix,
                 ood_policy=args.ood_policy, pretrain_cache=args.pretrain_cache,
+                initial_strategy=args.initial_strategy,
                 train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, gamma=args.gamma,
                                   lambd=args.lambd, warm_start=args.warm_start,

@@ -18,6 +18,7 @@ from dalbt.strategies import (
     badge,
     bayesian,
     coreset,
+    dalbt,
     dalosr,
     ensemble,
     mobyv2al,
@@ -41,7 +42,7 @@ from dalbt.strategies.base import (
 
 # Every strategy module lists its classes in STRATEGY_CLASSES.
 _MODULES = (random, weibull, uncertainty, bayesian, coreset, badge, ensemble, vaal, waal, dalosr,
-            pt4al, mobyv2al, typicality)
+            pt4al, mobyv2al, typicality, dalbt)
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for module in _MODULES for cls in module.STRATEGY_CLASSES
 }
