@@ -189,3 +189,28 @@ def test_probcover_without_num_classes_asks_for_it_or_a_delta():
     got = select("probcover", 3, embeddings=x, num_classes=3)
     assert sorted(y[got].tolist()) == [0, 1, 2]
     assert sorted(y[select("probcover", 3, embeddings=x, delta=0.5)].tolist()) == [0, 1, 2]
+
+
+def test_probcover_reuses_delta_and_graph_for_the_same_features(monkeypatch):
+    from dalbt.strategies import typicality as typ
+
+    x, _ = _clusters()
+    builds = []
+    real = typ.delta_ball_graph
+
+    def counting(*args, **kw):
+        builds.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(typ, "delta_ball_graph", counting)
+    cached = build_strategy("probcover", delta=0.3)
+    cached.select(_ctx(x, labelled=[0]), 2)
+    # a later query over the same images (a frozen encoder), with one more label
+    second = cached.select(_ctx(x, labelled=[0, 60], seed=5), 3)
+    assert len(builds) == 1
+    fresh = build_strategy("probcover", delta=0.3).select(_ctx(x, labelled=[0, 60], seed=5), 3)
+    np.testing.assert_array_equal(second, fresh)
+    assert len(builds) == 2
+    # other features: rebuilt
+    cached.select(_ctx(x * 1.5 + 1, labelled=[0, 60]), 3)
+    assert len(builds) == 3

@@ -20,6 +20,7 @@ sparse (CSR) arrays.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -376,7 +377,8 @@ def purity_delta(x: np.ndarray, num_classes: int, rng: np.random.Generator,
 
 def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
                         rng: np.random.Generator, max_degree: int = DEFAULT_MAX_DEGREE,
-                        chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+                        chunk: int = DEFAULT_CHUNK, graph: sparse.csr_array | None = None
+                        ) -> np.ndarray:
     """ProbCover's greedy max coverage on the delta-ball graph.
 
     The balls of the labelled points are covered at the start. Each step picks the pool point
@@ -398,13 +400,14 @@ def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
         rng: Orders ties and draws the random rest.
         max_degree: Cap on the graph's mean out-degree (see :func:`delta_ball_graph`).
         chunk: Query rows per distance block.
+        graph: The delta-ball graph of ``x`` when the caller has it already (not rebuilt).
 
     Returns:
         (n,) int64 positions in the pool (0..U-1), in pick order.
     """
     total = len(x)
     u = total - n_labelled
-    out = delta_ball_graph(x, delta, max_degree, chunk)
+    out = delta_ball_graph(x, delta, max_degree, chunk) if graph is None else graph
     into = out.T.tocsr()  # in-neighbours (the graph need not be exactly symmetric in floats)
     covered = np.zeros(total, dtype=bool)
     covered[out.indices[: out.indptr[n_labelled]]] = True
@@ -534,18 +537,37 @@ class ProbCoverStrategy(Strategy):
         self.purity_sample = int(purity_sample)
         self.max_degree = int(max_degree)
         self.last_delta: float | None = None  # the radius of the last query (for reports)
+        # (digest of the features by dataset index, delta, graph in dataset-index order)
+        self._cache: tuple[bytes, float, sparse.csr_array] | None = None
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
         x, n_lab = _round_features(ctx, True)
-        delta = self.delta
-        if delta is None:
-            if ctx.num_classes < 1:
-                raise DalbtError("probcover chooses delta from k-means with k = the number of "
-                                 "classes, which is unknown here: pass num_classes=... or a "
-                                 "delta (-O delta=...)")
-            delta = purity_delta(x, ctx.num_classes, ctx.rng, self.alpha, self.purity_sample)
+        rows = np.concatenate([np.asarray(ctx.labelled, dtype=np.int64)[:n_lab], ctx.unlabelled])
+        order = np.argsort(rows, kind="stable")
+        digest = hashlib.blake2b(np.ascontiguousarray(x[order]).tobytes()
+                                 + rows[order].tobytes() + repr(self.delta).encode(),
+                                 digest_size=16).digest()
+        if self._cache is not None and self._cache[0] == digest:
+            # The same points and features as the last query (a frozen encoder): delta and
+            # the graph are functions of them, reused in this query's row order.
+            delta, sorted_graph = self._cache[1], self._cache[2]
+        else:
+            delta = self.delta
+            if delta is None:
+                if ctx.num_classes < 1:
+                    raise DalbtError("probcover chooses delta from k-means with k = the number "
+                                     "of classes, which is unknown here: pass num_classes=... "
+                                     "or a delta (-O delta=...)")
+                delta = purity_delta(x, ctx.num_classes, ctx.rng, self.alpha,
+                                     self.purity_sample)
+            sorted_graph = delta_ball_graph(x[order], delta, self.max_degree)
+            self._cache = (digest, delta, sorted_graph)
         self.last_delta = delta
-        pos = probcover_positions(x, n_lab, n, delta, ctx.rng, self.max_degree)
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))  # row i of x is row where[i] of the sorted graph
+        graph = sparse.csr_array(sorted_graph[where][:, where])
+        graph.sort_indices()
+        pos = probcover_positions(x, n_lab, n, delta, ctx.rng, self.max_degree, graph=graph)
         return ctx.unlabelled[pos]
 
 
