@@ -117,3 +117,17 @@ def test_options_are_checked():
         build_strategy("dalbt", outlier_cut=1.5)
     with pytest.raises(DalbtError, match="typical_scale"):
         build_strategy("dalbt", typical_scale=-1)
+
+
+def test_no_cut_until_every_class_has_its_own_weibull():
+    logits, z, labelled, targets, kind = _problem()
+    # class 2 has only 2 labels (min_tail = 3): far samples may be its unlabelled region
+    keep = np.concatenate([np.flatnonzero(targets < 2), np.flatnonzero(targets == 2)[:2]])
+    ctx = make_context(logits, z, labelled[keep], targets[keep])
+    got = build_strategy("dalbt", typical_scale=0).select(ctx, 8)
+    assert sorted(kind[got].tolist()) == [3, 3, 3, 3, 4, 4, 4, 4]
+    # with three labels of class 2 the cut applies again
+    keep3 = np.concatenate([np.flatnonzero(targets < 2), np.flatnonzero(targets == 2)[:3]])
+    got3 = build_strategy("dalbt", typical_scale=0).select(
+        make_context(logits, z, labelled[keep3], targets[keep3]), 4)
+    assert sorted(kind[got3].tolist()) == [3, 3, 3, 3]

@@ -6,9 +6,11 @@ and the most outlying images are the least useful ones to label, or images of no
 all. This rule uses the per-class Weibull models for what they are good at, telling inliers from
 outliers, and spends the budget where measurements show labels pay at each budget:
 
-1. Outliers to every class are skipped: a pool sample whose Weibull outlier probability exceeds
-   ``outlier_cut`` for every class (the minimum over classes) is not queried while enough other
-   samples remain.
+1. Outliers to every class are skipped: once every class has its own Weibull model (at least
+   ``min_tail`` correctly classified labels), a pool sample whose Weibull outlier probability
+   exceeds ``outlier_cut`` for every class (the minimum over classes) is not queried while
+   enough other samples remain. Before that, a sample far from every class mean may just be
+   an unlabelled region of a known class, which the typical picks are there to cover.
 2. While classes are thinly labelled, typical samples first: a share
    ``typical_scale / (typical_scale + L / K)`` of the batch (L labels, K classes; the whole
    batch before any label) is picked by TypiClust among the inliers.
@@ -135,11 +137,16 @@ class DalbtStrategy(Strategy):
 
     def inlier_positions(self, ctx: QueryContext, n: int) -> np.ndarray:
         """Pool positions the rule may choose from: the Weibull inliers, or the ``n`` least
-        outlying when fewer remain (all positions before any label), (M,) ascending."""
+        outlying when fewer remain; all positions until every class has ``min_tail``
+        correctly classified labels (its own Weibull model). (M,) ascending."""
         u = len(ctx.unlabelled)
         if len(ctx.labelled) == 0 or self.outlier_cut >= 1:
             return np.arange(u)
         lab, pool = ctx.labelled_outputs(), ctx.pool_outputs()
+        targets = np.asarray(ctx.labelled_targets)
+        correct = targets[lab.predictions.numpy() == targets]
+        if np.bincount(correct, minlength=ctx.num_classes).min() < self.min_tail:
+            return np.arange(u)  # some class has no Weibull model of its own yet
         prob = every_class_outlier_probability(
             lab.latents, ctx.labelled_targets, lab.predictions.numpy(), pool.latents,
             pool.predictions, ctx.num_classes, self.tail_frac, self.min_tail)
