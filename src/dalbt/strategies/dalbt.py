@@ -37,7 +37,7 @@ from dalbt.strategies.weibull import WeibullStrategy
 
 #: Defaults of the rule, fixed for every dataset (see README, "The dalbt rule").
 TYPICAL_SCALE = 2.0
-OUTLIER_CUT = 0.95
+OUTLIER_CUT = 0.5
 
 
 def typical_count(n: int, n_labelled: int, num_classes: int, scale: float) -> int:
