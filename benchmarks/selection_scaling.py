@@ -47,7 +47,7 @@ LABELLED = 1000
 MC_SAMPLES = 20
 BUDGET = 1000
 # Strategies run at 1M (the others stop at 100k unless --sizes/--large says otherwise).
-LARGE = ("coreset", "weibull", "entropy", "badge", "typiclust", "probcover")
+LARGE = ("coreset", "weibull", "entropy", "badge", "typiclust", "probcover", "dalbt")
 # Per-strategy budget where the default one is out of reach.
 BUDGETS = {"batchbald": 100}
 # --option NAME:KEY=VALUE, per strategy (filled by _parse_args)
