@@ -29,7 +29,7 @@ from dalbt.strategies.typicality import (
     K_NN,
     MAX_NUM_CLUSTERS,
     MIN_CLUSTER_SIZE,
-    _round_features,
+    round_features,
     typiclust_positions,
 )
 from dalbt.strategies.uncertainty import chunked_scores, margin_from_logits
@@ -160,7 +160,7 @@ class DalbtStrategy(Strategy):
         n_typ = typical_count(n, len(ctx.labelled), ctx.num_classes, self.typical_scale)
         picks = np.empty(0, dtype=np.int64)
         if n_typ:
-            x, n_lab = _round_features(ctx, normalise=True)
+            x, n_lab = round_features(ctx, normalise=True)
             x = np.concatenate([x[:n_lab], x[n_lab + allowed]])
             picks = allowed[typiclust_positions(x, n_lab, n_typ, ctx.rng, self.max_clusters,
                                                 MIN_CLUSTER_SIZE, self.k_nn)]

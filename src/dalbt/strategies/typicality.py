@@ -434,7 +434,7 @@ def probcover_positions(x: np.ndarray, n_labelled: int, n: int, delta: float,
     return np.asarray(picks, dtype=np.int64)
 
 
-def _round_features(ctx: QueryContext, normalise: bool) -> tuple[np.ndarray, int]:
+def round_features(ctx: QueryContext, normalise: bool) -> tuple[np.ndarray, int]:
     """(labelled latents then pool latents, (L + U, D) float32; L)."""
     pool: Tensor = ctx.pool_outputs().latents
     parts = [pool]
@@ -488,7 +488,7 @@ class TypiClustStrategy(Strategy):
         self.normalize = bool(normalize)
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        x, n_lab = _round_features(ctx, self.normalize)
+        x, n_lab = round_features(ctx, self.normalize)
         pos = typiclust_positions(x, n_lab, n, ctx.rng, self.max_clusters,
                                   self.min_cluster_size, self.k_nn)
         return ctx.unlabelled[pos]
@@ -541,7 +541,7 @@ class ProbCoverStrategy(Strategy):
         self._cache: tuple[bytes, float, sparse.csr_array] | None = None
 
     def _select(self, ctx: QueryContext, n: int) -> np.ndarray:
-        x, n_lab = _round_features(ctx, True)
+        x, n_lab = round_features(ctx, True)
         rows = np.concatenate([np.asarray(ctx.labelled, dtype=np.int64)[:n_lab], ctx.unlabelled])
         order = np.argsort(rows, kind="stable")
         digest = hashlib.blake2b(np.ascontiguousarray(x[order]).tobytes()
