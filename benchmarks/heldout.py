@@ -123,10 +123,10 @@ def plot(panels: list[tuple[str, list[Curve]]], path: Path) -> None:
     n = len(panels) + len(ood)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
     colours: dict[str, object] = {}
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for ax, (label, curves) in zip(axes[0], panels, strict=False):
         for c in curves:
-            colour = colours.setdefault(c.label, cmap(len(colours) % 10))
+            colour = colours.setdefault(c.label, cmap(len(colours) % 20))
             bold = c.label in ("dalbt", "random")
             ax.plot(c.n_labelled, 100 * c.mean, label=c.label, color=colour,
                     lw=2.4 if bold else 1.2, ls="-" if c.label != "random" else "--")
