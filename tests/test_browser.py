@@ -184,7 +184,7 @@ def test_label_a_batch_and_train_in_the_browser(tmp_path, browser):
     assert round0[1:] == [(i, digit[i], "class", "tester", "web") for i in order[2:]]
     assert labels[9:] == [(int(first), digit[int(first)], "class", "tester", "web"),
                           (int(second), digit[int(second)], "class", "tester", "web")]
-    assert rounds == [(0, "cold-start", 0), (1, "weibull-balanced", 8)]
+    assert rounds == [(0, "cold-start", 0), (1, "dalbt", 8)]
     assert changed == ("changed",)
     assert Path(proj / "checkpoints" / "round_001.pt").is_file()
 

@@ -61,7 +61,7 @@ def _project(tmp: Path) -> list[dict]:
     truth = write_digits(images, 90)
     out = []
     with Project.init(tmp / "proj", images, CLASSES, log=lambda m: None, strategy="margin",
-                      min_val=2, min_steps=20, train={"epochs": 2},
+                      cold_start_strategy="coreset", min_val=2, min_steps=20, train={"epochs": 2},
                       cold_start_epochs=1) as p:
         path = {i: rel for rel, i in p.image_ids().items()}
         for _ in range(3):

@@ -179,7 +179,7 @@ def test_queries_exclude_labelled_ood_and_pending_and_are_deterministic(tmp_path
         labelled = set(p.current_labels())
         pending_before = set(ood[1:])
         assert not set(r2.queued) & (labelled | pending_before)
-        assert r2.method == "weibull-balanced" and r2.round == 2 and r2.n_labelled == 8
+        assert r2.method == "dalbt" and r2.round == 2 and r2.n_labelled == 8
         rounds = p.rounds()
         assert [r["round"] for r in rounds] == [0, 1, 2]
         assert rounds[1]["batch_labelled"] == 1 and (p.directory / "checkpoints").is_dir()
@@ -422,8 +422,8 @@ def _cli(args):
 
 @pytest.mark.parametrize("args, says", [
     (["--model", "nosuch"], ["unknown model 'nosuch'", "lenet", "resnet18", "vgg16"]),
-    (["--strategy", "nosuch"], ["unknown strategy 'nosuch'", "weibull-balanced"]),
-    (["-O", "nosuch=1"], ["bad options for strategy 'weibull-balanced'", "nosuch"]),
+    (["--strategy", "nosuch"], ["unknown strategy 'nosuch'", "dalbt"]),
+    (["-O", "nosuch=1"], ["bad options for strategy 'dalbt'", "nosuch"]),
     (["--gamma", "nan"], ["--gamma", "'nan'", ">= 0"]),
     (["--gamma", "inf"], ["--gamma", "'inf'"]),
     (["--gamma", "-0.5"], ["--gamma", "'-0.5'"]),

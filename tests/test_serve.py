@@ -351,7 +351,7 @@ def test_query_runs_in_the_background_one_at_a_time(proj, monkeypatch):
     assert s["batches"]["1"] == {"size": 5, "pending": 5}
     assert s["budget"] == 5  # the default follows the last batch
     assert db_rows(proj, "SELECT method, n_labelled FROM rounds WHERE round = 1") == \
-        [("weibull-balanced", 11)]
+        [("dalbt", 11)]
 
 
 def test_query_lock_of_another_process_gives_409(proj):

@@ -161,7 +161,9 @@ class ActiveLearner:
             two, so the recipe's epochs are raised to reach this many steps (as the labelling
             project does; 0 keeps the recipe's epochs).
         test: Images and labels to measure each round's model on (same forms as ``data``).
-        cold_start_strategy: The label-free strategy of a query with no label yet.
+        cold_start_strategy: The label-free strategy of a query with no label yet (default
+            ``dalbt``, TypiClust before any label: the best cold start on held-out
+            Fashion-MNIST seeds, BENCHMARKS.md "Issue 14").
         cold_start_epochs: Barlow Twins epochs before that first query.
         data_options: Options of the data adapter (e.g. ``image_size=32, channels=3``).
         progress: Show progress bars.
@@ -177,7 +179,7 @@ class ActiveLearner:
                  strategy: str | Strategy = "margin", recipe: TrainConfig | None = None,
                  seed: int = 0, num_classes: int | None = None, val_fraction: float = 0.2,
                  min_val: int = 20, min_steps: int = 200, test: Any = None,
-                 cold_start_strategy: str = "coreset", cold_start_epochs: int = 10,
+                 cold_start_strategy: str = "dalbt", cold_start_epochs: int = 10,
                  data_options: dict[str, Any] | None = None,
                  progress: bool = False, **strategy_options: Any) -> None:
         self.data = _as_images(data, **(data_options or {}))

@@ -90,7 +90,8 @@ def _add_query_parser(sub: Any) -> None:
         description="Train the project's model on the labels so far (labelled images whose hash "
                     "puts them in the validation share select the epoch and give the accuracy) "
                     "and queue the next --budget images chosen by the project's strategy; with "
-                    "no label yet, a cold start (Barlow Twins features, then k-centre). Label "
+                    "no label yet, a cold start (Barlow Twins features, then the cold-start "
+                    "strategy, by default TypiClust's choice). Label "
                     "them with 'dalbt serve DIR'.")
     q.add_argument("directory", help="project directory")
     q.add_argument("--budget", type=query_budget, required=True, help="images to queue")

@@ -670,9 +670,10 @@ class Project:
         """Train on the labels so far and queue the next ``budget`` images.
 
         With no class label yet this is a cold start: Barlow Twins features of all images
-        (``cold_start_epochs``), then greedy k-centre on them. Otherwise the project's strategy
-        runs on a model trained with the project's recipe; labelled images whose hash puts them
-        in the validation share select the epoch and give the round's accuracy.
+        (``cold_start_epochs``), then the cold-start strategy on them (default ``dalbt``, which
+        is TypiClust before any label). Otherwise the project's strategy runs on a model
+        trained with the project's recipe; labelled images whose hash puts them in the
+        validation share select the epoch and give the round's accuracy.
 
         Args:
             budget: Images to queue (> 0; fewer if the pool is smaller).
