@@ -124,3 +124,20 @@ def test_report_seeds_keeps_only_those_runs(tmp_path):
     assert "weibull" not in md.splitlines()[0]
     with pytest.raises(DalbtError, match="no run has any of the seeds"):
         write_report(tmp_path, tmp_path / "x", seeds=[7])
+
+
+def test_runs_stored_before_a_setting_existed_share_the_curve_of_its_default(tmp_path):
+    with Store(tmp_path) as store:
+        _fill(store, "random", 0, [0.4, 0.5])  # stored before initial_strategy and steps
+        cfg = {"dataset": "digits", "strategy": "random", "seed": 1, "strategy_options": {},
+               "initial_strategy": "random",
+               "train": {"gamma": 0.001, "device": "cpu", "steps": None, "finetune": "all"}}
+        for c, accs in ((cfg, [0.6, 0.7]),
+                        ({**cfg, "seed": 2, "initial_strategy": "typiclust"}, [0.1, 0.2])):
+            run = store.create_run(c, np.arange(3))
+            for r, a in enumerate(accs):
+                store.record_round(run.id, r, {"n_labelled": 10 + 5 * r, "test_acc": a},
+                                   np.array([100 + r]), finished=r == 1)
+        curves = {c.label: c for c in load_curves(store)}
+    assert curves["random"].seeds == [0, 1]
+    assert [c.seeds for k, c in curves.items() if "typiclust" in k] == [[2]]

@@ -180,6 +180,10 @@ _NOT_IN_KEY = ("device", "data_root", "progress", "pretrain_cache")
 #: ``initial_strategy`` value: the run's own strategy chooses its initial set.
 SAME = "same"
 
+#: Every setting (run or recipe) added after the first stores, with its default: a stored config
+#: that lacks one means that default (run keys and report protocols leave them out there).
+LATER_DEFAULTS: dict[str, Any] = {**_LATER_DEFAULTS, "initial_strategy": "random"}
+
 
 @dataclass
 class RunConfig:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dalbt.errors import DalbtError
+from dalbt.recipe import LATER_DEFAULTS
 from dalbt.store import FULL_DATA, RunRecord, Store
 
 
@@ -251,14 +252,17 @@ _NOT_PROTOCOL = ("seed", "device", "data_root", "progress", "pretrain_cache")
 
 
 def _protocol(config: dict) -> dict[str, object]:
-    """A run's config flattened (``train.gamma`` -> ``gamma``) without seed and device."""
+    """A run's config flattened (``train.gamma`` -> ``gamma``) without seed and device, and
+    without settings at the default they had before they existed (so that runs stored before
+    and after a setting was added fall on one curve)."""
     flat: dict[str, object] = {}
     for k, v in config.items():
         if isinstance(v, dict) and k != "strategy_options":
             flat.update({kk: vv for kk, vv in v.items() if kk not in _NOT_PROTOCOL})
         elif k not in _NOT_PROTOCOL:
             flat[k] = v
-    return flat
+    return {k: v for k, v in flat.items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def load_curves(store: Store, names: dict[str, str] | None = None) -> list[Curve]:
