@@ -552,12 +552,13 @@ class ProbCoverStrategy(Strategy):
             # the graph are functions of them, reused in this query's row order.
             delta, sorted_graph = self._cache[1], self._cache[2]
         else:
-            delta = self.delta
-            if delta is None:
-                if ctx.num_classes < 1:
-                    raise DalbtError("probcover chooses delta from k-means with k = the number "
-                                     "of classes, which is unknown here: pass num_classes=... "
-                                     "or a delta (-O delta=...)")
+            if self.delta is not None:
+                delta = self.delta
+            elif ctx.num_classes < 1:
+                raise DalbtError("probcover chooses delta from k-means with k = the number "
+                                 "of classes, which is unknown here: pass num_classes=... "
+                                 "or a delta (-O delta=...)")
+            else:
                 delta = purity_delta(x, ctx.num_classes, ctx.rng, self.alpha,
                                      self.purity_sample)
             sorted_graph = delta_ball_graph(x[order], delta, self.max_degree)
