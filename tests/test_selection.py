@@ -83,6 +83,8 @@ NEEDS = {
                 {"labelled_embeddings", "labelled_probs", "labelled_targets"}, False),
     "weibull-balanced": ({"probs", "embeddings"},
                          {"labelled_embeddings", "labelled_probs", "labelled_targets"}, False),
+    "dalbt": ({"probs", "embeddings"},
+              {"labelled_embeddings", "labelled_probs", "labelled_targets"}, True),
     "waal": ({"probs", "embeddings"}, {"labelled_embeddings"}, False),
     "mc-dropout": ({"mc_probs"}, set(), True),
     "bald": ({"mc_probs"}, set(), True),

@@ -22,6 +22,8 @@ What each strategy reads (checked by ``tests/test_selection.py``)::
     weibull, weibull-balanced
                         probs, embeddings     labelled_embeddings, labelled_probs,
                                               labelled_targets
+    dalbt               probs, embeddings     labelled_embeddings, labelled_probs,
+                                              labelled_targets (optional: cold start)
     waal                probs, embeddings     labelled_embeddings (at least one row)
     mc-dropout, bald, var-ratio, batchbald
                         mc_probs              -
