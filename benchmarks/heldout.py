@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from dalbt.report import (
     Curve,
-    _bench_labels,
+    bench_labels,
+    ci95_halfwidth,
     labels_to_reach,
     load_ceilings,
     load_curves,
@@ -34,17 +34,15 @@ from dalbt.report import (
 from dalbt.store import Store
 
 
-def _gained(directory: Path, label: str, seeds: list[int], names: dict[str, str]) -> float:
-    """Mean labels obtained after the initial set (the oracle labels only known classes)."""
-    out = []
-    with Store(directory) as store:
-        for run in store.runs():
-            if names.get(run.key) != label or run.seed not in seeds:
-                continue
-            rounds = store.rounds(run.id)
-            if rounds and run.status == "finished":
-                out.append(rounds[-1]["n_labelled"] - rounds[0]["n_labelled"])
-    return float(np.mean(out)) if out else float("nan")
+def _gained(store: Store, names: dict[str, str]) -> dict[tuple[str, int], int]:
+    """Labels each finished run obtained after its initial set, by (label, seed) (the oracle
+    labels only images of known classes)."""
+    out = {}
+    for run in store.runs():
+        rounds = store.rounds(run.id) if run.status == "finished" else []
+        if rounds and run.key in names:
+            out[names[run.key], run.seed] = rounds[-1]["n_labelled"] - rounds[0]["n_labelled"]
+    return out
 
 
 def _versus(a: Curve, b: Curve) -> str:
@@ -60,10 +58,11 @@ def _versus(a: Curve, b: Curve) -> str:
 
 def table(label: str, directory: Path, seeds: list[int] | None) -> list[Curve]:
     """Print the protocol's markdown table; return its curves."""
-    names = _bench_labels(directory)
+    names = bench_labels(directory)
     with Store(directory) as store:
         curves = load_curves(store, names)
         ceiling = load_ceilings(store)
+        gained = _gained(store, names)
     if seeds is not None:
         curves = select_seeds(curves, seeds)
     # only the seeds whose run finished, and only curves with at least two of them
@@ -81,9 +80,8 @@ def table(label: str, directory: Path, seeds: list[int] | None) -> list[Curve]:
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for c in sorted(curves, key=lambda c: -float(np.nanmean(c.aubc_per_seed))):
         a = c.aubc_per_seed
-        done = c.acc[:, -1][~np.isnan(c.acc[:, -1])]
-        half = (stats.t.ppf(0.975, len(done) - 1) * done.std(ddof=1) / np.sqrt(len(done))
-                if len(done) > 1 else float("nan"))
+        done = c.acc[:, -1]  # every seed kept finished its run
+        half = ci95_halfwidth(done[:, None])[0]
         reach = labels_to_reach(c.n_labelled, c.mean, full, 90) if full else None
         row = [c.label, str(len(c.seeds)), f"{np.nanmean(a):.3f} ± {np.nanstd(a, ddof=1):.3f}",
                f"{100 * done.mean():.2f} ± {100 * half:.2f} @ {c.n_labelled[-1]}",
@@ -91,7 +89,7 @@ def table(label: str, directory: Path, seeds: list[int] | None) -> list[Curve]:
                "" if base is None or c is base else _versus(c, base)]
         if open_set:
             ood = "" if c.ood is None else f"{np.nanmean(c.ood):.3f}"
-            row += [ood, f"{_gained(directory, c.label, c.seeds, names):.0f}"]
+            row += [ood, f"{np.mean([gained[c.label, s] for s in c.seeds]):.0f}"]
         print("| " + " | ".join(row) + " |")
     return curves
 

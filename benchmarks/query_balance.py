@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dalbt.data import load_dataset
-from dalbt.report import _bench_labels, _label
+from dalbt.report import _label, bench_labels
 from dalbt.store import FULL_DATA, Store
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=None, help="label pattern (repeatable)")
     args = ap.parse_args()
     directory = Path(args.directory)
-    names = _bench_labels(directory)
+    names = bench_labels(directory)
     shares: dict[str, list[float]] = defaultdict(list)
     targets: dict[str, np.ndarray] = {}
     with Store(directory, create=False) as store:

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-import torch
 
 from dalbt.strategies import build_strategy
-from dalbt.strategies.dalbt import every_class_outlier_probability, typical_count
+from dalbt.strategies.dalbt import typical_count
 from tests.conftest import make_context
 
 D = 8
@@ -55,9 +54,7 @@ def test_typical_count_follows_the_formula(n, labelled, classes, scale, want):
 def test_outlier_probability_is_high_only_for_outliers_to_every_class():
     logits, z, labelled, targets, kind = _problem()
     pool = np.setdiff1d(np.arange(len(z)), labelled)
-    zt, lt = torch.from_numpy(z), torch.from_numpy(logits)
-    prob = every_class_outlier_probability(zt[labelled], targets, targets, zt[pool],
-                                           lt[pool].argmax(1), 3)
+    prob = build_strategy("dalbt").outlier_probability(make_context(logits, z, labelled, targets))
     assert prob.shape == (len(pool),)
     assert (prob[kind[pool] == 4] > 0.99).all()
     assert np.median(prob[kind[pool] < 3]) < 0.5  # class members are mostly inliers

@@ -6,7 +6,7 @@ import torch
 
 from dalbt.errors import DalbtError
 from dalbt.strategies import build_strategy
-from dalbt.strategies.dalosr import DalOsrStrategy, kl_divergence, select_outliers
+from dalbt.strategies.dalosr import DalOsrStrategy, kl_divergence
 from tests.conftest import make_real_context
 
 
@@ -45,9 +45,9 @@ def test_selection_queries_the_cosine_outliers_first():
                            _angle(np.array([50.0, 35.0]))])
     pool_pred = torch.tensor([0, 1, 0, 1, 1, 0])
     s = DalOsrStrategy()
-    got = select_outliers(s.weibull, torch.tensor(lab, dtype=torch.float32), y,
-                          torch.tensor(pred), torch.tensor(pool, dtype=torch.float32), pool_pred,
-                          np.arange(100, 106), 6, 2)
+    got = s.weibull.rank(torch.tensor(lab, dtype=torch.float32), y, pred,
+                         torch.tensor(pool, dtype=torch.float32), pool_pred, np.arange(100, 106),
+                         6, 2)
     assert set(got[:2].tolist()) == {104, 105}
     assert set(got[2:].tolist()) == {100, 101, 102, 103}
 
@@ -60,7 +60,7 @@ def _cosine_case():
     y = np.array([0] * 40 + [1] * 40)
     pool = np.concatenate([_angle(np.array([0.5, 89.5, -0.5, 90.2]), 20.0),
                            _angle(np.array([50.0, 35.0]))])
-    return (torch.tensor(lab, dtype=torch.float32), y, torch.tensor(y),
+    return (torch.tensor(lab, dtype=torch.float32), y, y,
             torch.tensor(pool, dtype=torch.float32), torch.tensor([0, 1, 0, 1, 1, 0]))
 
 
@@ -68,13 +68,13 @@ def _cosine_case():
 def test_reference_direction_queries_the_least_outlying_split_over_classes(k):
     lab, y, pred, pool, pool_pred = _cosine_case()
     s = DalOsrStrategy(direction="inlier", balance=True)
-    got = select_outliers(s.weibull, lab, y, pred, pool, pool_pred, np.arange(100, 106), k, 2,
-                          rng=np.random.default_rng(1))
+    got = s.weibull.rank(lab, y, pred, pool, pool_pred, np.arange(100, 106), k, 2,
+                         rng=np.random.default_rng(1))
     assert set(got.tolist()) <= {100, 101, 102, 103}  # never an outlier
     classes = pool_pred.numpy()[got - 100]
     assert (classes == 0).sum() == (classes == 1).sum() == k // 2  # budget / classes each
-    default = select_outliers(DalOsrStrategy().weibull, lab, y, pred, pool, pool_pred,
-                              np.arange(100, 106), 2, 2, rng=np.random.default_rng(1))
+    default = DalOsrStrategy().weibull.rank(lab, y, pred, pool, pool_pred, np.arange(100, 106),
+                                            2, 2, rng=np.random.default_rng(1))
     assert set(default.tolist()) == {104, 105}  # the paper's direction, unchanged
 
 

@@ -252,7 +252,7 @@ class RunConfig:
             d.pop(k, None)
         d["train"] = self.train.key_dict()
         d["initial_strategy"] = self.initial_choice()
-        if d["initial_strategy"] == "random":  # added later: older runs keep their keys
+        if d["initial_strategy"] == LATER_DEFAULTS["initial_strategy"]:  # older runs' keys
             del d["initial_strategy"]
         return d
 

@@ -550,7 +550,7 @@ def plot_curves(curves: list[Curve], path: Path, ceilings: dict[str, float] | No
     plt.close(fig)
 
 
-def _bench_labels(directory: Path) -> dict[str, str]:
+def bench_labels(directory: Path) -> dict[str, str]:
     """Run key -> label from a bench's ``bench.json`` in the directory (empty if none)."""
     path = directory / "bench.json"
     try:
@@ -660,7 +660,7 @@ def write_report(directory: str | Path, out: str | Path | None = None,
         ``summary_csv``) and the plain-text tables under ``"table"``.
     """
     directory = Path(directory)
-    names = _bench_labels(directory)
+    names = bench_labels(directory)
     with Store(directory, create=False) as store:
         curves = load_curves(store, names)
         ceilings = load_ceilings(store)

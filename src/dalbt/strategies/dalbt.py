@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from dalbt.options import Fraction, NonNegativeFloat, PositiveInt
 from dalbt.strategies.base import LABELLED_OUTPUTS, POOL_OUTPUTS, QueryContext, Strategy, top_k
@@ -33,7 +32,7 @@ from dalbt.strategies.typicality import (
     typiclust_positions,
 )
 from dalbt.strategies.uncertainty import chunked_scores, margin_from_logits
-from dalbt.strategies.weibull import WeibullStrategy
+from dalbt.strategies.weibull import WeibullStrategy, hazard_probability
 
 #: Defaults of the rule, fixed for every dataset (see README, "The dalbt rule").
 TYPICAL_SCALE = 2.0
@@ -58,38 +57,6 @@ def typical_count(n: int, n_labelled: int, num_classes: int, scale: float) -> in
         return 0
     per_class = n_labelled / max(1, num_classes)
     return int(min(n, max(0, round(n * scale / (scale + per_class)))))
-
-
-def every_class_outlier_probability(lab_latents: Tensor, lab_targets: np.ndarray,
-                                    lab_predictions: np.ndarray, pool_latents: Tensor,
-                                    pool_predictions: Tensor, num_classes: int,
-                                    tail_frac: float = 0.5, min_tail: int = 3) -> np.ndarray:
-    """Each pool sample's Weibull outlier probability to its best-fitting class.
-
-    The per-class Weibull models are DALBT's (class means and libMR tails of the correctly
-    classified labelled latents, Euclidean distances, see
-    :class:`~dalbt.strategies.weibull.WeibullStrategy`); the probability is the minimum over
-    classes, so a sample scores high only when it is an outlier to every class.
-
-    Args:
-        lab_latents: Labelled latents, (L, D).
-        lab_targets: Their labels, (L,).
-        lab_predictions: Their predicted classes, (L,).
-        pool_latents: Pool latents, (U, D).
-        pool_predictions: Pool predicted classes, (U,).
-        num_classes: K.
-        tail_frac: Fraction of each class's correct samples in its tail.
-        min_tail: Smallest tail; classes with fewer use the tail fitted on all classes.
-
-    Returns:
-        (U,) float64 in [0, 1]; zeros when no class could be fitted (no evidence of outliers).
-    """
-    weibull = WeibullStrategy(assign="all", tail_frac=tail_frac, min_tail=min_tail)
-    means, tails = weibull.fit(lab_latents, lab_targets, lab_predictions, num_classes)
-    if all(t is None for t in tails):
-        return np.zeros(len(pool_latents))
-    hazards = weibull.log_hazards(pool_latents, pool_predictions, means, tails)
-    return -np.expm1(-np.exp(hazards))
 
 
 class DalbtStrategy(Strategy):
@@ -126,30 +93,41 @@ class DalbtStrategy(Strategy):
                  outlier_cut: Fraction = OUTLIER_CUT, tail_frac: Fraction = 0.5,
                  min_tail: PositiveInt = 3, k_nn: PositiveInt = K_NN,
                  max_clusters: PositiveInt = MAX_NUM_CLUSTERS) -> None:
-        if typical_scale < 0 or not 0 < outlier_cut <= 1 or not 0 < tail_frac <= 1:
-            raise ValueError("need typical_scale >= 0, outlier_cut and tail_frac in (0, 1]")
+        if typical_scale < 0 or not 0 < outlier_cut <= 1:
+            raise ValueError("need typical_scale >= 0 and outlier_cut in (0, 1]")
         self.typical_scale = float(typical_scale)
         self.outlier_cut = float(outlier_cut)
-        self.tail_frac = float(tail_frac)
-        self.min_tail = int(min_tail)
+        # DALBT's per-class models; "all": the minimum outlier probability over the classes
+        self.weibull = WeibullStrategy(assign="all", tail_frac=tail_frac, min_tail=min_tail)
         self.k_nn = int(k_nn)
         self.max_clusters = int(max_clusters)
 
+    def outlier_probability(self, ctx: QueryContext) -> np.ndarray | None:
+        """Each pool sample's Weibull outlier probability to its best-fitting class, (U,).
+
+        The per-class models are DALBT's (class means and libMR tails of the correctly
+        classified labelled latents, Euclidean distances); the minimum over classes is high
+        only for an outlier to every class. None until every class has ``min_tail`` correctly
+        classified labels (its own model).
+        """
+        if len(ctx.labelled) == 0:
+            return None
+        lab, pool = ctx.labelled_outputs(), ctx.pool_outputs()
+        targets, predicted = np.asarray(ctx.labelled_targets), lab.predictions.numpy()
+        correct = targets[predicted == targets]
+        if np.bincount(correct, minlength=ctx.num_classes).min() < self.weibull.min_tail:
+            return None
+        means, tails = self.weibull.fit(lab.latents, targets, predicted, ctx.num_classes)
+        return hazard_probability(self.weibull.log_hazards(pool.latents, pool.predictions,
+                                                           means, tails))
+
     def inlier_positions(self, ctx: QueryContext, n: int) -> np.ndarray:
         """Pool positions the rule may choose from: the Weibull inliers, or the ``n`` least
-        outlying when fewer remain; all positions until every class has ``min_tail``
-        correctly classified labels (its own Weibull model). (M,) ascending."""
-        u = len(ctx.unlabelled)
-        if len(ctx.labelled) == 0 or self.outlier_cut >= 1:
-            return np.arange(u)
-        lab, pool = ctx.labelled_outputs(), ctx.pool_outputs()
-        targets = np.asarray(ctx.labelled_targets)
-        correct = targets[lab.predictions.numpy() == targets]
-        if np.bincount(correct, minlength=ctx.num_classes).min() < self.min_tail:
-            return np.arange(u)  # some class has no Weibull model of its own yet
-        prob = every_class_outlier_probability(
-            lab.latents, ctx.labelled_targets, lab.predictions.numpy(), pool.latents,
-            pool.predictions, ctx.num_classes, self.tail_frac, self.min_tail)
+        outlying when fewer remain; all positions until every class has its own Weibull model
+        (see :meth:`outlier_probability`). (M,) ascending."""
+        prob = self.outlier_probability(ctx) if self.outlier_cut < 1 else None
+        if prob is None:
+            return np.arange(len(ctx.unlabelled))
         inliers = np.flatnonzero(prob <= self.outlier_cut)
         if len(inliers) >= n:
             return inliers

@@ -78,34 +78,6 @@ class VariationalClassifier(nn.Module):
         return self.classifier(mu + (0.5 * logvar).exp() * eps), mu, logvar
 
 
-def select_outliers(weibull: WeibullStrategy, lab_latents: Tensor, lab_targets: np.ndarray,
-                    lab_predictions: Tensor, pool_latents: Tensor, pool_predictions: Tensor,
-                    pool_indices: np.ndarray, k: int, num_classes: int,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
-    """Weibull outlier selection on given latents (:meth:`WeibullStrategy.rank`): the ``k``
-    most outlying pool samples (``direction="inlier"``: the least; ``balance``: round-robin
-    over the classes the samples were scored against).
-
-    Args:
-        weibull: Its ``fit`` / ``log_hazards`` (distance, tail, class assignment) are used.
-        lab_latents: Labelled latents, (L, D).
-        lab_targets: Their labels, (L,).
-        lab_predictions: Their predicted classes, (L,).
-        pool_latents: Pool latents, (U, D).
-        pool_predictions: Pool predicted classes, (U,).
-        pool_indices: Dataset indices of the pool, (U,).
-        k: How many to return (<= U).
-        num_classes: K.
-        rng: The query's generator, which orders equal scores.
-
-    Returns:
-        (k,) int64 dataset indices, highest outlier probability first (lowest for ``inlier``).
-    """
-    return weibull.rank(lab_latents, np.asarray(lab_targets),
-                        torch.as_tensor(lab_predictions).numpy(), pool_latents,
-                        torch.as_tensor(pool_predictions), pool_indices, k, num_classes, rng=rng)
-
-
 @torch.inference_mode()
 def _encode_mean(net: VariationalClassifier, images: Tensor, indices: np.ndarray,
                  batch_size: int) -> tuple[Tensor, Tensor]:
@@ -233,8 +205,8 @@ class DalOsrStrategy(Strategy):
         assert self._state is not None
         _, lab_mu, lab_pred, pool_mu, pool_pred = self._state
         self._state = None
-        return select_outliers(self.weibull, lab_mu, ctx.labelled_targets, lab_pred, pool_mu,
-                               pool_pred, ctx.unlabelled, n, ctx.num_classes, rng=ctx.rng)
+        return self.weibull.rank(lab_mu, ctx.labelled_targets, lab_pred.numpy(), pool_mu,
+                                 pool_pred, ctx.unlabelled, n, ctx.num_classes, rng=ctx.rng)
 
 
 STRATEGY_CLASSES = (DalOsrStrategy,)

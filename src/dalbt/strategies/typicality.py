@@ -503,9 +503,10 @@ class ProbCoverStrategy(Strategy):
     yet covered, the labelled points' balls being covered from the start; once everything is
     covered, the rest of the budget is uniform. delta defaults to the paper's purity rule
     (:func:`purity_delta`: the largest delta at which ``alpha`` = 0.95 of the balls are pure
-    with respect to k-means pseudo-labels with k = number of classes), recomputed on every
-    query's features; it costs a k-means and an O(S N D) neighbour query (S = ``purity_sample``),
-    which a fixed ``delta`` avoids. See :func:`probcover_positions`.
+    with respect to k-means pseudo-labels with k = number of classes), computed on the query's
+    features; it costs a k-means and an O(S N D) neighbour query (S = ``purity_sample``),
+    which a fixed ``delta`` avoids. A later query on the same images with the same features (a
+    frozen encoder) reuses delta and the ball graph. See :func:`probcover_positions`.
 
     Deviations from the reference code: features are the round's encoder latents (the
     reference: fixed SimCLR features, given delta); when everything is covered the rest is

@@ -71,7 +71,12 @@ class WeibullTail:
 
     def cdf(self, x: np.ndarray) -> np.ndarray:
         """Outlier probability ``1 - exp(-(t / scale) ** shape)`` (libMR ``W_score``), in [0, 1]."""
-        return -np.expm1(-np.exp(self.log_hazard(x)))
+        return hazard_probability(self.log_hazard(x))
+
+
+def hazard_probability(log_hazard: np.ndarray) -> np.ndarray:
+    """The outlier probability ``1 - exp(-exp(h))`` of log cumulative hazards ``h``, in [0, 1]."""
+    return -np.expm1(-np.exp(log_hazard))
 
 
 def fit_weibull_mle(x: np.ndarray) -> tuple[float, float]:
