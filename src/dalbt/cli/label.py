@@ -27,12 +27,13 @@ from dalbt.labelling.config import (
     CHANNELS,
     DEFAULT_BUDGET,
     DEFAULT_HOST,
+    DEFAULT_ML_PORT,
     DEFAULT_PORT,
     EXPORT_FORMATS,
     ProjectConfig,
 )
 
-COMMANDS = ("init", "query", "serve", "export", "import")
+COMMANDS = ("init", "query", "serve", "serve-ml", "export", "import")
 # What the extra 'label' installs for 'dalbt serve' (with what they need themselves).
 SERVER_PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic")
 
@@ -42,6 +43,7 @@ def add_parsers(sub: Any) -> None:
     _add_init_parser(sub)
     _add_query_parser(sub)
     _add_serve_parser(sub)
+    _add_serve_ml_parser(sub)
     _add_interchange_parsers(sub)
 
 
@@ -119,6 +121,33 @@ def _add_serve_parser(sub: Any) -> None:
     s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
 
 
+def _add_serve_ml_parser(sub: Any) -> None:
+    """``dalbt serve-ml``."""
+    s = sub.add_parser(
+        "serve-ml", help="serve the project as a Label Studio ML backend",
+        description="Serve the project to Label Studio as an ML backend: predictions are the "
+                    "model's guess with its probability, scored so that Label Studio's "
+                    "uncertainty sampling (lowest prediction score first) follows the "
+                    "project's strategy; annotations go to the project's labels (source "
+                    "label-studio) and train the next batch when the queued one is done. "
+                    "Import the tasks of 'dalbt export DIR --format labelstudio --all'. Only "
+                    "loopback addresses are open without a token (Label Studio sends it as "
+                    "the basic-auth password). Needs pip install 'dalbt[labelstudio]'.")
+    s.add_argument("directory", help="project directory")
+    s.add_argument("--host", default=DEFAULT_HOST, help="bind address")
+    s.add_argument("--port", type=port, default=DEFAULT_ML_PORT,
+                   help=f"TCP port, 0 to 65535 (default {DEFAULT_ML_PORT})")
+    s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
+                   help="token Label Studio must present (default: $DALBT_TOKEN)")
+    s.add_argument("--budget", type=query_budget, default=None,
+                   help="images each training queues (default: the size of the last batch, "
+                        f"else {DEFAULT_BUDGET})")
+    s.add_argument("--no-auto-train", dest="auto_train", action="store_false",
+                   help="train only on Label Studio's 'Start Training', not when the queued "
+                        "batch is done")
+    s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
+
+
 def _add_interchange_parsers(sub: Any) -> None:
     """``dalbt export`` and ``dalbt import``."""
     e = sub.add_parser("export", help="write labels (or the queue) as CSV or Label Studio JSON")
@@ -128,6 +157,9 @@ def _add_interchange_parsers(sub: Any) -> None:
                         "(XML) that goes with them")
     e.add_argument("--queue", action="store_true",
                    help="export the pending queue (tasks to annotate) instead of the labels")
+    e.add_argument("--all", dest="every", action="store_true",
+                   help="Label Studio tasks of every usable image, labelled ones with their "
+                        "label (the tasks for 'dalbt serve-ml')")
     e.add_argument("--out", default=None, help="file to write (default: standard output)")
 
     i = sub.add_parser("import", help="read labels from CSV or Label Studio JSON")
@@ -137,19 +169,24 @@ def _add_interchange_parsers(sub: Any) -> None:
     i.add_argument("--who", default=None, help="labeller recorded when the file names none")
 
 
-def _server() -> Callable[..., None]:
-    """:func:`dalbt.labelling.server.serve`, or, if the web server is not installed, a
-    :class:`DalbtError` naming the extra that installs it."""
+def _server(command: str = "serve") -> Callable[..., None]:
+    """:func:`dalbt.labelling.server.serve` (``serve-ml``: :func:`~dalbt.labelling.mlbackend.
+    serve_ml`), or, if the web server is not installed, a :class:`DalbtError` naming the extra
+    that installs it."""
     try:
         import uvicorn  # noqa: F401 - serve() imports it late; missing, it should fail now
 
-        from dalbt.labelling.server import serve
+        if command == "serve-ml":
+            from dalbt.labelling.mlbackend import serve_ml as serve
+        else:
+            from dalbt.labelling.server import serve
     except ImportError as exc:
         missing = (exc.name or "").partition(".")[0]
         if missing not in SERVER_PACKAGES:
             raise
-        raise DalbtError(f"'dalbt serve' needs {missing}, which is not installed: "
-                         "pip install 'dalbt[label]'") from None
+        extra = "labelstudio" if command == "serve-ml" else "label"
+        raise DalbtError(f"'dalbt {command}' needs {missing}, which is not installed: "
+                         f"pip install 'dalbt[{extra}]'") from None
     return serve
 
 
@@ -188,11 +225,17 @@ def dispatch(args: argparse.Namespace) -> int:
         serve(Path(args.directory), host=args.host, port=args.port, token=args.token,
               user=args.user, budget=args.budget)
         return 0
+    if args.command == "serve-ml":
+        serve_ml = _server("serve-ml")
+        _threads(args.threads)
+        serve_ml(Path(args.directory), host=args.host, port=args.port, token=args.token,
+                 budget=args.budget, auto_train=args.auto_train)
+        return 0
     if args.command == "export":
         from dalbt.labelling.interchange import export_project
 
         with Project(args.directory) as project:
-            text = export_project(project, args.format, queue=args.queue)
+            text = export_project(project, args.format, queue=args.queue, every=args.every)
         if args.out:
             Path(args.out).write_text(text)
             print(f"wrote {args.out}", file=sys.stderr)

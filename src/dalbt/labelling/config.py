@@ -17,6 +17,7 @@ PROJECT_EPOCHS = 50  # epochs per query of a project's recipe (raised further by
 # The labelling page (``dalbt serve``).
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+DEFAULT_ML_PORT = 9090  # dalbt serve-ml; Label Studio's examples use 9090 for ML backends
 DEFAULT_BUDGET = 20  # images per query when neither the server nor an earlier batch says
 MAX_BUDGET = 1_000_000  # images per query asked for on the command line or the page
 
@@ -126,7 +127,8 @@ def validate_config(cfg: ProjectConfig) -> None:
                          f"{cfg.val_fraction!r}")
 
 
-__all__ = ["CHANNELS", "DEFAULT_BUDGET", "DEFAULT_HOST", "DEFAULT_PORT", "EXPORT_FORMATS",
+__all__ = ["CHANNELS", "DEFAULT_BUDGET", "DEFAULT_HOST", "DEFAULT_ML_PORT", "DEFAULT_PORT",
+           "EXPORT_FORMATS",
            "MAX_BUDGET",
            "MAX_IMAGE_SIZE", "PROJECT_EPOCHS", "ProjectConfig", "project_recipe",
            "validate_config"]

@@ -1,7 +1,7 @@
 """Export and import of a labelling project's labels: CSV and Label Studio JSON.
 
-Export (``dalbt export DIR [--format csv|labelstudio] [--queue]``)
---------------------------------------------------------------------
+Export (``dalbt export DIR [--format csv|labelstudio] [--queue | --all]``)
+---------------------------------------------------------------------------
 * CSV, labels: one row per labelled image with its current label,
   ``path,sha256,label,kind,who,at,source`` (``label`` empty and ``kind`` ``ood`` for "none of
   these classes"), sorted by path.
@@ -23,7 +23,9 @@ Export (``dalbt export DIR [--format csv|labelstudio] [--queue]``)
   author, time and source stay in the task's ``meta`` (``dalbt_who``, ``dalbt_at``,
   ``dalbt_source``). With ``--queue``: the pending images as tasks without annotations (the
   model's guess is not sent, so labellers are not anchored by it), ``meta`` giving
-  ``dalbt_round`` and ``dalbt_position``.
+  ``dalbt_round`` and ``dalbt_position``. With ``--all``: every usable image, sorted by path,
+  the labelled ones with their annotation (the tasks for ``dalbt serve-ml``, which ranks and
+  guesses them inside Label Studio: :mod:`~dalbt.labelling.mlbackend`).
 
 Label Studio setup: start it with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true`` and
 ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<the image folder>``; in the project's settings add a
@@ -180,12 +182,16 @@ def _task(path: str, sha: str, meta: dict[str, Any]) -> dict[str, Any]:
             "meta": meta}
 
 
-def labelstudio_tasks(project: Project, queue: bool = False) -> list[dict[str, Any]]:
-    """Label Studio tasks: the labelled images with their label, or the pending queue.
+def labelstudio_tasks(project: Project, queue: bool = False,
+                      every: bool = False) -> list[dict[str, Any]]:
+    """Label Studio tasks: the labelled images with their label, the pending queue, or every
+    usable image.
 
     Args:
         project: The open project.
         queue: Export the pending images (no annotations) instead of the labels.
+        every: Export every usable image, by path: the labelled ones with their label, the
+            others without (the tasks of :mod:`~dalbt.labelling.mlbackend`, which ranks them).
 
     Returns:
         The tasks, ready for ``json.dumps`` (see the module docstring for their fields).
@@ -194,6 +200,11 @@ def labelstudio_tasks(project: Project, queue: bool = False) -> list[dict[str, A
     if queue:
         return [_task(path, sha, {"dalbt_round": r, "dalbt_position": p})
                 for r, p, path, sha in _pending_rows(project)]
+    if every:
+        labelled = {t["data"]["dalbt_path"]: t for t in labelstudio_tasks(project)}
+        rows = project.db.execute("SELECT path, sha256 FROM images WHERE status = 'ok' "
+                                  "ORDER BY path")
+        return [labelled.get(path) or _task(path, sha, {}) for path, sha in rows]
     tasks = []
     for rec in current_label_rows(project):
         task = _task(rec["path"], rec["sha256"], {"dalbt_who": rec["who"], "dalbt_at": rec["at"],
@@ -221,20 +232,25 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return out.getvalue()
 
 
-def export_project(project: Project, fmt: str = "csv", queue: bool = False) -> str:
+def export_project(project: Project, fmt: str = "csv", queue: bool = False,
+                   every: bool = False) -> str:
     """The project's labels (or pending queue) as CSV or Label Studio JSON text.
 
     Args:
         project: The open project.
         fmt: ``csv``, ``labelstudio`` (tasks) or ``labelstudio-config`` (the labelling XML).
         queue: Export the images waiting for a label instead of the labels.
+        every: Label Studio tasks of every usable image (for ``dalbt serve-ml``).
 
     Returns:
         The file's text.
 
     Raises:
-        DalbtError: Unknown format.
+        DalbtError: Unknown format, or ``every`` with another format than ``labelstudio``.
     """
+    if every and (fmt != "labelstudio" or queue):
+        raise DalbtError("--all exports Label Studio tasks of every image: use it with "
+                         "--format labelstudio and without --queue")
     if fmt == "csv":
         if queue:
             return _csv_text(QUEUE_COLUMNS, ((*row, "") for row in _pending_rows(project)))
@@ -242,7 +258,8 @@ def export_project(project: Project, fmt: str = "csv", queue: bool = False) -> s
             (r["path"], r["sha256"], r["label"] or "", r["kind"], r["who"], r["at"], r["source"])
             for r in current_label_rows(project)))
     if fmt == "labelstudio":
-        return json.dumps(labelstudio_tasks(project, queue), indent=2, ensure_ascii=False) + "\n"
+        tasks = labelstudio_tasks(project, queue, every)
+        return json.dumps(tasks, indent=2, ensure_ascii=False) + "\n"
     if fmt == "labelstudio-config":
         return labelstudio_config(project)
     raise DalbtError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

@@ -110,6 +110,21 @@ class QueueItem:
 
 
 @dataclass(frozen=True)
+class Predictions:
+    """A trained round's model on the project's images (:meth:`Project.predictions`).
+
+    Attributes:
+        round: The round whose checkpoint gave them.
+        image_ids: Image ids, (N,) int64.
+        probs: Class probabilities in the project's class order, (N, K) float32.
+    """
+
+    round: int
+    image_ids: np.ndarray
+    probs: np.ndarray
+
+
+@dataclass(frozen=True)
 class QueryResult:
     """What one ``query`` did."""
 
@@ -804,6 +819,44 @@ class Project:
         return QueryResult(round=round_, method=method, queued=queued, n_labelled=n_labelled,
                            val_acc=val_acc, skipped_images=problems, restored_images=restored)
 
+    def predictions(self, log: Callable[[str], None] = print) -> Predictions | None:
+        """The latest trained round's class probabilities for every usable image.
+
+        The model is the round's checkpoint (a cold-start round trains no classifier, so it
+        gives none), run in one batched pass over the images (decoded through the pixel cache).
+
+        Args:
+            log: Where warnings about unreadable images go.
+
+        Returns:
+            The round, image ids (N,) and probabilities (N, K) in class order, or None before
+            any round has trained a classifier.
+        """
+        import torch
+
+        from dalbt.models import build_model
+        from dalbt.strategies import build_strategy
+        from dalbt.train import infer
+
+        row = self.db.execute("SELECT round, method, checkpoint FROM rounds WHERE method != "
+                              "'cold-start' AND checkpoint IS NOT NULL ORDER BY round DESC "
+                              "LIMIT 1").fetchone()
+        if row is None:
+            return None
+        round_, method, ckpt = row
+        path = self.directory / ckpt
+        if not path.is_file():
+            raise DalbtError(f"the checkpoint of round {round_} ({path}) is missing; run "
+                             f"'dalbt query {self.directory}' to train a new one")
+        cfg = self.config
+        ids, x, _ = self._load_pixels(progress=False, log=log)
+        model = build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
+                            dropout=build_strategy(method).train_dropout, seed=cfg.seed)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        logits = infer(model, torch.from_numpy(x), np.arange(len(ids))).logits
+        return Predictions(round=int(round_), image_ids=ids,
+                           probs=torch.softmax(logits, dim=1).numpy())
+
     def _recheck(self, log: Callable[[str], None]) -> list[str]:
         """:meth:`recheck_images`, saying what changed; returns the restored paths."""
         restored, still = [], defaultdict(list)
@@ -908,5 +961,5 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["CLASS", "OOD", "Project", "ProjectConfig", "QueryResult", "QueueItem",
+__all__ = ["CLASS", "OOD", "Predictions", "Project", "ProjectConfig", "QueryResult", "QueueItem",
            "default_user", "is_loopback", "parse_classes"]

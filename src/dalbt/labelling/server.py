@@ -223,7 +223,7 @@ def _token_refusal(request: Request, token: str) -> Response | None:
                     headers=SECURITY_HEADERS)
 
 
-def _body_refusal(request: Request) -> Response | None:
+def _body_refusal(request: Request, max_body: int = MAX_BODY) -> Response | None:
     """The answer to a request body that is not JSON of a declared, small size (None if it
     is, or if the method has no body)."""
     if request.method in ("GET", "HEAD"):
@@ -237,15 +237,16 @@ def _body_refusal(request: Request) -> Response | None:
         return JSONResponse({"detail": "send the request body with a Content-Length"},
                             status_code=411, headers=SECURITY_HEADERS)
     if not (length.isascii() and length.isdigit() and len(length) < 12
-            and int(length) <= MAX_BODY):
-        return JSONResponse({"detail": f"request body too large (at most {MAX_BODY} bytes)"},
+            and int(length) <= max_body):
+        return JSONResponse({"detail": f"request body too large (at most {max_body} bytes)"},
                             status_code=413, headers=SECURITY_HEADERS)
     return None
 
 
-def _guard(token: str | None) -> _Middleware:
-    """The HTTP middleware: the access token, the request body's form and size, the security
-    headers, and the token cookie after a first ``?token=`` load."""
+def _guard(token: str | None, max_body: int = MAX_BODY) -> _Middleware:
+    """The HTTP middleware: the access token, the request body's form and size (at most
+    ``max_body`` bytes), the security headers, and the token cookie after a first ``?token=``
+    load."""
 
     async def guard(request: Request, call_next: _CallNext) -> Response:
         from_query = False
@@ -254,7 +255,7 @@ def _guard(token: str | None) -> _Middleware:
             if refusal is not None:
                 return refusal
             from_query = _token_matches(request.query_params.get("token"), token)
-        refusal = _body_refusal(request)
+        refusal = _body_refusal(request, max_body)
         if refusal is not None:
             return refusal
         response = await call_next(request)
@@ -374,31 +375,51 @@ def _add_label_routes(app: FastAPI, site: _Site) -> None:
 
 def _add_query_routes(app: FastAPI, site: _Site) -> None:
     """``POST /api/query``: start the background query (one at a time, across processes)."""
-    job = site.job
 
     @app.post("/api/query", status_code=202)
     def query(body: QueryIn) -> Any:
-        if not job.lock.acquire(blocking=False):
-            raise HTTPException(409, "a query is already running; wait for it to finish")
-        qlock = None
         try:
-            with site.project() as p:
-                try:
-                    qlock = p.acquire_query_lock()  # held by the thread until it finishes
-                except DalbtError as exc:
-                    raise HTTPException(409, "another process is running a query on this "
-                                             "project; wait for it to finish") from exc
-                n = body.budget or site.default_budget(p)
-            job.error, job.started, job.finished = None, utc_now(), None
-            job.thread = threading.Thread(target=_run_query, args=(site, n, qlock), daemon=True,
-                                          name="dalbt-query")
-            job.thread.start()
-        except BaseException:
-            if qlock is not None:
-                qlock.release()
-            job.lock.release()
-            raise
+            n = start_query(site, body.budget)
+        except DalbtError as exc:
+            raise HTTPException(409, str(exc)) from exc
         return {"started": True, "budget": n}
+
+
+def start_query(site: _Site, budget: int | None = None) -> int:
+    """Start the background query of a site (the page's button, Label Studio's training).
+
+    Args:
+        site: The app's shared state.
+        budget: Images to queue (None: the site's default batch size).
+
+    Returns:
+        The batch size the query runs with.
+
+    Raises:
+        DalbtError: A query of this server or of another process is running.
+    """
+    job = site.job
+    if not job.lock.acquire(blocking=False):
+        raise DalbtError("a query is already running; wait for it to finish")
+    qlock = None
+    try:
+        with site.project() as p:
+            try:
+                qlock = p.acquire_query_lock()  # held by the thread until it finishes
+            except DalbtError as exc:
+                raise DalbtError("another process is running a query on this project; wait "
+                                 "for it to finish") from exc
+            n = budget or site.default_budget(p)
+        job.error, job.started, job.finished = None, utc_now(), None
+        job.thread = threading.Thread(target=_run_query, args=(site, n, qlock), daemon=True,
+                                      name="dalbt-query")
+        job.thread.start()
+    except BaseException:
+        if qlock is not None:
+            qlock.release()
+        job.lock.release()
+        raise
+    return n
 
 
 def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:

@@ -1,0 +1,404 @@
+"""dalbt as a Label Studio ML backend (``dalbt serve-ml DIR``).
+
+Label Studio talks to an ML backend over a small JSON protocol; this module speaks it for a
+labelling project, so that the project's model and strategy work inside Label Studio:
+
+* ``GET /health``: ``{"status": "UP", "model_class": "dalbt", "model_version": ...}``.
+* ``POST /setup`` (Label Studio sends the project's labelling config as ``schema``): checks
+  that the config has a ``Choices`` control whose choices include every class of the project
+  and answers ``{"model_version": ...}``; a config that cannot hold dalbt's labels is refused
+  with the reason.
+* ``POST /predict`` (``{"tasks": [...], "label_config": ...}``): one prediction per task,
+  ``{"result": [the guess as a choices result, with its probability as "score"], "score":
+  priority, "model_version": "dalbt-round-N"}``. The **priority** follows the project's
+  strategy: the images dalbt queued (its latest batches, in query order) get 0 to 0.5, every
+  other image 0.5 + 0.5 x the model's confidence. Label Studio's "Uncertainty sampling" (or
+  ``--sampling prediction-score-min``) labels the lowest score first, and the Data Manager
+  sorts by "Prediction score": both follow dalbt's choice. Before any round has trained a
+  classifier a task gets no guess (an empty result), only its priority.
+* ``POST /webhook`` (Label Studio creates this webhook when the backend is connected):
+  ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` record the annotation's choice through the
+  same label store as the page (:meth:`Project.add_labels`, ``source`` ``label-studio``, the
+  annotator as ``labelstudio:<user id>``); a cancelled (skipped) annotation skips the image.
+  When the last queued image has its label, the backend trains and queues the next batch in
+  the background, as the page's button does. ``START_TRAINING`` (the "Start Training" button)
+  starts that query at once. Other events are acknowledged and ignored; deleting an annotation
+  in Label Studio does not remove the label (the history is append-only: give another label).
+* ``POST /train``: the older training call, the same as ``START_TRAINING``.
+
+Tasks are matched to the project's images as :mod:`~dalbt.labelling.interchange` matches
+imported files (``dalbt_path``, else the image URL's path; a differing ``dalbt_sha256`` is
+refused), so tasks made with ``dalbt export DIR --format labelstudio --all`` match exactly.
+
+Security: loopback addresses only by default; any other address needs a token, which Label
+Studio sends as the password of the connection's basic authentication (any user name).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from dalbt.errors import DalbtError
+from dalbt.labelling.config import DEFAULT_HOST, DEFAULT_ML_PORT
+from dalbt.labelling.interchange import (
+    FROM_NAME,
+    OOD_CHOICE,
+    TO_NAME,
+    _ls_task,
+    _Matcher,
+    _task_paths,
+)
+from dalbt.labelling.project import Predictions, Project, is_loopback
+from dalbt.labelling.server import (
+    SECURITY_HEADERS,
+    _bind,
+    _body_refusal,
+    _Site,
+    _token_matches,
+    start_query,
+)
+
+ML_MAX_BODY = 64 * 1024 * 1024  # a predict request carries a page of tasks
+SOURCE = "label-studio"
+UNTRAINED = "dalbt-untrained"
+QUEUED_SPAN = 0.5  # priorities of queued images lie in [0, QUEUED_SPAN)
+
+
+def model_version(round_: int | None) -> str:
+    """The model version Label Studio shows: the latest round, or ``dalbt-untrained``."""
+    return UNTRAINED if round_ is None else f"dalbt-round-{round_}"
+
+
+def choices_control(config: str, classes: Sequence[str]) -> tuple[str, str]:
+    """The ``(from_name, to_name)`` of the labelling config's control for dalbt's labels.
+
+    Args:
+        config: Label Studio's labelling config (XML).
+        classes: The project's classes: every one must be a choice of the control.
+
+    Returns:
+        The ``Choices`` control's name and the object it labels.
+
+    Raises:
+        DalbtError: Not XML, no ``Choices`` control, or classes missing from its choices.
+    """
+    try:
+        root = ET.fromstring(config)  # noqa: S314 - the config comes from Label Studio itself
+    except ET.ParseError as exc:
+        raise DalbtError(f"the labelling config is not XML: {exc}") from None
+    controls = [c for c in root.iter("Choices") if c.get("name") and c.get("toName")]
+    if not controls:
+        raise DalbtError("the labelling config has no <Choices name=... toName=...> control; "
+                         "use the config of 'dalbt export DIR --format labelstudio-config'")
+    control = next((c for c in controls if c.get("name") == FROM_NAME), controls[0])
+    values = {c.get("value") for c in control.iter("Choice")}
+    missing = [c for c in classes if c not in values]
+    if missing:
+        raise DalbtError(f"the labelling config's choices lack the project's classes "
+                         f"{', '.join(missing)}; use the config of 'dalbt export DIR --format "
+                         "labelstudio-config'")
+    return str(control.get("name")), str(control.get("toName"))
+
+
+def priorities(pending: Sequence[int], image_ids: Sequence[int],
+               confidence: dict[int, float]) -> list[float]:
+    """Label Studio prediction scores that order tasks by dalbt's choice (lowest first).
+
+    Args:
+        pending: Queued image ids, in query order (oldest round first).
+        image_ids: The images to score.
+        confidence: Image id -> the model's probability of its guess (missing: unknown).
+
+    Returns:
+        One score per image: ``QUEUED_SPAN * k / len(pending)`` for the k-th queued image,
+        else ``QUEUED_SPAN + (1 - QUEUED_SPAN) * confidence`` (1.0 without a guess).
+    """
+    rank = {i: k for k, i in enumerate(pending)}
+    out = []
+    for i in image_ids:
+        if i in rank:
+            out.append(QUEUED_SPAN * rank[i] / len(pending))
+        else:
+            out.append(QUEUED_SPAN + (1 - QUEUED_SPAN) * confidence.get(i, 1.0))
+    return out
+
+
+class _Backend:
+    """The backend's state: the site (project, query job) and the latest round's guesses."""
+
+    def __init__(self, site: _Site, auto_train: bool) -> None:
+        self.site = site
+        self.auto_train = auto_train
+        self._lock = threading.Lock()
+        self._cached: tuple[int, Predictions | None] | None = None  # (latest round, its model)
+
+    def latest_round(self, p: Project) -> int | None:
+        row = p.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def predictions(self, p: Project) -> Predictions | None:
+        """The latest trained model's probabilities, computed once per round."""
+        latest = self.latest_round(p)
+        with self._lock:
+            if latest is None:
+                return None
+            if self._cached is None or self._cached[0] != latest:
+                self._cached = (latest, p.predictions(log=lambda m: print(m, flush=True)))
+            return self._cached[1]
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise DalbtError("'tasks' must be a list of Label Studio tasks")
+        with self.site.project() as p:
+            from_name, to_name = FROM_NAME, TO_NAME
+            if isinstance(body.get("label_config"), str):
+                from_name, to_name = choices_control(body["label_config"], p.classes)
+            version = model_version(self.latest_round(p))
+            pred = self.predictions(p)
+            pending = [q.image_id for q in p.pending()]
+            matcher = _Matcher(p.image_ids())
+            shas = dict(p.db.execute("SELECT id, sha256 FROM images"))
+        row = {} if pred is None else {int(i): k for k, i in enumerate(pred.image_ids)}
+        ids = [_task_image(t, matcher, shas) for t in tasks]
+        conf = {i: float(pred.probs[row[i]].max()) for i in ids
+                if i is not None and pred is not None and i in row}
+        scores = priorities(pending, [-1 if i is None else i for i in ids], conf)
+        results = []
+        for i, score in zip(ids, scores, strict=True):
+            result = []
+            if pred is not None and i is not None and i in row:
+                probs = pred.probs[row[i]]
+                k = int(probs.argmax())
+                result = [{"from_name": from_name, "to_name": to_name, "type": "choices",
+                           "value": {"choices": [p.classes[k]]}, "score": float(probs[k])}]
+            results.append({"result": result, "score": float(score),
+                            "model_version": version})
+        return {"results": results, "model_version": version}
+
+    def record(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An annotation from the webhook: recorded as the image's label (or a skip)."""
+        task, annotation = body.get("task"), body.get("annotation")
+        if not isinstance(task, dict) or not isinstance(annotation, dict):
+            raise DalbtError("an annotation event needs 'task' and 'annotation' objects")
+        with self.site.project() as p:
+            classes = set(p.classes)
+            try:
+                rec = _ls_task({"data": task.get("data"), "annotations": [annotation]},
+                               f"task {task.get('id')}", classes)
+            except ValueError as exc:
+                raise DalbtError(str(exc)) from None
+            shas = dict(p.db.execute("SELECT id, sha256 FROM images"))
+            image_id = _task_image(task, _Matcher(p.image_ids()), shas)
+            if image_id is None:
+                return {"status": "ignored", "reason": f"task {task.get('id')} is no image of "
+                                                       "this project"}
+            path = p.image(image_id)[0]
+            if annotation.get("was_cancelled"):
+                p.skip(image_id)
+                outcome: dict[str, Any] = {"status": "skipped", "image": path}
+            elif rec.status != "label":
+                raise DalbtError(f"task {task.get('id')}: the annotation gives no single class "
+                                 f"of the project ({rec.status}: {rec.label!r})")
+            else:
+                added, _ = p.add_labels([(image_id, rec.label, rec.who)], SOURCE,
+                                        skip_unchanged=True)
+                outcome = {"status": "labelled", "image": path,
+                           "label": OOD_CHOICE if rec.label is None else rec.label,
+                           "added": added}
+            batch_done = not p.pending() and bool(p.rounds())
+        if self.auto_train and batch_done:
+            outcome["training"] = self.train()
+        return outcome
+
+    def train(self) -> bool:
+        """Start the background query unless one runs; whether this call started it."""
+        try:
+            start_query(self.site)
+        except DalbtError as exc:
+            print(f"dalbt serve-ml: not training now: {exc}", flush=True)
+            return False
+        return True
+
+
+def _task_image(task: Any, matcher: _Matcher, shas: dict[int, str]) -> int | None:
+    """The project image a Label Studio task shows (None: none, or its hash differs)."""
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict):
+        return None
+    paths, sha = _task_paths(data)
+    image_id, _ = matcher.match(paths)
+    if image_id is None or (sha is not None and shas.get(image_id) != sha):
+        return None
+    return image_id
+
+
+def _authorised(request: Request, token: str) -> bool:
+    auth = request.headers.get("authorization", "")
+    kind, _, value = auth.partition(" ")
+    if kind.lower() == "bearer":
+        return _token_matches(value.strip(), token)
+    if kind.lower() == "basic":
+        try:
+            password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return _token_matches(password, token)
+    return False
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": message}, status_code=status,
+                        headers=SECURITY_HEADERS)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise DalbtError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise DalbtError("the request body must be a JSON object")
+    return body
+
+
+def create_ml_app(directory: Path, token: str | None = None, budget: int | None = None,
+                  auto_train: bool = True) -> FastAPI:
+    """The Label Studio ML backend of a project.
+
+    Args:
+        directory: The project directory.
+        token: Token every request must present (basic-auth password or bearer); None: none.
+        budget: Images each training queues (default: the last batch's size, else 20).
+        auto_train: Train and queue the next batch when the last queued image is labelled.
+
+    Returns:
+        The FastAPI application.
+
+    Raises:
+        DalbtError: If the directory holds no project.
+    """
+    directory = Path(directory)
+    Project(directory).close()  # fails now, with the fix, if there is no project
+    backend = _Backend(_Site(directory, None, budget), auto_train)
+    app = FastAPI(title="dalbt ML backend", docs_url=None, redoc_url=None, openapi_url=None)
+    app.middleware("http")(_ml_guard(token))
+
+    @app.exception_handler(DalbtError)
+    async def refused(request: Request, exc: DalbtError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    _add_ml_routes(app, backend)
+    app.state.query_job = backend.site.job
+    return app
+
+
+def _ml_guard(token: str | None) -> Any:
+    """The HTTP middleware: the token, the body's form and size, the security headers."""
+
+    async def guard(request: Request, call_next: Any) -> Response:
+        if token is not None and not _authorised(request, token):
+            return _error(401, "this ML backend needs its token: in Label Studio's model "
+                               "connection, turn on basic authentication with the token as "
+                               "the password")
+        refusal = _body_refusal(request, ML_MAX_BODY)
+        if refusal is not None:
+            return refusal
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    return guard
+
+
+def _add_ml_routes(app: FastAPI, backend: _Backend) -> None:
+    """The protocol's routes (see the module docstring)."""
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        with backend.site.project() as p:
+            version = model_version(backend.latest_round(p))
+        return {"status": "UP", "model_class": "dalbt", "model_version": version}
+
+    @app.post("/setup")
+    async def setup(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        with backend.site.project() as p:
+            if isinstance(body.get("schema"), str):
+                choices_control(body["schema"], p.classes)
+            return {"model_version": model_version(backend.latest_round(p))}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(backend.predict, await _json(request))
+
+    @app.post("/webhook", status_code=201)
+    async def webhook(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        action = body.get("action")
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            return {"action": action, **await run_in_threadpool(backend.record, body)}
+        if action == "START_TRAINING":
+            return {"action": action, "training": backend.train()}
+        return {"action": action, "status": "ignored"}
+
+    @app.post("/train", status_code=201)
+    def train() -> dict[str, Any]:
+        return {"training": backend.train()}
+
+    @app.get("/versions")
+    def versions() -> dict[str, Any]:
+        with backend.site.project() as p:
+            rounds = [r[0] for r in p.db.execute("SELECT round FROM rounds ORDER BY round")]
+        return {"versions": [model_version(r) for r in rounds]}
+
+
+def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_PORT,
+             token: str | None = None, budget: int | None = None,
+             auto_train: bool = True) -> None:
+    """Serve a project as a Label Studio ML backend until interrupted (Ctrl-C).
+
+    A non-loopback ``host`` never runs without a token: one is generated when none is given.
+
+    Args:
+        directory: The project directory.
+        host: Bind address (loopback by default).
+        port: TCP port.
+        token: Token (None: none on loopback, a generated one elsewhere).
+        budget: Images each training queues.
+        auto_train: Train when the last queued image is labelled.
+
+    Raises:
+        DalbtError: No project, or the address cannot be used.
+    """
+    import uvicorn
+
+    if not token and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+        print(f"note: {host} is not a loopback address, so the backend needs a token: "
+              f"{token} (give it to Label Studio as the basic-auth password)", flush=True)
+    app = create_ml_app(Path(directory), token=token or None, budget=budget,
+                        auto_train=auto_train)
+    sock = _bind(host, port)
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    print(f"dalbt ML backend of {directory}: http://{shown}:{sock.getsockname()[1]}\n"
+          "(in Label Studio: project settings > Model > Connect model, with this URL; "
+          "Ctrl-C stops it)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
+        sockets=[sock])
+
+
+__all__ = ["DEFAULT_ML_PORT", "choices_control", "create_ml_app", "model_version", "priorities",
+           "serve_ml"]
