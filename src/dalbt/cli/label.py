@@ -145,6 +145,15 @@ def _add_serve_ml_parser(sub: Any) -> None:
     s.add_argument("--no-auto-train", dest="auto_train", action="store_false",
                    help="train only on Label Studio's 'Start Training', not when the queued "
                         "batch is done")
+    s.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
+                   help="Label Studio's address, to update its projects after each round "
+                        "(default: $LABEL_STUDIO_URL, else what Label Studio tells on connecting)")
+    s.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"),
+                   help="Label Studio API token (personal access or legacy token; default: "
+                        "$LABEL_STUDIO_API_KEY, else the one Label Studio sends on connecting)")
+    s.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not retrieve predictions and set the model version in Label Studio "
+                        "after each round")
     s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
 
 
@@ -229,7 +238,9 @@ def dispatch(args: argparse.Namespace) -> int:
         serve_ml = _server("serve-ml")
         _threads(args.threads)
         serve_ml(Path(args.directory), host=args.host, port=args.port, token=args.token,
-                 budget=args.budget, auto_train=args.auto_train)
+                 budget=args.budget, auto_train=args.auto_train,
+                 label_studio_url=args.label_studio_url,
+                 label_studio_token=args.label_studio_token, sync=args.sync)
         return 0
     if args.command == "export":
         from dalbt.labelling.interchange import export_project

@@ -40,6 +40,7 @@ import base64
 import binascii
 import secrets
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,12 +135,125 @@ def priorities(pending: Sequence[int], image_ids: Sequence[int],
     return out
 
 
+class LabelStudioLink:
+    """Keeps the Label Studio projects connected to this backend on dalbt's latest round.
+
+    After each round (and when a project first connects) it asks Label Studio, through its
+    REST API, to retrieve predictions for every task (``retrieve_tasks_predictions``: Label
+    Studio then calls ``/predict`` for the tasks without a prediction of the new version) and
+    sets the project's model version to the round, so that uncertainty sampling follows the new
+    ranking at once. Runs in a background thread; failures are printed, never raised.
+
+    Args:
+        url: Label Studio's address (None: the ``hostname`` that ``/setup`` gives).
+        token: An API token: a personal access token (a JWT refresh token) or a legacy token
+            (None: the ``access_token`` that ``/setup`` gives).
+        delay: Seconds to wait before syncing (Label Studio finishes the connection first).
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None,
+                 delay: float = 1.0) -> None:
+        self.url = url.rstrip("/") if url else None
+        self.token = token
+        self.delay = delay
+        self.projects: dict[int, tuple[str | None, str | None]] = {}  # id -> setup's url, token
+        self._lock = threading.Lock()
+        self._wanted: str | None = None  # a version still to sync
+        self._thread: threading.Thread | None = None
+        self.synced: list[tuple[int, str]] = []  # (project, version) done, for tests and logs
+
+    def note_setup(self, body: dict[str, Any]) -> bool:
+        """Remember the project of a ``/setup`` call; whether it is new."""
+        uid = str(body.get("project", ""))
+        if not uid.partition(".")[0].isdigit():
+            return False
+        pid = int(uid.partition(".")[0])
+        url, token = body.get("hostname"), body.get("access_token")
+        with self._lock:
+            new = pid not in self.projects
+            self.projects[pid] = (url if isinstance(url, str) else None,
+                                  token if isinstance(token, str) else None)
+        return new
+
+    def schedule(self, version: str) -> None:
+        """Sync every known project to ``version`` in the background (coalesced)."""
+        with self._lock:
+            self._wanted = version
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="dalbt-label-studio-sync")
+            self._thread.start()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Wait for a running sync to end (tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        time.sleep(self.delay)
+        while True:
+            with self._lock:
+                version, self._wanted = self._wanted, None
+                projects = dict(self.projects)
+            if version is None:
+                return
+            for pid, (setup_url, setup_token) in projects.items():
+                url, token = self.url or setup_url, self.token or setup_token
+                if not url or not token:
+                    print(f"dalbt serve-ml: cannot update Label Studio project {pid}: no URL or "
+                          "token (give --label-studio-url and --label-studio-token)", flush=True)
+                    continue
+                try:
+                    self._sync(url, token, pid, version)
+                    self.synced.append((pid, version))
+                except (OSError, ValueError) as exc:
+                    print(f"dalbt serve-ml: could not update Label Studio project {pid} to "
+                          f"{version}: {exc}; retrieve the predictions and choose the model "
+                          "version in Label Studio", flush=True)
+
+    def _sync(self, url: str, token: str, pid: int, version: str) -> None:
+        auth = _auth_header(url, token)
+        _call(url + f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", auth,
+              "POST", {"selectedItems": {"all": True, "excluded": []}})
+        _call(url + f"/api/projects/{pid}", auth, "PATCH", {"model_version": version})
+        print(f"dalbt serve-ml: Label Studio project {pid} now ranks by {version}", flush=True)
+
+
+def _call(url: str, auth: str, method: str = "GET", body: Any = None,
+          timeout: float = 300.0) -> Any:
+    """One JSON request to Label Studio's API; its decoded answer."""
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": auth,
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - the user's server
+        text = r.read()
+    return json.loads(text) if text else None
+
+
+def _auth_header(url: str, token: str) -> str:
+    """``Authorization`` for a Label Studio token: a personal access token (a JWT, exchanged
+    for an access token) or a legacy token."""
+    if token.count(".") == 2:
+        answer = _call(url + "/api/token/refresh/", "", "POST", {"refresh": token}, timeout=30)
+        return f"Bearer {answer['access']}"
+    return f"Token {token}"
+
+
 class _Backend:
     """The backend's state: the site (project, query job) and the latest round's guesses."""
 
-    def __init__(self, site: _Site, auto_train: bool) -> None:
+    def __init__(self, site: _Site, auto_train: bool, link: LabelStudioLink | None) -> None:
         self.site = site
         self.auto_train = auto_train
+        self.link = link
+        if link is not None:
+            site.after_query = lambda round_: link.schedule(model_version(round_))
         self._lock = threading.Lock()
         self._cached: tuple[int, Predictions | None] | None = None  # (latest round, its model)
 
@@ -156,6 +270,16 @@ class _Backend:
             if self._cached is None or self._cached[0] != latest:
                 self._cached = (latest, p.predictions(log=lambda m: print(m, flush=True)))
             return self._cached[1]
+
+    def setup(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Check Label Studio's labelling config; the model version."""
+        with self.site.project() as p:
+            if isinstance(body.get("schema"), str):
+                choices_control(body["schema"], p.classes)
+            version = model_version(self.latest_round(p))
+        if self.link is not None and self.link.note_setup(body):
+            self.link.schedule(version)  # a newly connected project: rank it now
+        return {"model_version": version}
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         tasks = body.get("tasks")
@@ -274,7 +398,7 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 def create_ml_app(directory: Path, token: str | None = None, budget: int | None = None,
-                  auto_train: bool = True) -> FastAPI:
+                  auto_train: bool = True, link: LabelStudioLink | None = None) -> FastAPI:
     """The Label Studio ML backend of a project.
 
     Args:
@@ -282,6 +406,8 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
         token: Token every request must present (basic-auth password or bearer); None: none.
         budget: Images each training queues (default: the last batch's size, else 20).
         auto_train: Train and queue the next batch when the last queued image is labelled.
+        link: Keeps connected Label Studio projects on the latest round (None: they are not
+            told; retrieving predictions and choosing the version is then up to the user).
 
     Returns:
         The FastAPI application.
@@ -291,7 +417,7 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
     """
     directory = Path(directory)
     Project(directory).close()  # fails now, with the fix, if there is no project
-    backend = _Backend(_Site(directory, None, budget), auto_train)
+    backend = _Backend(_Site(directory, None, budget), auto_train, link)
     app = FastAPI(title="dalbt ML backend", docs_url=None, redoc_url=None, openapi_url=None)
     app.middleware("http")(_ml_guard(token))
 
@@ -301,6 +427,7 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
 
     _add_ml_routes(app, backend)
     app.state.query_job = backend.site.job
+    app.state.link = link
     return app
 
 
@@ -334,11 +461,7 @@ def _add_ml_routes(app: FastAPI, backend: _Backend) -> None:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body = await _json(request)
-        with backend.site.project() as p:
-            if isinstance(body.get("schema"), str):
-                choices_control(body["schema"], p.classes)
-            return {"model_version": model_version(backend.latest_round(p))}
+        return await run_in_threadpool(backend.setup, await _json(request))
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
@@ -366,8 +489,9 @@ def _add_ml_routes(app: FastAPI, backend: _Backend) -> None:
 
 
 def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_PORT,
-             token: str | None = None, budget: int | None = None,
-             auto_train: bool = True) -> None:
+             token: str | None = None, budget: int | None = None, auto_train: bool = True,
+             label_studio_url: str | None = None, label_studio_token: str | None = None,
+             sync: bool = True) -> None:
     """Serve a project as a Label Studio ML backend until interrupted (Ctrl-C).
 
     A non-loopback ``host`` never runs without a token: one is generated when none is given.
@@ -379,6 +503,10 @@ def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_P
         token: Token (None: none on loopback, a generated one elsewhere).
         budget: Images each training queues.
         auto_train: Train when the last queued image is labelled.
+        label_studio_url: Label Studio's address, for :class:`LabelStudioLink` (default: what
+            Label Studio's ``/setup`` call gives).
+        label_studio_token: Label Studio API token (default: the one ``/setup`` gives).
+        sync: Keep connected Label Studio projects on the latest round.
 
     Raises:
         DalbtError: No project, or the address cannot be used.
@@ -389,8 +517,9 @@ def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_P
         token = secrets.token_urlsafe(24)
         print(f"note: {host} is not a loopback address, so the backend needs a token: "
               f"{token} (give it to Label Studio as the basic-auth password)", flush=True)
+    link = LabelStudioLink(label_studio_url, label_studio_token) if sync else None
     app = create_ml_app(Path(directory), token=token or None, budget=budget,
-                        auto_train=auto_train)
+                        auto_train=auto_train, link=link)
     sock = _bind(host, port)
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     print(f"dalbt ML backend of {directory}: http://{shown}:{sock.getsockname()[1]}\n"
@@ -400,5 +529,5 @@ def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_P
         sockets=[sock])
 
 
-__all__ = ["DEFAULT_ML_PORT", "choices_control", "create_ml_app", "model_version", "priorities",
-           "serve_ml"]
+__all__ = ["DEFAULT_ML_PORT", "LabelStudioLink", "choices_control", "create_ml_app",
+           "model_version", "priorities", "serve_ml"]

@@ -155,6 +155,7 @@ class _Site:
         self.default_who = user or default_user()
         self.budget = budget
         self.job = _QueryJob()
+        self.after_query: Callable[[int], None] | None = None  # called with each new round
 
     def project(self) -> Project:
         """The project, opened anew: one connection per request or thread."""
@@ -439,6 +440,8 @@ def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:
                     "n_labelled": res.n_labelled, "val_acc": res.val_acc,
                     "skipped_images": len(res.skipped_images),
                     "restored_images": len(res.restored_images), "log": log}
+        if site.after_query is not None:
+            site.after_query(res.round)
     except DalbtError as exc:
         job.error = str(exc)
     except Exception as exc:  # shown on the page; the server keeps running
