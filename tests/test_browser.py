@@ -18,7 +18,7 @@ from PIL import Image
 
 from dalbt.labelling.project import Project
 from dalbt.labelling.server import background_server, create_app
-from tests.test_serve import CLASSES, write_digits
+from tests.test_serve import CLASSES, db_rows, make_project, pending_ids, write_digits
 
 pytestmark = pytest.mark.slow  # a real browser and server: skipped by make test-quick
 
@@ -221,3 +221,148 @@ def test_named_classes_keys_and_token_cookie(tmp_path, browser):
     with sqlite3.connect(proj / "project.sqlite") as db:
         rows = db.execute("SELECT image_id, label, who FROM labels ORDER BY id").fetchall()
     assert rows == [(queued[0], "dog", "u"), (queued[1], "bird", "u"), (queued[2], "cat", "u")]
+
+
+def open_page(context, url: str):
+    """A new tab on the labelling page, once it shows an image."""
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(url + "/")
+    page.wait_for_selector("#image[data-image-id]:not([hidden])")
+    return page
+
+
+def shown_id(page) -> int:
+    return int(page.get_attribute("#image", "data-image-id"))
+
+
+def test_undo_with_keys_and_button_and_after_another_tab(tmp_path, browser):
+    proj = make_project(tmp_path, n=10, budget=5)
+    order = pending_ids(proj)
+    with background_server(create_app(proj, user="ann")) as url:
+        context = browser.new_context()
+        try:
+            page = open_page(context, url)
+            assert page.is_disabled("#undo")  # nothing to undo yet
+            a = shown_id(page)
+            page.keyboard.press("3")
+            b = int(wait_next(page, str(a)))
+            page.keyboard.press("u")  # the label of a is undone: a is shown again at once
+            page.wait_for_selector(f'#image[data-image-id="{a}"]')
+            assert page.text_content("#status").startswith("undone: the label 3 of ")
+            page.click('button[data-class="4"]')
+            wait_next(page, str(a))
+            page.keyboard.press("s")  # skip b
+            wait_next(page, str(b))
+            page.keyboard.press("Control+z")  # undoes the skip: b is back
+            page.wait_for_selector(f'#image[data-image-id="{b}"]')
+            page.click("#undo")  # undoes the label 4 of a: two steps back in all
+            page.wait_for_selector(f'#image[data-image-id="{a}"]')
+            page.wait_for_function("() => document.getElementById('undo').disabled")
+            assert page.text_content("#progress") == "1 / 5 in round 0"
+            rows = db_rows(proj, "SELECT image_id, label, kind, source FROM labels ORDER BY id")
+            assert rows == [(a, "3", "class", "web"), (a, None, "none", "web-undo"),
+                            (a, "4", "class", "web"), (a, None, "none", "web-undo")]
+            assert pending_ids(proj) == order  # the skip is undone too
+
+            # tab A labels a, tab B labels another image; A's undo leaves B's label alone
+            page.keyboard.press("5")
+            wait_next(page, str(a))
+            other = open_page(context, url)
+            c = shown_id(other)
+            assert c != a
+            other.keyboard.press("6")
+            wait_next(other, str(c))
+            page.keyboard.press("u")
+            page.wait_for_selector(f'#image[data-image-id="{a}"]')
+            with Project(proj) as p:
+                assert p.current_labels() == {c: "6"}
+
+            # A labels a again, then another tab relabels a: A's undo is refused and dropped
+            page.keyboard.press("7")
+            wait_next(page, str(a))
+            status = other.evaluate(
+                """async (id) => (await fetch('/api/label', {method: 'POST',
+                     headers: {'Content-Type': 'application/json'},
+                     body: JSON.stringify({image_id: id, label: '8', who: 'bob'})})).status""",
+                a)
+            assert status == 200
+            before = shown_id(page)
+            page.keyboard.press("u")
+            page.wait_for_function("() => document.getElementById('status').textContent"
+                                   ".startsWith('cannot undo')")
+            assert "labelled again since" in page.text_content("#status")
+            assert shown_id(page) == before
+            assert page.is_disabled("#undo")  # the refused step left the stack
+            with Project(proj) as p:
+                assert p.current_labels() == {c: "6", a: "8"}
+        finally:
+            context.close()
+
+
+def test_guess_enter_file_name_zoom_and_contrast(tmp_path, browser):
+    proj = make_project(tmp_path, n=6, budget=3)
+    with Project(proj) as p:
+        first, second = p.pending()[:2]
+        with p.transaction() as db:  # the guess a trained model would have stored
+            db.execute("UPDATE queue SET predicted = '7', confidence = 0.87 WHERE image_id = ?",
+                       (first.image_id,))
+    with background_server(create_app(proj, user="ann")) as url:
+        context = browser.new_context()
+        try:
+            page = open_page(context, url)
+            assert shown_id(page) == first.image_id
+            assert page.text_content("#filename") == first.path
+            assert page.text_content("#guess") == "model's guess: 7 (87 %)"
+            assert page.is_visible("#guess-accept")
+            assert page.get_attribute('button[data-class="7"]', "class") == "guess"
+            assert page.locator("#classes button.guess").count() == 1
+
+            style = "(p) => document.getElementById('image').style[p]"
+            page.keyboard.press("+")
+            assert page.evaluate(style, "transform") == "scale(1.25)"
+            page.keyboard.press("-")
+            assert page.evaluate(style, "transform") == ""
+            box = page.locator("#frame").bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 4, box["y"] + box["height"] / 4)
+            page.mouse.wheel(0, -100)
+            page.wait_for_function("() => document.getElementById('image').style.transform"
+                                   " === 'scale(1.25)'")
+            assert page.evaluate(style, "transformOrigin").startswith("25%")
+            assert page.text_content("#zoom-level") == "125 %"
+            page.click("#zoom-reset")
+            assert page.evaluate(style, "transform") == ""
+            page.keyboard.press("c")
+            assert page.evaluate(style, "filter").startswith("brightness(")
+            assert page.get_attribute("#contrast", "aria-pressed") == "true"
+            page.click("#contrast")
+            assert page.evaluate(style, "filter") == ""
+            assert page.evaluate(
+                "() => getComputedStyle(document.getElementById('image')).imageRendering"
+            ) == "pixelated"
+
+            # hidden guess: not shown, not highlighted, Enter does nothing; remembered
+            page.uncheck("#show-guess")
+            assert not page.is_visible("#guess")
+            assert page.locator("#classes button.guess").count() == 0
+            page.keyboard.press("Enter")
+            page.reload()
+            page.wait_for_selector("#image[data-image-id]:not([hidden])")
+            assert not page.is_checked("#show-guess")
+            assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 0
+            page.check("#show-guess")
+
+            page.keyboard.press("Enter")  # accepts the guess 7
+            wait_next(page, str(first.image_id))
+            assert db_rows(proj, "SELECT image_id, label, source FROM labels") == [
+                (first.image_id, "7", "web")]
+            assert page.text_content("#status") == "saved: 7"
+            assert shown_id(page) == second.image_id
+            assert page.text_content("#guess") == "no guess yet: cold-start round"
+            assert page.locator("#classes button.guess").count() == 0
+            page.keyboard.press("Enter")  # no guess: nothing happens
+            page.keyboard.press("u")  # a later key: the Enter above sent nothing before it
+            page.wait_for_selector(f'#image[data-image-id="{first.image_id}"]')
+            assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 2
+        finally:
+            context.close()

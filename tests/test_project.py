@@ -16,7 +16,7 @@ from PIL import Image
 
 from dalbt.errors import DalbtError
 from dalbt.labelling.images import scan_images
-from dalbt.labelling.project import Project, is_loopback, parse_classes
+from dalbt.labelling.project import SCHEMA_VERSION, Project, is_loopback, parse_classes
 from tests.conftest import sklearn_digits
 
 CLASSES = [str(c) for c in range(10)]
@@ -592,7 +592,7 @@ def test_project_made_before_file_stat_gets_the_column(project):
         old.read_image(old.image_ids()["d006.png"])
     assert old.problems() == [("d006.png", "missing",
                                "cannot read: No such file or directory")]
-    assert Project(p.directory)._meta("schema_version") == "2"
+    assert Project(p.directory)._meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_image_warnings_name_the_image_path(tmp_path, monkeypatch):

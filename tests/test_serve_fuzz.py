@@ -99,7 +99,8 @@ def test_no_path_gives_a_server_error_or_the_secret(served, prefix, segment, raw
 
 
 @FUZZ
-@given(path=st.sampled_from(["/api/label", "/api/skip", "/api/query", "/api/state"]),
+@given(path=st.sampled_from(["/api/label", "/api/skip", "/api/undo", "/api/query",
+                            "/api/state"]),
        body=bodies, ctype=st.sampled_from(["application/json", "application/json; charset=x",
                                            "text/plain"]))
 def test_no_body_gives_a_server_error_or_the_secret(served, path, body, ctype):

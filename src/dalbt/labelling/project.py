@@ -40,9 +40,13 @@ from dalbt.labelling.images import (
 from dalbt.labelling.lock import QueryLock, lock_held
 
 DB_NAME = "project.sqlite"
-SCHEMA_VERSION = 2  # 2: images.file_stat
+SCHEMA_VERSION = 3  # 2: images.file_stat; 3: queue.confidence, label kind 'none'
 OOD = "ood"  # label kind of "none of these classes"
 CLASS = "class"
+NONE = "none"  # label kind of "no label": an undo back to unlabelled (a correction row)
+UNDO_SOURCE = "web-undo"
+# Columns added after the first schema: (table, column, type); added by Project._ensure_schema.
+LATER_COLUMNS = (("images", "file_stat", "TEXT"), ("queue", "confidence", "REAL"))
 STAMP = "milliseconds"  # precision of the timestamps of labels, queue entries and rounds
 
 SCHEMA = """
@@ -59,11 +63,11 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS labels (    -- append-only history; the latest row per image counts
     id INTEGER PRIMARY KEY,
     image_id INTEGER NOT NULL REFERENCES images(id),
-    label TEXT,                          -- class name; NULL when kind is 'ood'
-    kind TEXT NOT NULL,                  -- class | ood
+    label TEXT,                          -- class name; NULL when kind is 'ood' or 'none'
+    kind TEXT NOT NULL,                  -- class | ood | none (undone: no label)
     who TEXT NOT NULL,
     at TEXT NOT NULL,
-    source TEXT NOT NULL                 -- web | init | import:<file> | api
+    source TEXT NOT NULL                 -- web | web-undo | init | import:<file> | api
 );
 CREATE INDEX IF NOT EXISTS labels_by_image ON labels(image_id, id);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -81,12 +85,17 @@ CREATE TABLE IF NOT EXISTS queue (
     round INTEGER NOT NULL REFERENCES rounds(round),
     position INTEGER NOT NULL,
     image_id INTEGER NOT NULL REFERENCES images(id),
-    predicted TEXT,                      -- the querying model's guess (never shown to labellers)
+    predicted TEXT,                      -- the querying model's guess (NULL: cold start)
     status TEXT NOT NULL DEFAULT 'pending',  -- pending | done | skipped | unreadable
     updated TEXT,
+    confidence REAL,                     -- its softmax probability (NULL: none, or older)
     PRIMARY KEY (round, image_id)
 );
 """
+# The latest label row of each image, leaving out images whose latest row is an undo back to
+# "no label" (kind 'none'): those are unlabelled.
+LATEST_LABELS = (f"SELECT l.* FROM labels l JOIN (SELECT MAX(id) AS id FROM labels "
+                 f"GROUP BY image_id) m ON l.id = m.id WHERE l.kind != '{NONE}'")
 
 
 
@@ -107,7 +116,31 @@ class QueueItem:
     image_id: int
     path: str
     status: str
+    predicted: str | None = None  # the querying model's guess (None: cold start)
+    confidence: float | None = None  # its softmax probability (None: no guess, older project)
 
+
+class UndoRefused(DalbtError):
+    """An undo that would overwrite something done since (another label, a new queue)."""
+
+
+@dataclass(frozen=True)
+class Undone:
+    """What :meth:`Project.undo_label` did.
+
+    Attributes:
+        image_id: The image.
+        label_id: The correction row appended to the label history.
+        label: The label restored (None: out of distribution or no label).
+        kind: ``class``, ``ood`` or ``none`` (unlabelled again).
+        round: The round whose queue entry is pending again (None: the image was not queued).
+    """
+
+    image_id: int
+    label_id: int
+    label: str | None
+    kind: str
+    round: int | None
 
 @dataclass(frozen=True)
 class Predictions:
@@ -178,7 +211,7 @@ class Project:
         self.config = ProjectConfig.from_dict(json.loads(self._meta("config")))
         self.root = Path(self.config.image_root)
         self.root_real = Path(os.path.realpath(self.root))
-        self._file_stat_ready = False  # images.file_stat known to exist (older projects lack it)
+        self._schema_ready = False  # LATER_COLUMNS known to exist (older projects lack them)
 
     # -- database --------------------------------------------------------------------------
 
@@ -383,21 +416,26 @@ class Project:
                              "it is skipped")
         return data, stat
 
-    def _ensure_file_stat_column(self) -> None:
-        """Add ``images.file_stat`` to a project made before it existed (schema 1)."""
-        if self._file_stat_ready:
+    def _has_column(self, table: str, column: str) -> bool:
+        return column in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+
+    def _ensure_schema(self) -> None:
+        """Add the :data:`LATER_COLUMNS` a project made by an older version lacks
+        (``images.file_stat``: schema 1; ``queue.confidence``: schema 2), before writing them.
+        Reading needs no migration: readers of a missing column see NULL."""
+        if self._schema_ready:
             return
 
-        def missing(db: sqlite3.Connection) -> bool:
-            return "file_stat" not in {r[1] for r in db.execute("PRAGMA table_info(images)")}
+        def missing() -> list[tuple[str, str, str]]:
+            return [c for c in LATER_COLUMNS if not self._has_column(c[0], c[1])]
 
-        if missing(self.db):
+        if missing():
             with self.transaction() as db:
-                if missing(db):  # checked again under the write lock
-                    db.execute("ALTER TABLE images ADD COLUMN file_stat TEXT")
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                               (str(SCHEMA_VERSION),))
-        self._file_stat_ready = True
+                for table, column, kind in missing():  # checked again under the write lock
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                           (str(SCHEMA_VERSION),))
+        self._schema_ready = True
 
     def mark_image(self, image_id: int, status: str, note: str,
                    stat: str | None = None) -> None:
@@ -411,7 +449,7 @@ class Project:
             stat: The file's :func:`file_stat` when it was found so (lets
                 :meth:`recheck_images` skip re-reading a file nobody touched since).
         """
-        self._ensure_file_stat_column()
+        self._ensure_schema()
         with self.transaction() as db:
             db.execute("UPDATE images SET status = ?, note = ?, file_stat = ? WHERE id = ?",
                        (status, note, stat, int(image_id)))
@@ -430,7 +468,7 @@ class Project:
             ``(path, status before, status now)`` of every marked image, by path; ``ok`` means
             restored, else ``missing``, ``changed`` or ``unreadable``.
         """
-        self._ensure_file_stat_column()
+        self._ensure_schema()
         cfg = self.config
         rows = self.db.execute("SELECT id, path, sha256, status, note, file_stat FROM images "
                                "WHERE status != 'ok' ORDER BY path").fetchall()
@@ -482,14 +520,17 @@ class Project:
     # -- labels ----------------------------------------------------------------------------
 
     def add_label(self, image_id: int, label: str | None, who: str | None = None,
-                  source: str = "api") -> None:
+                  source: str = "api") -> int:
         """Record a label (committed before returning); ``label=None`` means "none of these
         classes" (out of distribution). Closes the image's pending queue entries.
+
+        Returns:
+            The id of the label row (what :meth:`undo_label` takes).
 
         Raises:
             DalbtError: Unknown class or image.
         """
-        self.add_labels([(image_id, label, who)], source)
+        return self._add_labels([(image_id, label, who)], source, False)[0][0]
 
     def add_labels(self, items: Iterable[tuple[int, str | None, str | None]], source: str,
                    skip_unchanged: bool = False) -> tuple[int, int]:
@@ -506,6 +547,12 @@ class Project:
         Raises:
             DalbtError: Unknown class or image (nothing is written).
         """
+        ids, unchanged = self._add_labels(items, source, skip_unchanged)
+        return len(ids), unchanged
+
+    def _add_labels(self, items: Iterable[tuple[int, str | None, str | None]], source: str,
+                    skip_unchanged: bool) -> tuple[list[int], int]:
+        """:meth:`add_labels`, returning the new label rows' ids and the unchanged count."""
         items = [(int(i), label, who) for i, label, who in items]
         for image_id, label, _ in items:
             if label is not None and label not in self.config.classes:
@@ -513,7 +560,8 @@ class Project:
                                  f"{', '.join(self.config.classes)}")
             self.image(image_id)
         now = utc_now(STAMP)
-        added = unchanged = 0
+        ids: list[int] = []
+        unchanged = 0
         default = default_user()
         with self.transaction() as db:
             current = self.current_labels() if skip_unchanged else {}
@@ -521,55 +569,142 @@ class Project:
                 if skip_unchanged and image_id in current and current[image_id] == label:
                     unchanged += 1
                     continue
-                db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           (image_id, label, CLASS if label is not None else OOD,
-                            who or default, now, source))
+                cur = db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)",
+                                 (image_id, label, CLASS if label is not None else OOD,
+                                  who or default, now, source))
+                ids.append(int(cur.lastrowid))
                 db.execute("UPDATE queue SET status = 'done', updated = ? "
                            "WHERE image_id = ? AND status IN ('pending', 'skipped')",
                            (now, image_id))
-                added += 1
-        return added, unchanged
+        return ids, unchanged
 
-    def skip(self, image_id: int) -> None:
-        """Leave a queued image unlabelled for now (it goes back to the pool)."""
+    def skip(self, image_id: int) -> int | None:
+        """Leave a queued image unlabelled for now (it goes back to the pool).
+
+        Returns:
+            The round of the queue entry skipped (what :meth:`unskip` takes); None when the
+            image waited in no queue (labelled or skipped elsewhere meanwhile).
+        """
         with self.transaction() as db:
+            row = db.execute("SELECT MAX(round) FROM queue WHERE image_id = ? AND "
+                             "status = 'pending'", (int(image_id),)).fetchone()
             db.execute("UPDATE queue SET status = 'skipped', updated = ? "
                        "WHERE image_id = ? AND status = 'pending'", (utc_now(STAMP), int(image_id)))
+        return row[0]
+
+    def unskip(self, image_id: int, round_: int) -> None:
+        """Undo a :meth:`skip`: the image's queue entry of ``round_`` waits for a label again.
+
+        Raises:
+            UndoRefused: If that entry is no longer skipped (labelled since, or queued again
+                in a later round) or the image has a label now.
+            DalbtError: If the image was never queued in that round.
+        """
+        image_id, round_ = int(image_id), int(round_)
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM queue WHERE image_id = ? AND round = ?",
+                             (image_id, round_)).fetchone()
+            if row is None:
+                raise DalbtError(f"image {image_id} was not queued in round {round_}; "
+                                 "nothing to undo")
+            if row[0] != "skipped":
+                raise UndoRefused(f"image {image_id} is no longer skipped (now {row[0]}): it "
+                                  "was labelled or handled elsewhere since; nothing undone")
+            later = db.execute("SELECT 1 FROM queue WHERE image_id = ? AND round > ?",
+                               (image_id, round_)).fetchone()
+            if later is not None or image_id in self.current_labels():
+                raise UndoRefused(f"image {image_id} was queued again or labelled since it "
+                                  "was skipped; nothing undone")
+            db.execute("UPDATE queue SET status = 'pending', updated = ? WHERE image_id = ? "
+                       "AND round = ?", (utc_now(STAMP), image_id, round_))
+
+    def undo_label(self, label_id: int, who: str | None = None,
+                   source: str = UNDO_SOURCE) -> Undone:
+        """Undo a label: append a correction that restores the image's state before it.
+
+        Nothing is deleted: the correction is a new row of the label history, with the label
+        the image had before (or kind ``none``: no label), ``who`` and ``source``. The image's
+        latest queue entry closed by a label waits again, so the page shows the image again.
+
+        Args:
+            label_id: The label row to undo (from :meth:`add_label`).
+            who: Who undoes it (default: the OS user).
+            source: Recorded as the correction's source.
+
+        Returns:
+            What was restored.
+
+        Raises:
+            UndoRefused: If that label is no longer the image's latest (labelled again since,
+                by another tab or person); nothing is written.
+            DalbtError: If there is no such label.
+        """
+        label_id = int(label_id)
+        with self.transaction() as db:
+            row = db.execute("SELECT image_id, kind FROM labels WHERE id = ?",
+                             (label_id,)).fetchone()
+            if row is None:
+                raise DalbtError(f"no label with id {label_id} in this project; nothing undone")
+            image_id = int(row[0])
+            latest = db.execute("SELECT MAX(id) FROM labels WHERE image_id = ?",
+                                (image_id,)).fetchone()[0]
+            if latest != label_id:
+                raise UndoRefused(f"image {image_id} was labelled again since (by another tab "
+                                  "or person); that later label stays, nothing undone")
+            before = db.execute("SELECT label, kind FROM labels WHERE image_id = ? AND id < ? "
+                                "ORDER BY id DESC LIMIT 1", (image_id, label_id)).fetchone()
+            label, kind = before if before is not None else (None, NONE)
+            now = utc_now(STAMP)
+            cur = db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (image_id, label, kind, who or default_user(), now, source))
+            entry = db.execute("SELECT MAX(round) FROM queue WHERE image_id = ? AND "
+                               "status = 'done'", (image_id,)).fetchone()[0]
+            if entry is not None:
+                db.execute("UPDATE queue SET status = 'pending', updated = ? WHERE image_id = ? "
+                           "AND round = ?", (now, image_id, entry))
+        return Undone(image_id=image_id, label_id=int(cur.lastrowid), label=label, kind=kind,
+                      round=entry)
 
     def current_labels(self) -> dict[int, str | None]:
-        """Image id -> its latest label (``None`` for out of distribution)."""
-        rows = self.db.execute(
-            "SELECT l.image_id, l.label FROM labels l JOIN "
-            "(SELECT image_id, MAX(id) AS id FROM labels GROUP BY image_id) m ON l.id = m.id")
+        """Image id -> its latest label (``None`` for out of distribution); an image whose
+        latest row is an undo back to "no label" is unlabelled, so not in it."""
+        rows = self.db.execute(f"SELECT image_id, label FROM ({LATEST_LABELS})")
         return dict(rows.fetchall())
 
     def label_history(self, current_only: bool = False) -> list[dict[str, Any]]:
-        """Every label ever given, oldest first; with ``current_only`` only the latest label of
-        each labelled image, sorted by path."""
-        sql = ("SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
-               "FROM labels l JOIN images i ON i.id = l.image_id")
+        """Every label ever given, oldest first, corrections included (an undo back to no
+        label has kind ``none``); with ``current_only`` only the latest label of each labelled
+        image, sorted by path (images undone to no label are left out)."""
         if current_only:
-            sql += (" JOIN (SELECT MAX(id) AS id FROM labels GROUP BY image_id) m ON m.id = l.id"
-                    " ORDER BY i.path")
+            sql = ("SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
+                   f"FROM ({LATEST_LABELS}) l JOIN images i ON i.id = l.image_id "
+                   "ORDER BY i.path")
         else:
-            sql += " ORDER BY l.id"
+            sql = ("SELECT l.id, i.path, i.sha256, l.label, l.kind, l.who, l.at, l.source "
+                   "FROM labels l JOIN images i ON i.id = l.image_id ORDER BY l.id")
         keys = ("id", "path", "sha256", "label", "kind", "who", "at", "source")
         return [dict(zip(keys, r, strict=True)) for r in self.db.execute(sql)]
 
     # -- queue and rounds ------------------------------------------------------------------
 
+    def _queue_columns(self) -> str:
+        """The SELECT list of a :class:`QueueItem` (``queue q`` joined with ``images i``)."""
+        confidence = "q.confidence" if self._has_column("queue", "confidence") else "NULL"
+        return f"q.round, q.position, q.image_id, i.path, q.status, q.predicted, {confidence}"
+
     def pending(self) -> list[QueueItem]:
         """Queued images still waiting for a label, oldest round first, in query order."""
         rows = self.db.execute(
-            "SELECT q.round, q.position, q.image_id, i.path, q.status FROM queue q "
+            f"SELECT {self._queue_columns()} FROM queue q "
             "JOIN images i ON i.id = q.image_id WHERE q.status = 'pending' "
             "ORDER BY q.round, q.position")
         return [QueueItem(*r) for r in rows]
 
     def queue(self, round_: int | None = None) -> list[QueueItem]:
         """Every queue entry (of one round, or all), in query order."""
-        sql = ("SELECT q.round, q.position, q.image_id, i.path, q.status FROM queue q "
+        sql = (f"SELECT {self._queue_columns()} FROM queue q "
                "JOIN images i ON i.id = q.image_id")
         args: tuple = ()
         if round_ is not None:
@@ -792,9 +927,12 @@ class Project:
                         guesses=True)
         model, chosen, method = res.model, res.queried, "cold-start" if cold else cfg.strategy
         val_acc = float(res.train.val_acc) if res.train is not None and len(val_pos) else None
-        predicted: list[str | None] = (
-            [None] * len(chosen) if res.guesses is None
-            else [cfg.classes[int(p)] for p in res.guesses.predictions.numpy()])
+        predicted: list[str | None] = [None] * len(chosen)
+        confidence: list[float | None] = [None] * len(chosen)
+        if res.guesses is not None:
+            probs = torch.softmax(res.guesses.logits.float(), dim=1).max(dim=1)
+            predicted = [cfg.classes[int(p)] for p in probs.indices.numpy()]
+            confidence = [float(c) for c in probs.values.numpy()]
         t_train, t_select = res.t_train, res.t_score + res.t_select
         ckpt_dir = self.directory / "checkpoints"
         ckpt_dir.mkdir(exist_ok=True)
@@ -805,14 +943,16 @@ class Project:
         queued = [int(ids[k]) for k in chosen]
         now = utc_now(STAMP)
         n_labelled = int(len(lab_pos) + len(val_pos))
+        self._ensure_schema()
         with self.transaction() as db:
             db.execute("INSERT INTO rounds (round, method, n_labelled, n_val, val_acc, checkpoint,"
                        " t_train, t_select, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (round_, method, n_labelled, int(len(val_pos)), val_acc,
                         ckpt.relative_to(self.directory).as_posix(), t_train, t_select, now))
-            db.executemany("INSERT INTO queue (round, position, image_id, predicted, status, "
-                           "updated) VALUES (?, ?, ?, ?, 'pending', ?)",
-                           [(round_, p, i, predicted[p], now) for p, i in enumerate(queued)])
+            db.executemany("INSERT INTO queue (round, position, image_id, predicted, "
+                           "confidence, status, updated) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                           [(round_, p, i, predicted[p], confidence[p], now)
+                            for p, i in enumerate(queued)])
         acc = "" if val_acc is None else f", validation accuracy {100 * val_acc:.1f} %"
         log(f"round {round_} ({method}): trained on {n_labelled} labels{acc}; queued "
             f"{len(queued)} images (train {t_train:.1f}s, select {t_select:.1f}s)")
@@ -961,5 +1101,5 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["CLASS", "OOD", "Predictions", "Project", "ProjectConfig", "QueryResult", "QueueItem",
-           "default_user", "is_loopback", "parse_classes"]
+__all__ = ["CLASS", "NONE", "OOD", "Predictions", "Project", "ProjectConfig", "QueryResult",
+           "QueueItem", "UndoRefused", "Undone", "default_user", "is_loopback", "parse_classes"]

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,7 +39,10 @@ from dalbt.data.formats import image_error
 from dalbt.errors import DalbtError
 from dalbt.labelling.config import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT, MAX_BUDGET
 from dalbt.labelling.lock import QueryLock
-from dalbt.labelling.project import Project, default_user, is_loopback
+from dalbt.labelling.project import Project, UndoRefused, default_user, is_loopback
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
 
@@ -82,6 +85,16 @@ class SkipIn(_Body):
     """Body of ``POST /api/skip``."""
 
     image_id: int = Field(ge=0, le=MAX_ID)
+
+
+class UndoIn(_Body):
+    """Body of ``POST /api/undo``: a label (``label_id`` from ``/api/label``) or a skip
+    (``image_id`` and ``round`` from ``/api/skip``) of this tab to undo."""
+
+    label_id: int | None = Field(default=None, ge=0, le=MAX_ID)
+    image_id: int | None = Field(default=None, ge=0, le=MAX_ID)
+    round: int | None = Field(default=None, ge=0, le=MAX_ID)
+    who: str | None = Field(default=None, max_length=200)
 
 
 class QueryIn(_Body):
@@ -204,6 +217,7 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
     _add_page_routes(app)
     _add_label_routes(app, site)
+    _add_undo_route(app, site)
     _add_query_routes(app, site)
     app.state.query_job = site.job
     return app
@@ -324,8 +338,9 @@ def _add_label_routes(app: FastAPI, site: _Site) -> None:
             return {
                 "classes": p.classes,
                 "progress": p.progress(),
-                "pending": [{"image_id": q.image_id, "round": q.round, "position": q.position}
-                            for q in pending],
+                "pending": [{"image_id": q.image_id, "round": q.round, "position": q.position,
+                             "path": q.path, "predicted": q.predicted,
+                             "confidence": q.confidence} for q in pending],
                 "rounds": [{k: r[k] for k in ("round", "method", "n_labelled", "val_acc",
                                               "batch_acc", "batch_size", "batch_labelled")}
                            for r in rounds],
@@ -351,10 +366,11 @@ def _add_label_routes(app: FastAPI, site: _Site) -> None:
             except DalbtError as exc:
                 raise HTTPException(404, str(exc)) from exc
             try:
-                p.add_label(body.image_id, body.label, who=who, source="web")
+                label_id = p.add_label(body.image_id, body.label, who=who, source="web")
             except DalbtError as exc:
                 raise HTTPException(400, str(exc)) from exc
-            return {"ok": True, "image_id": body.image_id, "label": body.label, "who": who}
+            return {"ok": True, "image_id": body.image_id, "label": body.label, "who": who,
+                    "label_id": label_id}
 
     @app.post("/api/skip")
     def skip(body: SkipIn) -> dict[str, Any]:
@@ -363,8 +379,8 @@ def _add_label_routes(app: FastAPI, site: _Site) -> None:
                 p.image(body.image_id)
             except DalbtError as exc:
                 raise HTTPException(404, str(exc)) from exc
-            p.skip(body.image_id)
-        return {"ok": True, "image_id": body.image_id}
+            round_ = p.skip(body.image_id)
+        return {"ok": True, "image_id": body.image_id, "round": round_}
 
     @app.get("/api/history.png")
     def history() -> Response:
@@ -372,6 +388,35 @@ def _add_label_routes(app: FastAPI, site: _Site) -> None:
             rounds = p.rounds()
         return Response(history_png(rounds), media_type="image/png",
                         headers={"Cache-Control": "no-store"})
+
+
+def _add_undo_route(app: FastAPI, site: _Site) -> None:
+    """``POST /api/undo`` (:func:`_undo`)."""
+
+    @app.post("/api/undo")
+    def undo(body: UndoIn) -> dict[str, Any]:
+        return _undo(site, body)
+
+
+def _undo(site: _Site, body: UndoIn) -> dict[str, Any]:
+    """``POST /api/undo``: undo a label of this tab (a correction appended to the history) or
+    a skip; the image waits in the queue again. 409 when something happened to it since."""
+    who = (body.who or "").strip() or site.default_who
+    if (body.label_id is None) == (body.image_id is None or body.round is None):
+        raise HTTPException(422, "give either label_id (a label to undo) or image_id and round "
+                                 "(a skip to undo)")
+    with site.project() as p:
+        try:
+            if body.label_id is not None:
+                done = p.undo_label(body.label_id, who=who)
+                return {"ok": True, "image_id": done.image_id, "round": done.round,
+                        "label_id": done.label_id, "restored": done.label, "kind": done.kind}
+            p.unskip(body.image_id, body.round)
+            return {"ok": True, "image_id": body.image_id, "round": body.round}
+        except UndoRefused as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except DalbtError as exc:
+            raise HTTPException(404, str(exc)) from exc
 
 
 def _add_query_routes(app: FastAPI, site: _Site) -> None:
@@ -468,7 +513,7 @@ def _to_png(data: bytes) -> bytes:
 
 
 def history_png(rounds: list[dict[str, Any]]) -> bytes:
-    """PNG of the accuracy history: validation and batch accuracy against labels.
+    """PNG of the accuracy history (:func:`history_figure`).
 
     Args:
         rounds: :meth:`Project.rounds` records.
@@ -476,8 +521,25 @@ def history_png(rounds: list[dict[str, Any]]) -> bytes:
     Returns:
         The PNG bytes (a placeholder text when no round has an accuracy yet).
     """
+    out = io.BytesIO()
+    history_figure(rounds).savefig(out, format="png")
+    return out.getvalue()
+
+
+def history_figure(rounds: list[dict[str, Any]]) -> Figure:
+    """The accuracy history: validation and batch accuracy against labels trained on, with
+    whole-number ticks on the labels axis (a single round: one tick each side of it).
+
+    Args:
+        rounds: :meth:`Project.rounds` records.
+
+    Returns:
+        The matplotlib figure (Agg canvas; a placeholder text when no round has an accuracy
+        yet).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5.2, 3.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -497,15 +559,17 @@ def history_png(rounds: list[dict[str, Any]]) -> bytes:
         if batch:
             ax.plot(*zip(*batch, strict=True), "s--", color="#ff7f0e",
                     label="accuracy on the queried batch")
+        xs = [x for x, _ in val + batch]
+        if min(xs) == max(xs):  # one point: a labels axis of whole numbers around it
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("labels the model was trained on")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png")
-    return out.getvalue()
+    return fig
 
 
 def _bind(host: str, port: int) -> socket.socket:

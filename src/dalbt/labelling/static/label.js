@@ -1,13 +1,15 @@
 // dalbt labelling page: shows the queued images one by one and posts each label as its own
 // request. The page advances only after the server confirmed (committed) a label; on a network
-// error the image stays and the key can simply be pressed again.
+// error the image stays and the key can simply be pressed again. Each tab keeps a stack of its
+// own labels and skips (in memory) for undo; an undo is appended to the label history as a
+// correction on the server and shows the image again.
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
   const key = (it) => `${it.round}:${it.image_id}`;
 
   let classes = [];
-  let queue = []; // pending items {image_id, round, position}, in server order
+  let queue = []; // pending items {image_id, round, position, path, predicted, confidence}
   let batches = {}; // round -> {size, pending}
   let current = null; // item on screen
   let loaded = false; // its image is visible (no label before the person has seen it)
@@ -21,6 +23,15 @@
   let budgetTouched = false;
   let whoSet = false;
   let imageUrl = null;
+  let minSeq = 0; // state requests issued up to here are older than this tab's last undo
+  const undoStack = []; // {kind: "label", label_id, item, label} | {kind: "skip", item, round}
+  let showGuess = true;
+  let zoom = 1; // scale of the image in its frame
+  let origin = "50% 50%"; // the point the zoom is centred on
+  let contrast = false; // stretch the contrast of the image
+  let stretch = ""; // the current image's contrast-stretching CSS filter
+  const ZOOM_MIN = 1;
+  const ZOOM_MAX = 16;
 
   class HttpError extends Error {
     constructor(status, detail) {
@@ -101,6 +112,95 @@
   function setButtons() {
     const off = busy || !current || !loaded;
     document.querySelectorAll("#classes button, #skip, #ood").forEach((b) => { b.disabled = off; });
+    const undo = $("undo");
+    undo.disabled = busy || !undoStack.length;
+    undo.dataset.count = undoStack.length;
+  }
+
+  // -- the model's guess ------------------------------------------------------------------
+
+  function guessOf(item) {
+    return item && item.predicted != null && classes.includes(item.predicted)
+      ? item.predicted : null;
+  }
+
+  function renderGuess() {
+    const el = $("guess");
+    const guess = guessOf(current);
+    document.querySelectorAll("#classes button.guess").forEach((b) => b.classList.remove("guess"));
+    el.hidden = !showGuess || !current;
+    $("guess-accept").hidden = el.hidden || guess === null;
+    el.classList.toggle("none", guess === null);
+    if (!current) {
+      el.textContent = "";
+      return;
+    }
+    if (guess === null) {
+      el.textContent = "no guess yet: cold-start round";
+      return;
+    }
+    const conf = current.confidence == null ? ""
+      : ` (${Math.round(100 * current.confidence)} %)`;
+    el.textContent = `model's guess: ${guess}${conf}`;
+    if (showGuess) {
+      const b = document.querySelector(`#classes button[data-class="${CSS.escape(guess)}"]`);
+      if (b) b.classList.add("guess");
+    }
+  }
+
+  function acceptGuess() {
+    const guess = showGuess ? guessOf(current) : null;
+    if (guess !== null) submit("label", guess);
+  }
+
+  // -- zoom and contrast ------------------------------------------------------------------
+
+  function renderView() {
+    const img = $("image");
+    img.style.transformOrigin = origin;
+    img.style.transform = zoom === 1 ? "" : `scale(${zoom})`;
+    img.style.filter = contrast ? stretch : "";
+    $("zoom-level").textContent = `${Math.round(100 * zoom)} %`;
+    $("contrast").setAttribute("aria-pressed", String(contrast));
+  }
+
+  function setZoom(z, at = null) {
+    zoom = Math.min(ZOOM_MAX, Math.max(ZOOM_MIN, z));
+    if (zoom === 1) origin = "50% 50%";
+    else if (at) origin = at;
+    renderView();
+  }
+
+  // A filter mapping the 1st..99th percentile of the image's brightness onto black..white:
+  // brightness(b) then contrast(c) maps v to b*c*v + (1 - c)/2, i.e. (v - lo) / (hi - lo).
+  function stretchFilter(img) {
+    const fallback = "contrast(1.6) brightness(1.15)";
+    try {
+      const scale = Math.min(1, 256 / Math.max(img.naturalWidth, img.naturalHeight));
+      const w = Math.max(1, Math.round(img.naturalWidth * scale));
+      const h = Math.max(1, Math.round(img.naturalHeight * scale));
+      const canvas = document.createElement("canvas");
+      canvas.width = w;
+      canvas.height = h;
+      const ctx = canvas.getContext("2d", { willReadFrequently: true });
+      ctx.drawImage(img, 0, 0, w, h);
+      const px = ctx.getImageData(0, 0, w, h).data;
+      const hist = new Uint32Array(256);
+      for (let i = 0; i < px.length; i += 4) {
+        hist[Math.round(0.299 * px[i] + 0.587 * px[i + 1] + 0.114 * px[i + 2])]++;
+      }
+      const n = w * h;
+      let lo = 0;
+      let hi = 255;
+      for (let acc = 0; lo < 255 && (acc += hist[lo]) <= 0.01 * n;) lo++;
+      for (let acc = 0; hi > 0 && (acc += hist[hi]) <= 0.01 * n;) hi--;
+      if (hi - lo < 2) return fallback; // flat image: nothing to stretch
+      const l = lo / 255;
+      const u = hi / 255;
+      return `brightness(${(1 / (u + l)).toFixed(4)}) contrast(${((u + l) / (u - l)).toFixed(4)})`;
+    } catch (e) {
+      return fallback;
+    }
   }
 
   function renderProgress() {
@@ -137,18 +237,25 @@
   }
 
   function showNext() {
-    current = queue.length ? queue[0] : null;
+    show(queue.length ? queue[0] : null);
+  }
+
+  function show(item) {
+    current = item;
     loaded = false;
     const img = $("image");
     if (!current) {
       img.hidden = true;
       delete img.dataset.imageId;
       $("empty").hidden = false;
+      $("filename").textContent = "";
       refreshHistory(); // a finished batch completes its batch accuracy
     } else {
       $("empty").hidden = true;
+      $("filename").textContent = current.path || "";
       loadImage(current);
     }
+    renderGuess();
     renderProgress();
     setButtons();
   }
@@ -162,6 +269,10 @@
       imageUrl = URL.createObjectURL(blob);
       const img = $("image");
       img.src = imageUrl;
+      try { await img.decode(); } catch (e) { /* shown as the browser can */ }
+      if (current !== item) return;
+      stretch = stretchFilter(img);
+      renderView();
       img.dataset.imageId = item.image_id;
       img.hidden = false;
       loaded = true;
@@ -188,9 +299,14 @@
     setButtons();
     try {
       if (kind === "skip") {
-        await api("/api/skip", { image_id: item.image_id });
+        const r = await (await api("/api/skip", { image_id: item.image_id })).json();
+        if (r.round !== null && r.round !== undefined) {
+          undoStack.push({ kind: "skip", item, round: r.round });
+        }
       } else {
-        await api("/api/label", { image_id: item.image_id, label, who: who() });
+        const r = await (await api("/api/label",
+          { image_id: item.image_id, label, who: who() })).json();
+        undoStack.push({ kind: "label", label_id: r.label_id, item, label });
       }
       handled.add(key(item));
       queue = queue.filter((it) => key(it) !== key(item));
@@ -205,6 +321,44 @@
         status(`not saved: ${e.message}. The image stays; press the key again to retry.`, true);
       } else {
         status(`not saved: ${e.message}`, true);
+      }
+      setButtons();
+    }
+  }
+
+  async function undo() {
+    if (busy) return;
+    const step = undoStack.pop();
+    if (!step) {
+      status("nothing to undo in this tab");
+      setButtons();
+      return;
+    }
+    busy = true;
+    setButtons();
+    const body = step.kind === "label" ? { label_id: step.label_id, who: who() }
+      : { image_id: step.item.image_id, round: step.round, who: who() };
+    const what = step.kind === "skip" ? "the skip"
+      : `the label ${step.label === null ? "none of these classes" : step.label}`;
+    const name = step.item.path || `image ${step.item.image_id}`;
+    try {
+      const r = await (await api("/api/undo", body)).json();
+      const item = { ...step.item, round: r.round ?? step.item.round };
+      handled.delete(key(item));
+      handled.delete(key(step.item));
+      minSeq = issued; // state answers asked for before now do not know the image is back
+      queue = [item, ...queue.filter((it) => key(it) !== key(item))];
+      busy = false;
+      status(`undone: ${what} of ${name}; it is shown again`);
+      show(item);
+      refreshState();
+    } catch (e) {
+      busy = false;
+      if (e.status === 0) {
+        undoStack.push(step); // nothing happened: it can be tried again
+        status(`not undone: ${e.message}; press undo again to retry`, true);
+      } else {
+        status(`cannot undo ${what} of ${name}: ${e.message}`, true);
       }
       setButtons();
     }
@@ -266,7 +420,7 @@
     const seq = ++issued;
     try {
       const s = await (await api("/api/state")).json();
-      if (seq < applied) return; // an older answer overtaken by a newer one
+      if (seq < applied || seq <= minSeq) return; // overtaken by a newer answer or an undo
       applied = seq;
       applyState(s, seq);
       return s;
@@ -302,9 +456,17 @@
   }
 
   document.addEventListener("keydown", (ev) => {
-    if (ev.ctrlKey || ev.metaKey || ev.altKey || ev.repeat) return;
+    if (ev.altKey || ev.repeat) return;
     const t = ev.target;
-    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) {
+    const typing = t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable);
+    if (ev.ctrlKey || ev.metaKey) { // Ctrl+Z / Cmd+Z undo, except while typing in a field
+      if (!typing && !ev.shiftKey && ev.key.toLowerCase() === "z") {
+        ev.preventDefault();
+        undo();
+      }
+      return;
+    }
+    if (typing) {
       if (ev.key === "Enter" && t.id === "budget") train();
       if (ev.key === "Enter" || ev.key === "Escape") t.blur();
       return;
@@ -312,11 +474,53 @@
     if (classOfKey.has(ev.key)) {
       ev.preventDefault();
       submit("label", classOfKey.get(ev.key));
+    } else if (ev.key === "Enter") {
+      if (t && t.tagName === "BUTTON") return; // the focused button's own action
+      ev.preventDefault();
+      acceptGuess();
     } else if (ev.key === "s") {
       submit("skip");
     } else if (ev.key === "n") {
       submit("label", null);
+    } else if (ev.key === "u") {
+      undo();
+    } else if (ev.key === "+" || ev.key === "=") {
+      setZoom(zoom * 1.25);
+    } else if (ev.key === "-" || ev.key === "_") {
+      setZoom(zoom / 1.25);
+    } else if (ev.key === "f") {
+      setZoom(1);
+    } else if (ev.key === "c") {
+      contrast = !contrast;
+      renderView();
     }
+  });
+
+  $("frame").addEventListener("wheel", (ev) => {
+    if (!current || !loaded) return;
+    ev.preventDefault();
+    const box = $("frame").getBoundingClientRect();
+    const at = `${(100 * (ev.clientX - box.left) / box.width).toFixed(1)}% ` +
+      `${(100 * (ev.clientY - box.top) / box.height).toFixed(1)}%`;
+    setZoom(zoom * (ev.deltaY < 0 ? 1.25 : 0.8), zoom === 1 ? at : null);
+  }, { passive: false });
+
+  const click = (id, action) => $(id).addEventListener("click", (ev) => {
+    ev.currentTarget.blur();
+    action();
+  });
+  click("undo", undo);
+  click("zoom-in", () => setZoom(zoom * 1.25));
+  click("zoom-out", () => setZoom(zoom / 1.25));
+  click("zoom-reset", () => setZoom(1));
+  click("contrast", () => { contrast = !contrast; renderView(); });
+  try { showGuess = localStorage.getItem("dalbt.showGuess") !== "0"; } catch (e) { /* off */ }
+  $("show-guess").checked = showGuess;
+  $("show-guess").addEventListener("change", (ev) => {
+    showGuess = ev.currentTarget.checked;
+    try { localStorage.setItem("dalbt.showGuess", showGuess ? "1" : "0"); } catch (e) { /* off */ }
+    ev.currentTarget.blur();
+    renderGuess();
   });
 
   $("skip").addEventListener("click", (ev) => { ev.currentTarget.blur(); submit("skip"); });
