@@ -7,7 +7,11 @@ DEMO   := runs/demo
 DEMO_ARGS := --dataset digits --initial 30 --budget 30 --rounds 5 --steps 600 --eval-every-steps 100 --val-size 200 \
              --seed 0 --out $(DEMO) --resume
 
-.PHONY: setup data demo test test-quick lint typecheck bench clean
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+LS_VERSION := 1.23.2
+
+.PHONY: setup data labelstudio demo test test-quick lint typecheck bench clean
 
 setup: $(STAMP) data
 
@@ -37,6 +41,16 @@ data:
 	       "Fashion-MNIST runs and tests are skipped without it; 'make test' needs chromium"; \
 	fi
 
+# Label Studio for the end-to-end test of 'dalbt serve-ml' (tests/test_labelstudio.py), in a
+# virtual environment of its own: its pins (Django, pandas, pyarrow, boto3, ...) are not dalbt's.
+labelstudio: $(LS_STAMP)
+
+$(LS_STAMP):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION)
+	touch $(LS_STAMP)
+
 # dalbt against random: on held-out Fashion-MNIST seeds 3-7 dalbt had the highest AUBC from a
 # cold start (0.672 vs random 0.641) and beat random in 6 and 10 of 11 rounds on the closed and
 # open-set pools (BENCHMARKS.md, "Issue 14"); on this demo, seed 0: 89.6 % vs 85.5 % at 180.
@@ -44,9 +58,9 @@ demo: setup
 	$(BIN)/dalbt run --strategy dalbt $(DEMO_ARGS)
 	$(BIN)/dalbt run --strategy random $(DEMO_ARGS)
 
-# The browser test of the labelling page must run here, not be skipped.
-test: setup
-	DALBT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
+# The browser test of the labelling page and the Label Studio test must run here, not be skipped.
+test: setup labelstudio
+	DALBT_REQUIRE_BROWSER=1 DALBT_REQUIRE_LABEL_STUDIO=1 $(BIN)/python -m pytest
 
 # All but the tests marked slow (subprocesses, torchrun, the browser, killed processes, fuzzing
 # and long end-to-end runs): the edit-and-test loop. CI runs everything ('make test').
@@ -64,4 +78,4 @@ bench: setup
 	$(BIN)/python benchmarks/round_time.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) runs .pytest_cache
