@@ -62,8 +62,8 @@ def _add_init_parser(sub: Any) -> None:
     p.add_argument("--labels", default=None, help="CSV of labels given beforehand: path,label")
     p.add_argument("--strategy", default=project["strategy"],
                    help=f"query strategy (see 'dalbt strategies'; default {project['strategy']}:"
-                        " DALBT's Weibull sampling with a class-balanced batch; weibull is "
-                        "the paper's exact rule)")
+                        " typical picks while classes are thin, then margin, both among the "
+                        "Weibull inliers; weibull is the paper's exact rule)")
     p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
                    metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--model", default=project["model"], help="encoder (see 'dalbt models')")
