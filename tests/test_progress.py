@@ -40,7 +40,8 @@ def _check_phases(events, expected):
     for phase in expected:
         evs = [e for e in events if e.phase == phase]
         assert evs[0].done == 0 and evs[0].eta_s is None
-        assert evs[-1].done == evs[-1].total and evs[-1].eta_s == 0
+        assert evs[-1].done == evs[-1].total and evs[-1].eta_s == 0 and evs[-1].finished
+        assert not any(e.finished for e in evs[:-1])
         dones = [e.done for e in evs]
         assert dones == sorted(dones)
         assert all(e.eta_s is None or e.eta_s >= 0 for e in evs)
@@ -140,7 +141,16 @@ def test_phase_log_writes_one_line_per_phase():
     with rep.phase("scoring", 0, "image") as phase:
         phase.grow(10)
         phase.advance(10)
-    log.close()
     assert len(lines) == 2
     assert lines[0].startswith("training: 3 epochs in ") and lines[0].endswith("loss 0.5")
     assert lines[1].startswith("scoring: 10 images in ")
+
+
+def test_phase_log_writes_the_state_of_a_long_phase():
+    lines: list[str] = []
+    rep = ProgressReporter(PhaseLog(lines.append, every=0), min_interval=0)
+    with rep.phase("pre-training", 2, "epoch") as phase:
+        phase.update(1, loss=250.0)
+        phase.update(2, loss=240.0)
+    assert lines[0] == "pre-training: epoch 1 / 2, loss 250"
+    assert lines[-1].startswith("pre-training: 2 epochs in ") and len(lines) == 2

@@ -55,6 +55,7 @@ class ProgressEvent:
         query_eta_s: Estimated seconds left in the whole query, where the caller can know it
             (a labelling project adds what its previous query spent after training); else None.
         round: The round number, when known.
+        finished: The phase is over (its last event; ``done == total``).
     """
 
     phase: Phase
@@ -66,6 +67,7 @@ class ProgressEvent:
     eta_s: float | None = None
     query_eta_s: float | None = None
     round: int | None = None
+    finished: bool = False
 
     @property
     def fraction(self) -> float | None:
@@ -205,7 +207,7 @@ class PhaseProgress:
             eta = (now - t1) / (self.done - d1) * (self.total - self.done)
         return ProgressEvent(phase=self.phase, done=self.done, total=self.total,
                              unit=self.unit, loss=self.loss, elapsed_s=elapsed, eta_s=eta,
-                             round=self.reporter.round)
+                             round=self.reporter.round, finished=self.complete)
 
     def _report(self, force: bool = False) -> None:
         rep = self.reporter
@@ -236,10 +238,8 @@ class PhaseProgress:
 
 
 class PhaseLog:
-    """A progress callback that writes one line per phase when it ends (and the state every
+    """A progress callback that writes one line when a phase ends (and the state every
     ``every`` seconds of a long phase): for logs, where bars would be noise.
-
-    Call :meth:`close` after the round (or query) to write the last phase's line.
 
     Args:
         write: Where the lines go (e.g. a function printing to stderr).
@@ -248,26 +248,18 @@ class PhaseLog:
 
     def __init__(self, write: Callable[[str], object], every: float = 30.0) -> None:
         self.write, self.every = write, every
-        self.latest: ProgressEvent | None = None
         self.last = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
-        prev = self.latest
-        if prev is not None and (prev.phase, prev.round) != (event.phase, event.round):
-            self.close()
         now = time.perf_counter()
-        if self.latest is None:
+        if event.finished:
+            loss = (f", loss {event.loss:.4g}" if event.loss is not None
+                    and math.isfinite(event.loss) else "")
+            self.write(f"{event.phase}: {event.done} {event.unit}"
+                       f"{'s' if event.done != 1 else ''} in "
+                       f"{format_seconds(event.elapsed_s)}{loss}")
+        elif event.done == 0:  # a phase starts
             self.last = now
         elif now - self.last >= self.every and event.done < event.total:
             self.write(event.describe())
             self.last = now
-        self.latest = event
-
-    def close(self) -> None:
-        """Write the line of the phase seen last (if not written yet)."""
-        ev, self.latest = self.latest, None
-        if ev is None:
-            return
-        loss = f", loss {ev.loss:.4g}" if ev.loss is not None and math.isfinite(ev.loss) else ""
-        self.write(f"{ev.phase}: {ev.done} {ev.unit}{'s' if ev.done != 1 else ''} in "
-                   f"{format_seconds(ev.elapsed_s)}{loss}")

@@ -187,8 +187,6 @@ def dispatch(args: argparse.Namespace) -> int:
             lambda line: print(line, file=sys.stderr, flush=True))
         with Project(args.directory) as project:
             res = project.query(args.budget, progress=bars, on_progress=phase_log)
-        if phase_log is not None:
-            phase_log.close()  # the last phase's line
         print(f"queued {len(res.queued)} images in round {res.round}; label them with "
               f"'dalbt serve {args.directory}'")
         return 0
