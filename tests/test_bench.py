@@ -2,6 +2,8 @@
 full-data reference runs, parallel workers and the CLI."""
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -155,7 +157,7 @@ def test_resume_skips_finished_runs_and_seed_shares_initial_set(tmp_path, monkey
     cfg = _cfg(strategies=["random", "entropy"], seeds=[0, 1])
     calls = []
     real = bench.execute
-    monkeypatch.setattr(bench, "execute", lambda task: calls.append(task) or real(task))
+    monkeypatch.setattr(bench, "execute", lambda task, *a: calls.append(task) or real(task, *a))
     res, lines = _run(cfg, tmp_path / "b")
     assert res["ran"] == 4 and len(calls) == 4
     assert sum(ln.startswith("[") and "ETA" in ln for ln in lines) == 4
@@ -216,8 +218,11 @@ def test_full_data_reference_run_written_once(tmp_path, digits):
 @pytest.mark.slow
 def test_parallel_jobs_share_one_store(tmp_path):
     cfg = _cfg(strategies=["random", "margin"])
-    res, _ = _run(cfg, tmp_path / "j", jobs=2)
+    res, lines = _run(cfg, tmp_path / "j", jobs=2, threads=1, round_log=True)
     assert res["ran"] == 2
+    # the workers' rounds came back through the queue: 2 runs x 2 rounds
+    rounds = [ln for ln in lines if re.match(r"bench bench: \w+ seed 0 round [12]/2 ", ln)]
+    assert len(rounds) == 4 and rounds[-1].endswith("4/4 rounds, ETA 0:00")
     with Store(tmp_path / "j") as store:
         runs = store.runs()
         assert len(runs) == 2 and all(r.status == "finished" for r in runs)
@@ -250,3 +255,78 @@ def test_cli_list_presets_and_dry_run(tmp_path, capsys):
                  "--out", str(tmp_path / "dr")]) == 0
     out = capsys.readouterr().out
     assert f"{len(STRATEGIES) * 2} runs" in out and "mobyv2al" in out
+
+
+# -- threads and progress -------------------------------------------------------------------
+
+
+def test_threads_per_run_and_one_line_per_round(tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    real = bench.execute
+    monkeypatch.setattr(bench, "execute", lambda task, *a: seen.append(
+        torch.get_num_threads()) or real(task, *a))
+    cfg = _cfg(seeds=[0, 1])
+    res, lines = _run(cfg, tmp_path / "t", threads=2, round_log=True)
+    assert res["ran"] == 2 and seen == [2, 2] and torch.get_num_threads() == 1  # restored
+    starts = [ln for ln in lines if "started" in ln]
+    assert starts == ["bench bench: random seed 0 started at round 0/2",
+                      "bench bench: random seed 1 started at round 0/2"]
+    rounds = [ln for ln in lines if re.match(r"bench bench: random seed \d round \d/2 ", ln)]
+    assert [ln.split(";")[1].split(",")[0] for ln in rounds] == [
+        " 1/4 rounds", " 2/4 rounds", " 3/4 rounds", " 4/4 rounds"]
+    assert "ETA" in rounds[0] and rounds[-1].endswith("ETA 0:00")
+    # the run's summary line gives the bench's ETA from the round times
+    finished = [ln for ln in lines if ln.startswith("[")]
+    assert len(finished) == 2 and finished[-1].endswith("(ETA 0:00)")
+    assert re.search(r"\(ETA \d+:\d\d\)$", finished[0])
+
+    # without round_log: no round lines (as before)
+    _, quiet = _run(_cfg(seeds=[2]), tmp_path / "t")
+    assert not [ln for ln in quiet if "round 1/2" in ln]
+
+
+def test_eta_from_measured_round_times():
+    tasks = [{"label": "a", "config": {"seed": s}, "rounds": 4, "done_before": d}
+             for s, d in ((0, 0), (1, 2), (2, 0))]
+    lines = []
+    prog = bench._BenchProgress(tasks, jobs=2, name="b", bars=False, round_log=True,
+                                log=lines.append)
+    assert prog.total_rounds == 10 and prog.eta() is None
+    prog.event(("start", 0, os.getpid()))
+    prog.event(("round", 0, 1, 4, 6.0))
+    prog.event(("round", 0, 2, 4, 2.0))  # 4 s a round so far, 8 rounds left, 2 at a time
+    assert prog.eta() == pytest.approx(8 * 4.0 / 2)
+    assert lines[-1] == "bench b: a seed 0 round 2/4 (2.0s); 2/10 rounds, ETA 0:16"
+    prog.finish(0)  # its last two rounds count as done
+    assert prog.rounds_done == 4 and prog.eta() == pytest.approx(6 * 2.0 / 2)
+
+
+def test_a_dead_worker_is_named():
+    import multiprocessing as mp
+
+    tasks = [{"label": "margin", "config": {"seed": 3}, "rounds": 2, "done_before": 0}]
+    prog = bench._BenchProgress(tasks, jobs=1, name="b", bars=False, round_log=False,
+                                log=lambda s: None)
+    child = mp.get_context("fork").Process(target=__import__("time").sleep, args=(30,))
+    child.start()
+    try:
+        prog.event(("start", 0, child.pid))
+        assert prog.dead_worker() is None
+    finally:
+        child.kill()
+        child.join()
+    assert prog.dead_worker() == "margin seed 3"
+
+
+def test_cli_threads_is_validated(tmp_path, capsys):
+    path = tmp_path / "b.yaml"
+    path.write_text("dataset: digits\nstrategies: [random]\n")
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", str(path), "--threads", bad])
+        assert exc.value.code == 2
+        assert "--threads" in capsys.readouterr().err
+    with pytest.raises(DalbtError, match="--threads must be positive"):
+        _run(_cfg(), tmp_path / "v", threads=0)

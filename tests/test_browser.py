@@ -366,3 +366,58 @@ def test_guess_enter_file_name_zoom_and_contrast(tmp_path, browser):
             assert db_rows(proj, "SELECT COUNT(*) FROM labels")[0][0] == 2
         finally:
             context.close()
+
+
+def test_progress_bar_during_a_real_training(tmp_path, browser):
+    truth = write_digits(tmp_path / "images", 60)
+    proj = tmp_path / "proj"
+
+    def label_all(p):
+        for q in p.pending():
+            p.add_label(q.image_id, str(truth[q.path]), who="t", source="api")
+
+    events = []
+    with Project.init(proj, tmp_path / "images", CLASSES, train={"epochs": 2},
+                      cold_start_epochs=0, min_steps=80, log=lambda m: None) as p:
+        p.query(20, progress=False, log=lambda m: None)
+        label_all(p)
+        p.query(10, progress=False, log=lambda m: None, on_progress=events.append)
+        label_all(p)
+    # this machine's pace after the first step (which pays one-time costs; one step an epoch:
+    # 30 labels, batch 64) sets a training of ~5 s
+    train = [e for e in events if e.phase == "training" and e.done > 0]
+    pace = ((train[-1].elapsed_s - train[0].elapsed_s) / (train[-1].done - train[0].done)
+            if len(train) > 1 else train[-1].elapsed_s / train[-1].done)
+    steps = int(np.clip(5.0 / pace, 300, 5000))
+    with sqlite3.connect(proj / "project.sqlite") as db:
+        (raw,) = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'",
+                   (re.sub(r'"min_steps": \d+', f'"min_steps": {steps}', raw),))
+    assert Project(proj).config.min_steps == steps
+    with background_server(create_app(proj, budget=10)) as url:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url + "/")
+            page.wait_for_selector("#empty:not([hidden])")
+            assert page.is_hidden("#running")
+            page.click("#train")
+            bar = "document.getElementById('query-progress')"
+            page.wait_for_function(f"() => {bar}.dataset.phase === 'training' && "
+                                   f"{bar}.value > 0")
+            assert page.evaluate(f"{bar}.tagName") == "PROGRESS"
+            assert page.evaluate(f"{bar}.max") == steps
+            first = page.evaluate(f"{bar}.value")
+            text = page.text_content("#query-phase")
+            assert re.match(rf"training: epoch \d+ / {steps}, loss \d", text), text
+            page.wait_for_function(f"v => {bar}.dataset.phase === 'training' && "
+                                   f"{bar}.value > v && {bar}.value < {bar}.max", arg=first)
+            later = page.text_content("#query-phase")
+            assert "left" in later, later  # the pace is known after the first update
+            page.wait_for_function("() => document.getElementById('query-status')"
+                                   ".textContent.startsWith('round 2: queued 10 images')")
+            assert page.is_hidden("#running")
+            page.wait_for_selector("#image[data-image-id]:not([hidden])")
+        finally:
+            context.close()

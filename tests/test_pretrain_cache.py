@@ -228,9 +228,9 @@ def test_bench_pretrains_each_encoder_once_before_its_runs(tmp_path, digits, mon
     events: list[str] = []
     execute = bench.execute
 
-    def running(task):
+    def running(task, *report):
         events.append(f"run {len(pretrained)}")
-        return execute(task)
+        return execute(task, *report)
 
     monkeypatch.setattr(bench, "execute", running)
     cfg = bench.parse_config({**TINY, "strategies": ["random", "margin"], "seeds": [0, 1]},

@@ -96,7 +96,7 @@ def test_page_static_files_and_state(proj):
     assert s["batches"] == {"0": {"size": 10, "pending": 10}}
     assert s["user"] == "alice" and s["budget"] == 7
     assert s["query"] == {"running": False, "error": None, "last": None, "started": None,
-                          "finished": None}
+                          "finished": None, "progress": None}
     assert s["progress"]["images"] == 30 and s["progress"]["pending"] == 10
 
 

@@ -6,6 +6,8 @@ The public API (everything else is private by convention):
 - Model level: :class:`ActiveLearner` runs rounds on your ``nn.Module`` and images.
 - One round: :func:`run_round` with :class:`RoundData` (what the loop, the labelling project and
   the learner all call).
+- Progress: :class:`ProgressEvent` (what ``run_round(on_progress=...)`` and a labelling
+  project's query report), :data:`ProgressCallback`, :class:`PhaseLog`.
 - Experiments: :class:`RunConfig`, :func:`run_experiment`, :class:`Store`, :class:`TrainConfig`.
 - Strategies: :data:`STRATEGIES`, :func:`build_strategy`, :func:`register_strategy`,
   :class:`Strategy`, :class:`QueryContext`, :class:`Outputs`.
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from dalbt.loop import run_experiment
     from dalbt.models.net import DALBTNet, build_model
     from dalbt.outputs import Outputs
+    from dalbt.progress import PhaseLog, ProgressCallback, ProgressEvent
     from dalbt.recipe import RunConfig, TrainConfig
     from dalbt.selection import select
     from dalbt.store import Store
@@ -51,6 +54,9 @@ _LAZY = {
     "DALBTNet": "dalbt.models.net",
     "ImageDataset": "dalbt.data.datasets",
     "Outputs": "dalbt.outputs",
+    "PhaseLog": "dalbt.progress",
+    "ProgressCallback": "dalbt.progress",
+    "ProgressEvent": "dalbt.progress",
     "QueryContext": "dalbt.strategies",
     "RoundData": "dalbt.al_round",
     "RoundResult": "dalbt.al_round",
@@ -80,6 +86,9 @@ __all__ = [
     "DALBTNet",
     "ImageDataset",
     "Outputs",
+    "PhaseLog",
+    "ProgressCallback",
+    "ProgressEvent",
     "QueryContext",
     "RoundData",
     "RoundResult",

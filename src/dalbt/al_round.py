@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
 from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.models.net import DALBTNet
 from dalbt.outputs import Outputs
 from dalbt.probe import head_outputs
+from dalbt.progress import ProgressCallback, ProgressReporter
 from dalbt.recipe import TrainConfig
 from dalbt.strategies import QueryContext, Strategy
 from dalbt.train import TrainResult, accuracy, infer, mc_dropout_probs, pretrain_barlow
@@ -127,53 +127,46 @@ class RoundResult:
                 "t_train": self.t_train, "t_score": self.t_score, "t_select": self.t_select}
 
 
-def _bar(progress: bool, **kw: Any) -> tqdm:
-    return tqdm(leave=False, disable=not progress, **kw)
-
-
 def _train(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainConfig, seed: int,
-           round_: int, cold_start_epochs: int, dist: Dist, progress: bool
+           round_: int, cold_start_epochs: int, dist: Dist, report: ProgressReporter
            ) -> TrainResult | None:
     """Train ``model`` for the round: supervised (the strategy's hook), or a cold start."""
     if len(data.labelled) == 0:
         assert data.candidates is not None  # set in __post_init__
         # Barlow Twins correlates a batch's two views: one image teaches nothing
         if cold_start_epochs > 0 and len(data.candidates) >= 2:
-            pretrain_barlow(model, data.images, data.candidates,
-                            replace(recipe, pretrain_epochs=cold_start_epochs),
-                            rngs.torch_generator(seed, rngs.PRETRAIN, round_),
-                            rngs.torch_generator(seed, rngs.AUGMENT, round_), dist=dist)
+            with report.phase("pre-training", cold_start_epochs, "epoch") as phase:
+                pretrain_barlow(model, data.images, data.candidates,
+                                replace(recipe, pretrain_epochs=cold_start_epochs),
+                                rngs.torch_generator(seed, rngs.PRETRAIN, round_),
+                                rngs.torch_generator(seed, rngs.AUGMENT, round_),
+                                on_epoch=phase.on_epoch("bt"), dist=dist)
         return None
     steps = recipe.steps is not None  # on_epoch then reports the step of each checkpoint
-    bar = _bar(progress, total=recipe.steps if steps else recipe.epochs,
-               desc=f"round {round_} train", unit="step" if steps else "ep")
-    try:
+    with report.phase("training", recipe.steps if recipe.steps is not None else recipe.epochs,
+                      "step" if steps else "epoch") as phase:
         return strategy.train_model(
             model, data.images, data.visible_targets(), data.labelled, data.validation, recipe,
             rngs.torch_generator(seed, rngs.SHUFFLE, round_),
             rngs.torch_generator(seed, rngs.AUGMENT, round_),
-            on_epoch=lambda e, m: (bar.update(e - bar.n), bar.set_postfix(m)),
-            unlabelled=data.unlabelled, dist=dist)
-    finally:
-        bar.close()
+            on_epoch=phase.on_epoch("ce"), unlabelled=data.unlabelled, dist=dist)
 
 
 def _query(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainConfig,
            new_model: ModelFactory, seed: int, round_: int, budget: int, total_rounds: int,
-           guess: bool, dist: Dist, progress: bool, keep_scores: bool, result: RoundResult
-           ) -> None:
+           guess: bool, dist: Dist, report: ProgressReporter, keep_scores: bool,
+           result: RoundResult) -> None:
     """Run the strategy (on rank 0; its scoring requests run sharded on every rank)."""
-    bar = _bar(progress and bool(strategy.requires), desc=f"round {round_} score", unit="img")
+    scoring = report.phase("scoring", 0, "image")  # its total grows with each request
     scored = result.scored if keep_scores and dist.is_main else None
 
     def score(idx: np.ndarray) -> Outputs:
-        if dist.is_main:
-            bar.total = (bar.total or 0) + len(idx)
+        scoring.grow(len(idx))
         if recipe.finetune == "head":  # the frozen encoder's latents are stored per run
             out = head_outputs(model, data.images, idx, dist=dist)
-            bar.update(len(idx))
+            scoring.advance(len(idx))
         else:
-            out = infer(model, data.images, idx, progress=bar.update, dist=dist)
+            out = infer(model, data.images, idx, progress=scoring.advance, dist=dist)
         if scored is not None:
             scored.append({"kind": "outputs", "indices": torch.as_tensor(out.indices),
                            "logits": out.logits, "latents": out.latents})
@@ -199,26 +192,26 @@ def _query(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainCo
                            model_factory=new_model, candidates=data.candidates,
                            mc_scorer=lambda idx, t, g: lead.call("mc_score", idx, t, g))
         t0 = time.perf_counter()
-        strategy.prepare(ctx)
-        ctx.prefetch(strategy.requires)
+        with scoring:
+            strategy.prepare(ctx)
+            ctx.prefetch(strategy.requires)
         t_score = time.perf_counter() - t0
         t0 = time.perf_counter()
-        queried = strategy.select(ctx, budget)
-        t_select = time.perf_counter() - t0
-        guesses = infer(model, data.images, queried) if guess else None
+        with report.phase("selecting", min(budget, len(data.unlabelled)), "image"):
+            queried = strategy.select(ctx, budget)
+            t_select = time.perf_counter() - t0
+            guesses = infer(model, data.images, queried) if guess else None
         return queried, guesses, t_score, t_select
 
-    try:
-        result.queried, result.guesses, result.t_score, result.t_select = lead.run(work)
-    finally:
-        bar.close()
+    result.queried, result.guesses, result.t_score, result.t_select = lead.run(work)
 
 
 def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed: int,
               round_: int, budget: int, new_model: ModelFactory, model: DALBTNet | None = None,
               total_rounds: int | None = None, cold_start_epochs: int = 0,
               trained: TrainResult | None = None, dist: Dist = SINGLE, progress: bool = False,
-              keep_scores: bool = False, guesses: bool = False) -> RoundResult:
+              on_progress: ProgressCallback | None = None, keep_scores: bool = False,
+              guesses: bool = False) -> RoundResult:
     """One AL round: train (or cold-start), measure, query.
 
     Args:
@@ -238,7 +231,11 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
             summary): the round measures and queries without training again.
         dist: This process's place in a distributed run (every rank calls with the same
             arguments; the strategy runs on rank 0).
-        progress: Show progress bars.
+        progress: Show progress bars (on stderr), one per phase.
+        on_progress: Called with a :class:`~dalbt.progress.ProgressEvent` as the round goes
+            through its phases (pre-training or training, scoring, selecting; a few a second
+            at most, the first and last of each phase always), on rank 0 only. The bars show
+            the same events.
         keep_scores: Keep what the scorers computed in ``RoundResult.scored``.
         guesses: Also return the trained model's outputs on the queried images (what a
             labelling app shows as its guess).
@@ -254,12 +251,14 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
         raise ValueError("trained= needs the trained model and a labelled set")
     if model is None:
         model = new_model(rngs.int_seed(seed, rngs.PRETRAIN if cold else rngs.INIT, round_))
+    report = ProgressReporter(on_progress if dist.is_main else None,
+                              bars=progress and dist.is_main, round_=round_)
     t0 = time.perf_counter()
     if trained is not None:
         res: TrainResult | None = trained
     else:
         res = _train(model, strategy, data, recipe, seed, round_, cold_start_epochs, dist,
-                     progress)
+                     report)
         dist.broadcast_module(model)  # identical weights on every rank, whatever trained them
     result = RoundResult(model=model, train=res, test_acc=None,
                          queried=np.empty(0, dtype=np.int64), guesses=None,
@@ -269,6 +268,5 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
     if budget > 0 and len(data.unlabelled):
         _query(model, strategy, data, recipe, new_model, seed, round_, budget,
                total_rounds if total_rounds is not None else round_ + 1,
-               guesses and not cold, dist,
-               progress, keep_scores, result)
+               guesses and not cold, dist, report, keep_scores, result)
     return result

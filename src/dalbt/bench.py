@@ -614,17 +614,34 @@ def _dataset(name: str, root: str | None) -> Any:
     return _DATA_CACHE[(name, root)]
 
 
-def _init_worker(threads: int) -> None:
+#: Where a bench worker process sends its progress (set by :func:`_init_worker`).
+_WORKER_EVENTS: Any = None
+
+#: ``report(event)``: a run's progress, as tuples ``("start", index, pid)`` and
+#: ``("round", index, rounds done, rounds of the run, seconds of the round)``.
+Report = Callable[[tuple], object]
+
+
+def _init_worker(threads: int, events: Any = None) -> None:
     import torch
 
+    global _WORKER_EVENTS
     torch.set_num_threads(threads)
+    _WORKER_EVENTS = events
 
 
-def execute(task: dict[str, Any]) -> dict[str, Any]:
+def _execute_in_worker(task: dict[str, Any]) -> dict[str, Any]:
+    """:func:`execute` in a worker process, reporting to the queue of :func:`_init_worker`."""
+    return execute(task, None if _WORKER_EVENTS is None else _WORKER_EVENTS.put)
+
+
+def execute(task: dict[str, Any], report: Report | None = None) -> dict[str, Any]:
     """Run (or resume, or skip) one planned run; the unit of work of a bench worker.
 
     Args:
-        task: ``config`` (RunConfig dict), ``out`` (store directory), ``label``, ``full_data``.
+        task: ``config`` (RunConfig dict), ``out`` (store directory), ``label``, ``full_data``
+            and, for progress, ``index`` (its place in the bench's list).
+        report: Called with the run's progress (see :data:`Report`); None for none.
 
     Returns:
         Summary: label, seed, n_labelled and test_acc of the last round, seconds.
@@ -634,18 +651,26 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
 
     cfg = RunConfig.from_dict(task["config"])
     data = _dataset(cfg.dataset, cfg.data_root)
+    index = task.get("index", -1)
+    on_round = None
+    if report is not None:
+        report(("start", index, os.getpid()))
+        on_round = lambda done, total, seconds: report(  # noqa: E731
+            ("round", index, done, total, seconds))
     t0 = time.perf_counter()
     with Store(task["out"]) as store:
         if task["full_data"]:
             run = run_full_data(cfg, store, data, log=lambda s: None)
+            if on_round is not None:
+                on_round(1, 1, time.perf_counter() - t0)
         else:
             run = run_experiment(cfg, store, resume=True, progress=False, data=data,
-                                 log=lambda s: None)
+                                 log=lambda s: None, on_round=on_round)
         rounds = store.rounds(run.id)
     last = rounds[-1] if rounds else {}
     return {"label": task["label"], "seed": cfg.seed, "run_id": run.id,
             "n_labelled": last.get("n_labelled"), "test_acc": last.get("test_acc"),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "index": index}
 
 
 def _cores() -> int:
@@ -669,6 +694,11 @@ def _status(store: Any, run: PlannedRun, data_for_full: Callable[[], Any]) -> st
     if rec.status == "finished":
         return "finished"
     return f"resume at round {len(store.rounds(rec.id))}"
+
+
+def _rounds_done(status: str) -> int:
+    """Rounds a run has from an earlier bench, from its :func:`_status`."""
+    return int(status.rsplit(" ", 1)[1]) if status.startswith("resume at round ") else 0
 
 
 def _write_manifest(out: Path, bench: BenchConfig, runs: list[PlannedRun]) -> None:
@@ -789,47 +819,215 @@ def _plan_line(bench: BenchConfig, n_runs: int, n_todo: int, full_data: bool,
             f"{n_todo} to run")
 
 
+class _BenchProgress:
+    """The bench's progress from its runs' round events: a bar of rounds done (tqdm, on a
+    terminal) with a bar per running run under it, or one log line per event; and the overall
+    ETA from the measured round times.
+
+    Args:
+        tasks: The tasks, with ``rounds`` (rounds of the run) and ``done_before`` (rounds it
+            has from an earlier bench).
+        jobs: Runs that run at once.
+        name: The bench's name.
+        bars: Show tqdm bars on stderr.
+        round_log: Write one line per run start and round (when there are no bars).
+        log: Where lines go.
+    """
+
+    def __init__(self, tasks: list[dict[str, Any]], jobs: int, name: str, bars: bool,
+                 round_log: bool, log: Callable[[str], None]) -> None:
+        from tqdm.auto import tqdm
+
+        self.tasks, self.jobs, self.name, self.log = tasks, jobs, name, log
+        self.round_log = round_log and not bars
+        self.bars = bars
+        self.left = {i: t["rounds"] - t["done_before"] for i, t in enumerate(tasks)}
+        self.done = {i: t["done_before"] for i, t in enumerate(tasks)}
+        self.total_rounds = sum(self.left.values())
+        self.rounds_done = 0
+        self.round_seconds = 0.0
+        self.finished: set[int] = set()
+        self.running: dict[int, Any] = {}  # index -> its bar (None without bars)
+        self.slots: list[int | None] = []  # the running run on each line under the bar
+        self.pid: dict[int, int] = {}
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=self.total_rounds, desc=f"bench {name}", unit="round",
+                        file=sys.stderr, disable=not bars, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "rounds [{elapsed}{postfix}]")
+        self._postfix()
+
+    def eta(self) -> float | None:
+        """Seconds left for the whole bench: the rounds left at the mean measured round time,
+        run ``jobs`` at a time (None before the first round)."""
+        if not self.rounds_done:
+            return None
+        left = self.total_rounds - self.rounds_done
+        parallel = max(1, min(self.jobs, len(self.tasks) - len(self.finished)))
+        return left * self.round_seconds / self.rounds_done / parallel
+
+    def eta_text(self) -> str:
+        eta = self.eta()
+        return "ETA ?" if eta is None else f"ETA {_fmt_time(eta)}"
+
+    def _who(self, i: int) -> str:
+        t = self.tasks[i]
+        return f"{t['label']} seed {t['config']['seed']}"
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"runs {len(self.finished)}/{len(self.tasks)}, "
+                                 f"{self.eta_text()}", refresh=True)
+
+    def event(self, ev: tuple) -> None:
+        """A worker's event (see :data:`Report`)."""
+        from tqdm.auto import tqdm
+
+        kind, i = ev[0], ev[1]
+        if i not in self.left or i in self.finished:
+            return
+        if kind == "start":
+            self.pid[i] = ev[2]
+            t = self.tasks[i]
+            slot = self.slots.index(None) if None in self.slots else len(self.slots)
+            self.slots[slot:slot + 1] = [i]
+            self.running[i] = tqdm(total=t["rounds"], initial=t["done_before"],
+                                   desc=self._who(i), unit="round", file=sys.stderr,
+                                   position=slot + 1, leave=False, dynamic_ncols=True,
+                                   bar_format="  {desc}: round {n_fmt}/{total_fmt} "
+                                              "[{elapsed}]") if self.bars else None
+            if self.round_log:
+                self.log(f"bench {self.name}: {self._who(i)} started at round "
+                         f"{t['done_before']}/{t['rounds']}")
+        elif kind == "round":
+            done, total, seconds = ev[2], ev[3], ev[4]
+            step = max(0, done - self.done[i])
+            self.done[i] = done
+            self.rounds_done += step
+            self.round_seconds += seconds if step else 0.0
+            self.bar.update(step)
+            bar = self.running.get(i)
+            if bar is not None:
+                bar.update(done - bar.n)
+            self._postfix()
+            if self.round_log:
+                self.log(f"bench {self.name}: {self._who(i)} round {done}/{total} "
+                         f"({seconds:.1f}s); {self.rounds_done}/{self.total_rounds} rounds, "
+                         f"{self.eta_text()}")
+
+    def finish(self, i: int) -> None:
+        """Task ``i`` ended (its rounds left count as done: a finished run may have been
+        shorter than planned)."""
+        bar = self.running.pop(i, None)
+        if bar is not None:
+            bar.close()
+        self.slots = [None if k == i else k for k in self.slots]
+        self.finished.add(i)
+        step = max(0, self.tasks[i]["rounds"] - self.done[i])
+        self.rounds_done += step
+        self.bar.update(step)
+        self._postfix()
+
+    def dead_worker(self) -> str | None:
+        """A running run whose worker process is gone (killed, out of memory): its name."""
+        import multiprocessing as mp
+
+        alive = {p.pid for p in mp.active_children()}
+        for i in self.running:
+            if i in self.pid and self.pid[i] not in alive:
+                return self._who(i)
+        return None
+
+    def close(self) -> None:
+        for bar in self.running.values():
+            if bar is not None:
+                bar.close()
+        self.bar.close()
+
+
 def _execute_tasks(tasks: list[dict[str, Any]], jobs: int, name: str, progress: bool,
-                   log: Callable[[str], None], summary: dict[str, Any]) -> None:
-    """Run the tasks (in ``jobs`` worker processes when more than one), adding each result
-    to ``summary`` and logging one line with the ETA as it finishes."""
+                   log: Callable[[str], None], summary: dict[str, Any], threads: int | None,
+                   round_log: bool = False) -> None:
+    """Run the tasks (in ``jobs`` worker processes of ``threads`` torch threads when more than
+    one), adding each result to ``summary`` and logging one line with the ETA as it finishes;
+    the runs' rounds feed :class:`_BenchProgress`."""
     from tqdm.auto import tqdm
 
     jobs = min(jobs, len(tasks))
-    bar = tqdm(total=len(tasks), desc=f"bench {name}", unit="run", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    prog = _BenchProgress(tasks, jobs, name, progress, round_log, log)
 
     def done(res: dict[str, Any]) -> None:
         summary["ran"] += 1
         summary["results"].append(res)
+        prog.finish(res["index"])
         k = summary["ran"]
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / k * (len(tasks) - k)
         acc = res["test_acc"]
         acc_text = f"{acc:.4f}" if acc is not None else "n/a"
-        bar.update(1)
         line = (f"[{k}/{len(tasks)}] {res['label']} seed {res['seed']}: test {acc_text} at "
-                f"{res['n_labelled']} labels, {res['seconds']:.1f}s (ETA {_fmt_time(eta)})")
+                f"{res['n_labelled']} labels, {res['seconds']:.1f}s ({prog.eta_text()})")
         with tqdm.external_write_mode(file=sys.stderr):
             log(line)
 
     try:
         if jobs == 1:
-            for task in tasks:
-                done(execute(task))
+            _execute_here(tasks, threads, prog, done)
         else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            threads = max(1, _cores() // jobs)
-            with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,)) as pool:
-                for res in pool.imap_unordered(execute, tasks):
-                    done(res)
-                pool.close()  # let workers exit cleanly (terminate() on exit would kill them)
-                pool.join()
+            _execute_pool(tasks, jobs, threads or max(1, _cores() // jobs), prog, done)
     finally:
-        bar.close()
+        prog.close()
+
+
+def _execute_here(tasks: list[dict[str, Any]], threads: int | None, prog: _BenchProgress,
+                  done: Callable[[dict[str, Any]], None]) -> None:
+    """Run the tasks one after the other in this process (with ``threads`` torch threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for task in tasks:
+            done(execute(task, prog.event))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute_pool(tasks: list[dict[str, Any]], jobs: int, threads: int, prog: _BenchProgress,
+                  done: Callable[[dict[str, Any]], None]) -> None:
+    """Run the tasks in ``jobs`` worker processes; their events come back through a managed
+    queue (a worker that dies cannot jam it), read between results."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        events = manager.Queue()
+
+        def drain() -> None:
+            while True:
+                try:
+                    prog.event(events.get_nowait())
+                except queue.Empty:
+                    return
+
+        with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads, events)) as pool:
+            results = pool.imap_unordered(_execute_in_worker, tasks)
+            while True:
+                try:
+                    res = results.next(timeout=0.5)
+                except mp.TimeoutError:
+                    drain()
+                    gone = prog.dead_worker()
+                    if gone is not None:
+                        raise DalbtError(
+                            f"the worker running {gone} died (killed, or out of memory?); "
+                            "run the bench again to resume, perhaps with fewer --jobs") from None
+                    continue
+                except StopIteration:
+                    break
+                drain()
+                done(res)
+            pool.close()  # let workers exit cleanly (terminate() on exit would kill them)
+            pool.join()
 
 
 def run_bench(
@@ -843,6 +1041,8 @@ def run_bench(
     progress: bool = True,
     log: Callable[[str], None] = print,
     pretrain_cache: str | None = None,
+    threads: int | None = None,
+    round_log: bool = False,
 ) -> dict[str, Any]:
     """Run every run of a bench that is not finished yet.
 
@@ -854,12 +1054,17 @@ def run_bench(
         dry_run: Only print the plan (label, seed, status of every run).
         device: torch device of every run (None: the bench's setting).
         data_root: Dataset directory of every run (None: the bench's setting).
-        progress: Show progress bars on stderr (pre-training with its loss; runs done /
-            total, ETA).
+        progress: Show progress bars on stderr (pre-training with its loss; rounds done of the
+            bench, with the runs done and the ETA from the measured round times; a bar per
+            running run with its rounds).
         log: Where the plan and the one-line summary per finished run go.
         pretrain_cache: Directory of the shared pre-trained encoders of every run (None: the
             bench's setting, else ``out``); each one a run needs is pre-trained here before
             the workers start.
+        threads: torch threads of each run (default: cores // jobs with several jobs; with
+            one, this process's setting).
+        round_log: Without bars: log one line when a run starts and at each round (with the
+            bench's rounds done and ETA).
 
     Returns:
         ``{"total", "finished_before", "ran", "left_out", "results"}``.
@@ -869,6 +1074,8 @@ def run_bench(
     """
     if jobs < 1:
         raise DalbtError(f"--jobs must be positive, got {jobs}")
+    if threads is not None and threads < 1:
+        raise DalbtError(f"--threads must be positive, got {threads}")
     runs, notes = _plan_runs(bench, full_data, device, data_root, pretrain_cache)
     out = Path(out)
     data = _dataset(bench.settings["dataset"], runs[0].config.data_root)
@@ -888,7 +1095,11 @@ def run_bench(
         return summary
     _write_manifest(out, bench, runs)
     tasks = [{"config": run.config.to_dict(), "out": str(out), "label": run.label,
-              "full_data": run.full_data} for run in todo]
+              "full_data": run.full_data, "index": i,
+              "rounds": 1 if run.full_data else run.config.rounds + 1,
+              "done_before": _rounds_done(st)}
+             for i, (run, st) in enumerate(
+                 (r, st) for r, st in zip(runs, status, strict=True) if st != "finished")]
     _pretrain_encoders(out, todo, data, progress, log)
-    _execute_tasks(tasks, jobs, bench.name, progress, log, summary)
+    _execute_tasks(tasks, jobs, bench.name, progress, log, summary, threads, round_log)
     return summary

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dalbt import rng as rngs
 from dalbt.checkpoint import apply_state, read_checkpoint, save_state
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import DalbtError
 from dalbt.models.net import DALBTNet
+from dalbt.progress import ProgressReporter
 from dalbt.recipe import RunConfig
 from dalbt.train import pretrain_barlow
 
@@ -164,17 +164,13 @@ class SharedEncoder:
         cache."""
         cfg, epochs = self.cfg, self.cfg.train.pretrain_epochs
         model = new_model(rngs.int_seed(cfg.seed, rngs.PRETRAIN, 0))
-        bar = tqdm(total=epochs, desc=f"pre-train {self.key}", unit="ep", leave=False,
-                   disable=not progress)
+        report = ProgressReporter(bars=progress, desc=f"pre-train {self.key}")
         t0 = time.perf_counter()
-        try:
+        with report.phase("pre-training", epochs, "epoch") as phase:
             losses = pretrain_barlow(model, x_train, images, cfg.train,
                                      rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 1),
                                      rngs.torch_generator(cfg.seed, rngs.PRETRAIN, 2),
-                                     on_epoch=lambda e, m: (bar.update(1), bar.set_postfix(m)),
-                                     dist=dist)
-        finally:
-            bar.close()
+                                     on_epoch=phase.on_epoch("bt"), dist=dist)
         seconds = time.perf_counter() - t0
         log(f"[seed {cfg.seed}] Barlow Twins pre-training of encoder {self.key} on "
             f"{len(images)} images: {epochs} epochs, loss {losses[0]:.1f} -> {losses[-1]:.1f}, "

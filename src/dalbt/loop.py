@@ -8,6 +8,7 @@ which the oracle labels for round r + 1. The loop knows nothing about any partic
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -261,6 +262,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
     dist: Dist = SINGLE,
     save_scores: bool = False,
+    on_round: Callable[[int, int, float], object] | None = None,
 ) -> RunRecord:
     """Run (or resume) one AL run and record every round in ``store``.
 
@@ -276,6 +278,8 @@ def run_experiment(
             the same arguments; see :mod:`dalbt.distributed` for who does what).
         save_scores: Also save what the strategy's scorers computed each round (pool outputs,
             MC-dropout probabilities) to ``<store>/scores/run-<id>-round-<r>.pt``.
+        on_round: Called on rank 0 after each round is recorded with (rounds done, rounds of
+            the run (``cfg.rounds + 1``), seconds the round took).
 
     Returns:
         The run's record (on every rank).
@@ -293,6 +297,7 @@ def run_experiment(
     data = apply_scenario(cfg, data)
     validate(cfg, data)
     ex = _Experiment(cfg, store, data, dist, log)
+    ex.on_round = on_round
     ex.choose_initial(progress)
     # Rank 0 reads the store; every rank replays the recorded rounds from its answer.
     run, done = dist.from_main(lambda: ex.open_run(resume))
@@ -310,6 +315,7 @@ def run_experiment(
                              if not k.startswith("classifier.")}
     model = None
     for r in range(len(done), cfg.rounds + 1):
+        t0 = time.perf_counter()
         if model is None or not cfg.train.warm_start:
             model = ex.initial_model(run.id, r, pretrained)
         ex.round_data.labelled = ex.round_data.known = ex.pool.labelled
@@ -318,7 +324,7 @@ def run_experiment(
                         budget=cfg.budget if r < cfg.rounds else 0,
                         new_model=ex.strategy_model, model=model, total_rounds=cfg.rounds,
                         dist=dist, progress=progress, keep_scores=save_scores)
-        ex.finish_round(run.id, r, res, save_scores)
+        ex.finish_round(run.id, r, res, save_scores, time.perf_counter() - t0)
     return dist.from_main(lambda: (store.find_run(ex.key) if store is not None else None) or run)
 
 
@@ -339,6 +345,7 @@ class _Experiment:
         self.directory = store.directory if store is not None else None
         self.pool = Pool.from_splits(data.n_train, self.splits)
         self.device = torch.device(cfg.train.device)
+        self.on_round: Callable[[int, int, float], object] | None = None
         self.shared_encoder: dict | None = None  # pre-trained weights, classifier left out
         self.candidates = np.setdiff1d(np.arange(data.n_train), self.splits.validation)
         self.round_data = RoundData(
@@ -464,8 +471,10 @@ class _Experiment:
             _resume_warm_start(model, self.directory, run_id, r, self.device, self.dist)
         return model
 
-    def finish_round(self, run_id: int, r: int, res: RoundResult, save_scores: bool) -> None:
-        """Save, record and log round ``r``, then label its queries."""
+    def finish_round(self, run_id: int, r: int, res: RoundResult, save_scores: bool,
+                     seconds: float = 0.0) -> None:
+        """Save, record and log round ``r`` (which took ``seconds`` so far), then label its
+        queries."""
         cfg, directory, queried = self.cfg, self.directory, res.queried
         if save_scores and directory is not None and r < cfg.rounds:
             _save_scores(directory / "scores" / f"run-{run_id}-round-{r}.pt", r, res.scored,
@@ -477,6 +486,8 @@ class _Experiment:
         metrics["n_ood"] = int(ood[queried].sum()) if ood.any() else None
         if self.store is not None:
             self.store.record_round(run_id, r, metrics, queried, finished=r == cfg.rounds)
+            if self.on_round is not None:
+                self.on_round(r + 1, cfg.rounds + 1, seconds)
         if queried.size:
             self.oracle(queried, r + 1)
         if cfg.train.warm_start and r > 0 and directory is not None:

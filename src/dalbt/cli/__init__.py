@@ -251,7 +251,9 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--out", default=None,
                    help="experiment directory (default: runs/<bench name>)")
     b.add_argument("--jobs", type=positive_int, default=1,
-                   help="parallel worker processes (each gets cores / jobs torch threads)")
+                   help="parallel worker processes (each gets --threads torch threads)")
+    b.add_argument("--threads", type=threads, default=None,
+                   help="torch CPU threads of each worker (default: cores / jobs)")
     b.add_argument("--full-data", action="store_true",
                    help="also train the full-data reference run (the accuracy ceiling)")
     b.add_argument("--dry-run", action="store_true",
@@ -261,7 +263,9 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--pretrain-cache", default=None, metavar="DIR",
                    help="directory of the shared pre-trained encoders (default: the bench's "
                         "pretrain_cache setting, else --out)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="hide the progress: the bars of rounds done and ETA on a terminal, "
+                        "else one line per run start and round")
 
 
 def resolve_device(name: str) -> str:
@@ -419,9 +423,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench.load_preset(args.preset) if args.preset else bench.load_config(args.config)
     out = args.out or os.path.join("runs", cfg.name)
     device = resolve_device(args.device)
+    tty = sys.stderr.isatty()
     bench.run_bench(cfg, out, jobs=args.jobs, full_data=args.full_data, dry_run=args.dry_run,
                     device=device, data_root=args.data_root, pretrain_cache=args.pretrain_cache,
-                    progress=not args.no_progress and sys.stderr.isatty())
+                    progress=not args.no_progress and tty, threads=args.threads,
+                    round_log=not args.no_progress and not tty)
     if not args.dry_run:
         print(f"results in {out}; write the report with 'dalbt report {out}'")
     return 0

@@ -98,7 +98,9 @@ def _add_query_parser(sub: Any) -> None:
     q.add_argument("directory", help="project directory")
     q.add_argument("--budget", type=query_budget, required=True, help="images to queue")
     q.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
-    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    q.add_argument("--no-progress", action="store_true",
+                   help="hide the progress (bars on a terminal, else one line per phase: "
+                        "pre-training or training, scoring, selecting)")
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -222,9 +224,15 @@ def dispatch(args: argparse.Namespace) -> int:
               f"'dalbt serve {args.directory}'")
         return 0
     if args.command == "query":
+        from dalbt.progress import PhaseLog
+
         _threads(args.threads)
+        bars = not args.no_progress and sys.stderr.isatty()
+        # not on a terminal: one line per phase instead of bars
+        phase_log = None if bars or args.no_progress else PhaseLog(
+            lambda line: print(line, file=sys.stderr, flush=True))
         with Project(args.directory) as project:
-            res = project.query(args.budget, progress=not args.no_progress and sys.stderr.isatty())
+            res = project.query(args.budget, progress=bars, on_progress=phase_log)
         print(f"queued {len(res.queued)} images in round {res.round}; label them with "
               f"'dalbt serve {args.directory}'")
         return 0

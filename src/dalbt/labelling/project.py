@@ -17,6 +17,7 @@ import json
 import numbers
 import os
 import sqlite3
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ from dalbt.labelling.images import (
     sha256_bytes,
 )
 from dalbt.labelling.lock import QueryLock, lock_held
+from dalbt.progress import ProgressCallback, ProgressEvent
 
 DB_NAME = "project.sqlite"
 SCHEMA_VERSION = 3  # 2: images.file_stat; 3: queue.confidence, label kind 'none'
@@ -816,7 +818,8 @@ class Project:
         return int.from_bytes(h[:8], "big") / 2**64 < self.config.val_fraction
 
     def query(self, budget: int, progress: bool = True, log: Callable[[str], None] = print,
-              lock: QueryLock | None = None) -> QueryResult:
+              lock: QueryLock | None = None, on_progress: ProgressCallback | None = None
+              ) -> QueryResult:
         """Train on the labels so far and queue the next ``budget`` images.
 
         With no class label yet this is a cold start: Barlow Twins features of all images
@@ -831,6 +834,9 @@ class Project:
             log: Where one-line summaries go.
             lock: A query lock the caller already holds (from :meth:`acquire_query_lock`) and
                 releases itself; by default the query takes and releases one.
+            on_progress: Called with a :class:`~dalbt.progress.ProgressEvent` as the query
+                pre-trains or trains, scores and selects (a few a second at most, from this
+                thread); its ``query_eta_s`` adds what the previous query took after training.
 
         Returns:
             What was queued.
@@ -849,9 +855,9 @@ class Project:
         if lock is not None:
             if not lock.held:
                 raise DalbtError("the query lock passed to query() was already released")
-            return self._query(budget, progress, log)
+            return self._query(budget, progress, log, on_progress)
         with self.acquire_query_lock():
-            return self._query(budget, progress, log)
+            return self._query(budget, progress, log, on_progress)
 
     def _round_split(self, ids: np.ndarray, log: Callable[[str], None]
                      ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
@@ -892,7 +898,8 @@ class Project:
         return (y, np.array(sorted(lab_pos), np.int64), np.array(sorted(val_pos), np.int64),
                 cand)
 
-    def _query(self, budget: int, progress: bool, log: Callable[[str], None]) -> QueryResult:
+    def _query(self, budget: int, progress: bool, log: Callable[[str], None],
+               on_progress: ProgressCallback | None = None) -> QueryResult:
         import torch
 
         from dalbt.al_round import RoundData, run_round
@@ -920,10 +927,13 @@ class Project:
         data = RoundData(images=torch.from_numpy(x_np), targets=y,
                          num_classes=len(cfg.classes), labelled=lab_pos, validation=val_pos,
                          unlabelled=cand, known=np.sort(np.concatenate([lab_pos, val_pos])))
+        after = [r["t_select"] for r in self.rounds() if r["method"] != "cold-start"]
         res = run_round(strategy, data, train_cfg, seed=cfg.seed, round_=round_, budget=budget,
                         new_model=new_model,
                         total_rounds=max(cfg.planned_rounds, round_ + 1),
                         cold_start_epochs=cfg.cold_start_epochs, progress=progress,
+                        on_progress=(None if on_progress is None else _QueryEta(
+                            on_progress, after[-1] if after and not cold else None)),
                         guesses=True)
         model, chosen, method = res.model, res.queried, "cold-start" if cold else cfg.strategy
         val_acc = float(res.train.val_acc) if res.train is not None and len(val_pos) else None
@@ -1014,6 +1024,31 @@ class Project:
             log(f"still {status}: {len(rels)} image{'s' if len(rels) > 1 else ''} left out "
                 f"({shown}); restore the original files to bring them back")
         return restored
+
+
+class _QueryEta:
+    """A progress callback that adds ``query_eta_s`` to the events of a query and passes them
+    on: the phase's time left plus, while training, ``after`` (what the previous query spent
+    scoring and selecting); after training, what is left of ``after`` (or of the phase, if
+    more). Without ``after`` (the first query after the cold start) it stays None."""
+
+    def __init__(self, on_progress: ProgressCallback, after: float | None) -> None:
+        self.on_progress, self.after = on_progress, after
+        self.t_trained: float | None = None  # when scoring started
+
+    def __call__(self, event: ProgressEvent) -> None:
+        left: float | None = None
+        if self.after is not None:
+            if event.phase in ("training", "pre-training"):
+                left = None if event.eta_s is None else event.eta_s + self.after
+            elif event.phase == "selecting" and event.done >= event.total:
+                left = 0.0
+            else:
+                now = time.perf_counter()
+                if self.t_trained is None:
+                    self.t_trained = now
+                left = max(event.eta_s or 0.0, self.after - (now - self.t_trained))
+        self.on_progress(replace(event, query_eta_s=left))
 
 
 def _read_labels_csv(path: Path, paths: set[str], classes: list[str]) -> dict[str, str]:

@@ -40,6 +40,7 @@ from dalbt.errors import DalbtError
 from dalbt.labelling.config import DEFAULT_BUDGET, DEFAULT_HOST, DEFAULT_PORT, MAX_BUDGET
 from dalbt.labelling.lock import QueryLock
 from dalbt.labelling.project import Project, UndoRefused, default_user, is_loopback
+from dalbt.progress import ProgressEvent
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -129,7 +130,9 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> str:
 
 
 class _QueryJob:
-    """The background query of this server: one at a time, its outcome kept for the page."""
+    """The background query of this server: one at a time, its outcome kept for the page, and
+    while it runs its latest progress (:meth:`ProgressEvent.to_dict`: phase, done, total, unit,
+    loss, elapsed_s, eta_s, query_eta_s, text)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held while this server's query runs
@@ -137,11 +140,17 @@ class _QueryJob:
         self.last: dict[str, Any] | None = None
         self.started: str | None = None
         self.finished: str | None = None
+        self.progress: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
 
     def state(self) -> dict[str, Any]:
         return {"error": self.error, "last": self.last, "started": self.started,
-                "finished": self.finished}
+                "finished": self.finished, "progress": self.progress}
+
+    def report(self, event: ProgressEvent) -> None:
+        """The query's progress callback: keep the latest event (replaced whole, so a reader
+        never sees half of one)."""
+        self.progress = event.to_dict()
 
 
 
@@ -456,7 +465,7 @@ def start_query(site: _Site, budget: int | None = None) -> int:
                 raise DalbtError("another process is running a query on this project; wait "
                                  "for it to finish") from exc
             n = budget or site.default_budget(p)
-        job.error, job.started, job.finished = None, utc_now(), None
+        job.error, job.started, job.finished, job.progress = None, utc_now(), None, None
         job.thread = threading.Thread(target=_run_query, args=(site, n, qlock), daemon=True,
                                       name="dalbt-query")
         job.thread.start()
@@ -480,7 +489,7 @@ def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:
 
     try:
         with site.project() as p:
-            res = p.query(n, progress=False, log=note, lock=qlock)
+            res = p.query(n, progress=False, log=note, lock=qlock, on_progress=job.report)
         job.last = {"round": res.round, "method": res.method, "queued": len(res.queued),
                     "n_labelled": res.n_labelled, "val_acc": res.val_acc,
                     "skipped_images": len(res.skipped_images),
@@ -493,7 +502,7 @@ def _run_query(site: _Site, n: int, qlock: QueryLock) -> None:
         traceback.print_exc()
         job.error = f"the query failed: {type(exc).__name__}: {exc}"
     finally:
-        job.finished = utc_now()
+        job.finished, job.progress = utc_now(), None
         qlock.release()
         job.lock.release()
 

@@ -383,7 +383,7 @@
     nRounds = s.rounds.length;
 
     const q = s.query;
-    $("running").hidden = !q.running;
+    renderRunning(q);
     $("train").disabled = q.running;
     if (awaitSeq && seq >= awaitSeq && !q.running) { // the query this tab started is over
       awaitSeq = 0;
@@ -430,6 +430,22 @@
     }
   }
 
+  // The running query: a bar of its phase's units done (indeterminate while the total is
+  // unknown) and the server's line, e.g. "training: step 120 / 600, loss 0.412, about 14 s left".
+  function renderRunning(q) {
+    $("running").hidden = !q.running;
+    const p = q.running ? q.progress : null;
+    const bar = $("query-progress");
+    if (p && p.total > 0) {
+      bar.max = p.total;
+      bar.value = Math.min(p.done, p.total);
+    } else {
+      bar.removeAttribute("value");
+    }
+    bar.dataset.phase = p ? p.phase : "";
+    $("query-phase").textContent = p ? p.text : "starting: reading the images\u2026";
+  }
+
   async function train() {
     const n = parseInt($("budget").value, 10);
     if (!(n > 0)) {
@@ -440,7 +456,7 @@
     try {
       await api("/api/query", { budget: n });
       awaitSeq = issued + 1;
-      $("running").hidden = false;
+      renderRunning({ running: true, progress: null });
       queryStatus("");
     } catch (e) {
       queryStatus(e.status === 409 ? e.message : `could not start the query: ${e.message}`, true);
