@@ -2,7 +2,8 @@
 
 The project gets a few rounds first (their batches labelled from the digits' true classes) so
 that the accuracy plot has a history; then a headless Chromium labels a few images of the
-current batch by key presses and takes the screenshot.
+current batch by key presses (the model's guess shown beside each), presses "Train and queue
+next batch" and takes the screenshot while the training's progress bar runs.
 
 Usage: ``.venv/bin/python docs/screenshot_labelling.py [--out docs/labelling.png]`` (needs
 Playwright and Debian's ``chromium``; under a minute on one CPU core).
@@ -77,10 +78,18 @@ def main() -> None:
                 page.wait_for_function(
                     "prev => document.getElementById('image').dataset.imageId !== prev",
                     arg=shown)
+            page.click("#train")  # a training starts: the progress bar shows it
+            page.wait_for_function(
+                "() => !document.getElementById('running').hidden"
+                " && document.getElementById('query-progress').value > 0.25"
+                " && /^training: .* left/.test("
+                "document.getElementById('query-phase').textContent)",
+                timeout=120_000)
             page.wait_for_function("() => document.getElementById('history').complete")
             page.wait_for_timeout(300)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
+            app.state.query_job.thread.join()  # let the training end before the server stops
     print(f"wrote {args.out}")
 
 
