@@ -16,10 +16,12 @@ from dalbt.labelling.project import Project
 from tests.test_serve import CLASSES, db_rows, make_project, pending_ids
 
 pytest.importorskip("fastapi")
+from fastapi import Request  # noqa: E402 - the fake Label Studio's routes resolve it here
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dalbt.labelling.mlbackend import (  # noqa: E402
     QUEUED_SPAN,
+    LabelStudioLink,
     choices_control,
     create_ml_app,
     model_version,
@@ -192,11 +194,12 @@ def test_start_training_and_the_token(proj):
     with Project(proj) as p:
         for q in p.pending():
             p.add_label(q.image_id, p.image(q.image_id)[0].split("_")[1][0])
+    with Project(proj) as p, p.acquire_query_lock():  # another process queries: not now
+        assert c.post("/train", json={}, headers=ok).json() == {"training": False}
     started = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}},
                      headers=ok)
     try:
         assert started.status_code == 201 and started.json()["training"] is True
-        assert c.post("/train", json={}, headers=ok).json() == {"training": False}  # one at once
     finally:
         wait_query(c)
     assert db_rows(proj, "SELECT COUNT(*) FROM rounds") == [(2,)]
@@ -235,3 +238,84 @@ def test_serve_ml_cli_refuses_a_missing_project(tmp_path, capsys):
     assert main(["serve-ml", str(tmp_path / "nothing"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dalbt: error:") and "Traceback" not in err
+
+
+def test_only_loopback_host_headers_reach_a_loopback_backend(proj):
+    assert ml_client(proj).get("/health").status_code == 200
+    rebound = TestClient(create_ml_app(proj), base_url="http://attacker.example")
+    assert rebound.get("/health").status_code == 400
+    assert rebound.post("/webhook", json={"action": "START_TRAINING"}).status_code == 400
+
+
+@pytest.fixture
+def fake_label_studio():
+    """A stand-in for Label Studio's API that records what it is asked: ``(url, calls)``."""
+    from fastapi import FastAPI
+
+    from dalbt.labelling.server import background_server
+
+    calls: list[tuple[str, str, str, dict]] = []
+    app = FastAPI()
+
+    @app.post("/api/token/refresh/")
+    async def refresh(request: Request) -> dict:
+        body = await request.json()
+        calls.append(("POST", "/api/token/refresh/", "", body))
+        return {"access": "access-of-" + body["refresh"]}
+
+    @app.post("/api/dm/actions")
+    async def actions(request: Request) -> dict:
+        calls.append(("POST", f"/api/dm/actions?{request.url.query}",
+                      request.headers.get("authorization", ""), await request.json()))
+        time.sleep(0.2)  # long enough for a second schedule() to arrive meanwhile
+        return {"processed_items": 3}
+
+    @app.patch("/api/projects/{pid}")
+    async def patch(pid: int, request: Request) -> dict:
+        calls.append(("PATCH", f"/api/projects/{pid}", request.headers.get("authorization", ""),
+                      await request.json()))
+        return {}
+
+    with background_server(app) as url:
+        yield url, calls
+
+
+def test_the_link_syncs_the_latest_version_with_the_users_address_and_token(fake_label_studio):
+    url, calls = fake_label_studio
+    with pytest.raises(DalbtError, match="--label-studio-url"):
+        LabelStudioLink(None, "users-token")
+    link = LabelStudioLink(url, "users-token", delay=0)
+    # a /setup naming another host: the user's token still goes only to the user's address
+    assert link.note_setup({"project": "3.1700000000", "hostname": "http://elsewhere.invalid",
+                            "access_token": "label-studios-token"})
+    assert not link.note_setup({"project": "3.1700000000"})
+    link.schedule("dalbt-round-1")
+    link.schedule("dalbt-round-2")  # while the first sync runs: coalesced, not lost
+    link.wait()
+    patches = [c for c in calls if c[0] == "PATCH"]
+    assert patches[-1] == ("PATCH", "/api/projects/3", "Token users-token",
+                           {"model_version": "dalbt-round-2"})
+    assert link.synced[-1] == (3, "dalbt-round-2")
+    assert all(c[2] == "Token users-token" for c in calls)
+    retrieve = [c for c in calls if c[1].startswith("/api/dm/actions")][0]
+    assert retrieve[1] == "/api/dm/actions?id=retrieve_tasks_predictions&project=3"
+    assert retrieve[3] == {"selectedItems": {"all": True, "excluded": []}}
+    link.schedule("dalbt-round-3")  # after a sync ended, the next one runs again
+    link.wait()
+    assert link.synced[-1] == (3, "dalbt-round-3")
+
+
+def test_the_link_uses_label_studios_own_pair_and_personal_access_tokens(fake_label_studio):
+    url, calls = fake_label_studio
+    link = LabelStudioLink(delay=0)
+    link.note_setup({"project": "4.1", "hostname": url, "access_token": "legacy"})
+    link.schedule("dalbt-round-0")
+    link.wait()
+    assert {c[2] for c in calls} == {"Token legacy"}
+    calls.clear()
+    jwt = LabelStudioLink(url, "aaa.bbb.ccc", delay=0)  # a personal access token (a JWT)
+    jwt.note_setup({"project": "4.1"})
+    jwt.schedule("dalbt-round-1")
+    jwt.wait()
+    assert calls[0] == ("POST", "/api/token/refresh/", "", {"refresh": "aaa.bbb.ccc"})
+    assert {c[2] for c in calls[1:]} == {"Bearer access-of-aaa.bbb.ccc"}

@@ -131,6 +131,16 @@ def test_describe_and_dict():
     assert format_seconds(3725) == "1 h 2 min" and format_seconds(-1) == "0 s"
 
 
+def test_a_diverged_loss_is_null_in_the_page_state():
+    from fastapi.responses import JSONResponse  # refuses NaN, as /api/state answers with it
+
+    ev = ProgressEvent("training", 3, 10, "epoch", loss=float("nan"), elapsed_s=1.0,
+                       eta_s=float("inf"))
+    d = ev.to_dict()
+    assert d["loss"] is None and d["eta_s"] is None and d["text"].startswith("training: ")
+    assert b'"loss":null' in JSONResponse({"progress": d}).body
+
+
 def test_phase_log_writes_one_line_per_phase():
     lines: list[str] = []
     log = PhaseLog(lines.append)

@@ -69,6 +69,9 @@ def test_undo_restores_the_previous_label(queued):
     assert (done.label, done.kind) == ("2", "class")
     assert p.current_labels()[a] == "2"
     assert [r[1:3] for r in rows(p)] == [("2", "class"), ("7", "class"), ("2", "class")]
+    # labelled again, the image is not queued again
+    assert done.round is None and status(p, a) == ["done"]
+    assert a not in [q.image_id for q in p.pending()] and p.progress()["pending"] == 5
 
 
 def test_undo_is_refused_when_the_image_was_labelled_again(queued):

@@ -83,14 +83,16 @@ class ProgressEvent:
         if self.loss is not None and math.isfinite(self.loss):
             parts.append(f"loss {self.loss:.4g}")
         left = self.eta_s if self.query_eta_s is None else self.query_eta_s
-        if left is not None and self.done < self.total:
+        if left is not None and math.isfinite(left) and self.done < self.total:
             whole = " of the query" if self.query_eta_s is not None else ""
             parts.append(f"about {format_seconds(left)} left{whole}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as JSON-ready values, with ``text`` (:meth:`describe`) added."""
-        return {**asdict(self), "text": self.describe()}
+        out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in asdict(self).items()}  # JSON has no NaN: a diverged loss is null
+        return {**out, "text": self.describe()}
 
 
 #: ``on_progress(event)``: called from the thread that runs the round.

@@ -36,9 +36,6 @@ Studio sends as the password of the connection's basic authentication (any user 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import secrets
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -47,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from dalbt.errors import DalbtError
@@ -60,20 +57,23 @@ from dalbt.labelling.interchange import (
     _Matcher,
     _task_paths,
 )
-from dalbt.labelling.project import Predictions, Project, is_loopback
+from dalbt.labelling.project import Predictions, Project
 from dalbt.labelling.server import (
     SECURITY_HEADERS,
-    _bind,
-    _body_refusal,
     _Site,
-    _token_matches,
+    guarded_app,
+    page_url,
+    run_app,
     start_query,
+    token_for,
 )
 
 ML_MAX_BODY = 64 * 1024 * 1024  # a predict request carries a page of tasks
 SOURCE = "label-studio"
 UNTRAINED = "dalbt-untrained"
 QUEUED_SPAN = 0.5  # priorities of queued images lie in [0, QUEUED_SPAN)
+ML_TOKEN_MESSAGE = ("this ML backend needs its token: in Label Studio's model connection, turn "
+                    "on basic authentication with the token as the password")
 
 
 def model_version(round_: int | None) -> str:
@@ -153,6 +153,9 @@ class LabelStudioLink:
 
     def __init__(self, url: str | None = None, token: str | None = None,
                  delay: float = 1.0) -> None:
+        if token and not url:  # never send the user's token where a /setup call points
+            raise DalbtError("a Label Studio token needs Label Studio's address too: give "
+                             "--label-studio-url (or LABEL_STUDIO_URL) with the token")
         self.url = url.rstrip("/") if url else None
         self.token = token
         self.delay = delay
@@ -179,7 +182,7 @@ class LabelStudioLink:
         """Sync every known project to ``version`` in the background (coalesced)."""
         with self._lock:
             self._wanted = version
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None:  # the running sync takes it up before it ends
                 return
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name="dalbt-label-studio-sync")
@@ -187,7 +190,8 @@ class LabelStudioLink:
 
     def wait(self, timeout: float = 60.0) -> None:
         """Wait for a running sync to end (tests)."""
-        thread = self._thread
+        with self._lock:
+            thread = self._thread
         if thread is not None:
             thread.join(timeout)
 
@@ -197,10 +201,13 @@ class LabelStudioLink:
             with self._lock:
                 version, self._wanted = self._wanted, None
                 projects = dict(self.projects)
-            if version is None:
-                return
+                if version is None:
+                    self._thread = None  # under the lock: a new schedule() starts a thread
+                    return
             for pid, (setup_url, setup_token) in projects.items():
-                url, token = self.url or setup_url, self.token or setup_token
+                # the address and the token go together: the user's pair, else Label Studio's
+                url, token = ((self.url, self.token or setup_token) if self.url
+                              else (setup_url, setup_token))
                 if not url or not token:
                     print(f"dalbt serve-ml: cannot update Label Studio project {pid}: no URL or "
                           "token (give --label-studio-url and --label-studio-token)", flush=True)
@@ -208,10 +215,10 @@ class LabelStudioLink:
                 try:
                     self._sync(url, token, pid, version)
                     self.synced.append((pid, version))
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # a background thread: said, never raised
                     print(f"dalbt serve-ml: could not update Label Studio project {pid} to "
-                          f"{version}: {exc}; retrieve the predictions and choose the model "
-                          "version in Label Studio", flush=True)
+                          f"{version}: {type(exc).__name__}: {exc}; retrieve the predictions "
+                          "and choose the model version in Label Studio", flush=True)
 
     def _sync(self, url: str, token: str, pid: int, version: str) -> None:
         auth = _auth_header(url, token)
@@ -289,13 +296,15 @@ class _Backend:
             from_name, to_name = FROM_NAME, TO_NAME
             if isinstance(body.get("label_config"), str):
                 from_name, to_name = choices_control(body["label_config"], p.classes)
-            version = model_version(self.latest_round(p))
-            pred = self.predictions(p)
+            latest = self.latest_round(p)
+            pred = self.predictions(p)  # read after latest: its round is latest or newer
+            if pred is not None and (latest is None or pred.round > latest):
+                latest = pred.round
+            version = model_version(latest)
             pending = [q.image_id for q in p.pending()]
-            matcher = _Matcher(p.image_ids())
-            shas = dict(p.db.execute("SELECT id, sha256 FROM images"))
+            image_of = _TaskImages(p)
         row = {} if pred is None else {int(i): k for k, i in enumerate(pred.image_ids)}
-        ids = [_task_image(t, matcher, shas) for t in tasks]
+        ids = [image_of(t) for t in tasks]
         conf = {i: float(pred.probs[row[i]].max()) for i in ids
                 if i is not None and pred is not None and i in row}
         scores = priorities(pending, [-1 if i is None else i for i in ids], conf)
@@ -323,8 +332,7 @@ class _Backend:
                                f"task {task.get('id')}", classes)
             except ValueError as exc:
                 raise DalbtError(str(exc)) from None
-            shas = dict(p.db.execute("SELECT id, sha256 FROM images"))
-            image_id = _task_image(task, _Matcher(p.image_ids()), shas)
+            image_id = _TaskImages(p)(task)
             if image_id is None:
                 return {"status": "ignored", "reason": f"task {task.get('id')} is no image of "
                                                        "this project"}
@@ -356,30 +364,23 @@ class _Backend:
         return True
 
 
-def _task_image(task: Any, matcher: _Matcher, shas: dict[int, str]) -> int | None:
-    """The project image a Label Studio task shows (None: none, or its hash differs)."""
-    data = task.get("data") if isinstance(task, dict) else None
-    if not isinstance(data, dict):
-        return None
-    paths, sha = _task_paths(data)
-    image_id, _ = matcher.match(paths)
-    if image_id is None or (sha is not None and shas.get(image_id) != sha):
-        return None
-    return image_id
+class _TaskImages:
+    """Finds the project image a Label Studio task shows, as imported files are matched."""
 
+    def __init__(self, p: Project) -> None:
+        self.matcher = _Matcher(p.image_ids())
+        self.shas = dict(p.db.execute("SELECT id, sha256 FROM images"))
 
-def _authorised(request: Request, token: str) -> bool:
-    auth = request.headers.get("authorization", "")
-    kind, _, value = auth.partition(" ")
-    if kind.lower() == "bearer":
-        return _token_matches(value.strip(), token)
-    if kind.lower() == "basic":
-        try:
-            password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        return _token_matches(password, token)
-    return False
+    def __call__(self, task: Any) -> int | None:
+        """The image id (None: no image of the project, or its hash differs)."""
+        data = task.get("data") if isinstance(task, dict) else None
+        if not isinstance(data, dict):
+            return None
+        paths, sha = _task_paths(data)
+        image_id, _ = self.matcher.match(paths)
+        if image_id is None or (sha is not None and self.shas.get(image_id) != sha):
+            return None
+        return image_id
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -398,7 +399,8 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 def create_ml_app(directory: Path, token: str | None = None, budget: int | None = None,
-                  auto_train: bool = True, link: LabelStudioLink | None = None) -> FastAPI:
+                  auto_train: bool = True, link: LabelStudioLink | None = None,
+                  host: str = DEFAULT_HOST) -> FastAPI:
     """The Label Studio ML backend of a project.
 
     Args:
@@ -408,6 +410,8 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
         auto_train: Train and queue the next batch when the last queued image is labelled.
         link: Keeps connected Label Studio projects on the latest round (None: they are not
             told; retrieving predictions and choosing the version is then up to the user).
+        host: The address the server is bound to; on a loopback address only loopback Host
+            headers are accepted.
 
     Returns:
         The FastAPI application.
@@ -418,8 +422,7 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
     directory = Path(directory)
     Project(directory).close()  # fails now, with the fix, if there is no project
     backend = _Backend(_Site(directory, None, budget), auto_train, link)
-    app = FastAPI(title="dalbt ML backend", docs_url=None, redoc_url=None, openapi_url=None)
-    app.middleware("http")(_ml_guard(token))
+    app = guarded_app("dalbt ML backend", token, host, ML_MAX_BODY, ML_TOKEN_MESSAGE)
 
     @app.exception_handler(DalbtError)
     async def refused(request: Request, exc: DalbtError) -> JSONResponse:
@@ -429,24 +432,6 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
     app.state.query_job = backend.site.job
     app.state.link = link
     return app
-
-
-def _ml_guard(token: str | None) -> Any:
-    """The HTTP middleware: the token, the body's form and size, the security headers."""
-
-    async def guard(request: Request, call_next: Any) -> Response:
-        if token is not None and not _authorised(request, token):
-            return _error(401, "this ML backend needs its token: in Label Studio's model "
-                               "connection, turn on basic authentication with the token as "
-                               "the password")
-        refusal = _body_refusal(request, ML_MAX_BODY)
-        if refusal is not None:
-            return refusal
-        response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
-        return response
-
-    return guard
 
 
 def _add_ml_routes(app: FastAPI, backend: _Backend) -> None:
@@ -474,7 +459,7 @@ def _add_ml_routes(app: FastAPI, backend: _Backend) -> None:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             return {"action": action, **await run_in_threadpool(backend.record, body)}
         if action == "START_TRAINING":
-            return {"action": action, "training": backend.train()}
+            return {"action": action, "training": await run_in_threadpool(backend.train)}
         return {"action": action, "status": "ignored"}
 
     @app.post("/train", status_code=201)
@@ -511,22 +496,14 @@ def serve_ml(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_ML_P
     Raises:
         DalbtError: No project, or the address cannot be used.
     """
-    import uvicorn
-
-    if not token and not is_loopback(host):
-        token = secrets.token_urlsafe(24)
-        print(f"note: {host} is not a loopback address, so the backend needs a token: "
-              f"{token} (give it to Label Studio as the basic-auth password)", flush=True)
+    token = token_for(host, token, "the ML backend")
     link = LabelStudioLink(label_studio_url, label_studio_token) if sync else None
-    app = create_ml_app(Path(directory), token=token or None, budget=budget,
-                        auto_train=auto_train, link=link)
-    sock = _bind(host, port)
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    print(f"dalbt ML backend of {directory}: http://{shown}:{sock.getsockname()[1]}\n"
-          "(in Label Studio: project settings > Model > Connect model, with this URL; "
-          "Ctrl-C stops it)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
-        sockets=[sock])
+    app = create_ml_app(Path(directory), token=token, budget=budget, auto_train=auto_train,
+                        link=link, host=host)
+    run_app(app, host, port, lambda port_: f"dalbt ML backend of {directory}: "
+            f"{page_url(host, port_).rstrip('/')}\n(in Label Studio: the project's settings > "
+            "Model > Connect model, with this URL" + (", basic authentication with the token as "
+            "the password" if token else "") + "; Ctrl-C stops it)")
 
 
 __all__ = ["DEFAULT_ML_PORT", "LabelStudioLink", "choices_control", "create_ml_app",

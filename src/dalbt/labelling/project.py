@@ -17,6 +17,7 @@ import json
 import numbers
 import os
 import sqlite3
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -626,8 +627,9 @@ class Project:
         """Undo a label: append a correction that restores the image's state before it.
 
         Nothing is deleted: the correction is a new row of the label history, with the label
-        the image had before (or kind ``none``: no label), ``who`` and ``source``. The image's
-        latest queue entry closed by a label waits again, so the page shows the image again.
+        the image had before (or kind ``none``: no label), ``who`` and ``source``. Back to no
+        label, the image's latest queue entry closed by a label waits again (the page shows the
+        image again); back to an earlier label, the image stays labelled and out of the queue.
 
         Args:
             label_id: The label row to undo (from :meth:`add_label`).
@@ -643,6 +645,7 @@ class Project:
             DalbtError: If there is no such label.
         """
         label_id = int(label_id)
+        self._ensure_schema()  # kind 'none' rows: the schema version that knows them
         with self.transaction() as db:
             row = db.execute("SELECT image_id, kind FROM labels WHERE id = ?",
                              (label_id,)).fetchone()
@@ -661,8 +664,10 @@ class Project:
             cur = db.execute("INSERT INTO labels (image_id, label, kind, who, at, source) "
                              "VALUES (?, ?, ?, ?, ?, ?)",
                              (image_id, label, kind, who or default_user(), now, source))
-            entry = db.execute("SELECT MAX(round) FROM queue WHERE image_id = ? AND "
-                               "status = 'done'", (image_id,)).fetchone()[0]
+            entry = None
+            if kind == NONE:  # back to no label: it waits in its batch again
+                entry = db.execute("SELECT MAX(round) FROM queue WHERE image_id = ? AND "
+                                   "status = 'done'", (image_id,)).fetchone()[0]
             if entry is not None:
                 db.execute("UPDATE queue SET status = 'pending', updated = ? WHERE image_id = ? "
                            "AND round = ?", (now, image_id, entry))
@@ -806,9 +811,15 @@ class Project:
              np.empty((0, cfg.channels, cfg.image_size, cfg.image_size), np.uint8))
         if set(shas) != set(cached):
             cache_path.parent.mkdir(exist_ok=True)
-            tmp = cache_path.with_suffix(".tmp.npz")
-            np.savez(tmp, sha=np.array(shas), x=x)
-            os.replace(tmp, cache_path)
+            # a file of its own: the ML backend may read the images while a query does
+            fd, name = tempfile.mkstemp(suffix=".tmp.npz", dir=cache_path.parent)
+            os.close(fd)
+            try:
+                np.savez(name, sha=np.array(shas), x=x)
+                os.replace(name, cache_path)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
         return np.array(ids, dtype=np.int64), x, problems
 
     def _is_validation(self, sha: str) -> bool:

@@ -15,6 +15,8 @@ the loopback (against DNS rebinding). A non-loopback address never runs without 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -66,6 +68,8 @@ _Middleware = Callable[[Request, _CallNext], Awaitable[Response]]
 
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 MAX_BODY = 64 * 1024  # bytes of a request body; every API body is a few dozen
+PAGE_TOKEN_MESSAGE = ("this server needs its access token: open the URL that 'dalbt serve' "
+                      "printed (it ends in ?token=...)")
 
 
 class _Body(BaseModel):
@@ -214,16 +218,12 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     directory = Path(directory)
     Project(directory).close()  # fails now, with the fix, if there is no project
     site = _Site(directory, user, budget)
-    app = FastAPI(title="dalbt labelling", docs_url=None, redoc_url=None, openapi_url=None)
-    app.middleware("http")(_guard(token))
+    app = guarded_app("dalbt labelling", token, host)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
 
-    if is_loopback(host):
-        allowed = LOOPBACK_HOSTS + ([host] if host not in LOOPBACK_HOSTS else [])
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
     _add_page_routes(app)
     _add_label_routes(app, site)
     _add_undo_route(app, site)
@@ -232,15 +232,52 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     return app
 
 
-def _token_refusal(request: Request, token: str) -> Response | None:
+def guarded_app(title: str, token: str | None, host: str, max_body: int = MAX_BODY,
+                refused: str = PAGE_TOKEN_MESSAGE) -> FastAPI:
+    """A FastAPI app behind dalbt's guard (:func:`_guard`): the token, JSON bodies of at most
+    ``max_body`` bytes, the security headers and, on a loopback ``host``, loopback Host
+    headers only (against DNS rebinding).
+
+    Args:
+        title: The app's title.
+        token: Token every request must present (None: none).
+        host: The address the server is bound to.
+        max_body: Largest request body, in bytes.
+        refused: What a request without the token is told.
+
+    Returns:
+        The app, without routes.
+    """
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.middleware("http")(_guard(token, max_body, refused))
+    if is_loopback(host):
+        allowed = LOOPBACK_HOSTS + ([host] if host not in LOOPBACK_HOSTS else [])
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
+    return app
+
+
+def _presented(request: Request) -> list[str | None]:
+    """The tokens a request presents: ``Authorization: Bearer``, the password of
+    ``Authorization: Basic`` (how Label Studio sends an ML backend's credentials), ``?token=``."""
+    kind, _, value = request.headers.get("authorization", "").partition(" ")
+    given: list[str | None] = [request.query_params.get("token")]
+    if kind.lower() == "bearer":
+        given.append(value.strip())
+    elif kind.lower() == "basic":
+        try:
+            given.append(base64.b64decode(value.strip(), validate=True).decode()
+                         .partition(":")[2])
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    return given
+
+
+def _token_refusal(request: Request, token: str,
+                   msg: str = PAGE_TOKEN_MESSAGE) -> Response | None:
     """The 401 answer to a request without the token (None if it presents it)."""
-    auth = request.headers.get("authorization", "")
-    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-    if (_token_matches(request.query_params.get("token"), token) or _token_matches(bearer, token)
+    if (any(_token_matches(g, token) for g in _presented(request))
             or _token_matches(request.cookies.get(cookie_name(token)), token)):
         return None
-    msg = ("this server needs its access token: open the URL that 'dalbt serve' printed (it "
-           "ends in ?token=...)")
     if request.url.path.startswith("/api/"):
         return JSONResponse({"detail": msg}, status_code=401, headers=SECURITY_HEADERS)
     return Response(f"401 Unauthorized: {msg}\n", status_code=401, media_type="text/plain",
@@ -267,15 +304,16 @@ def _body_refusal(request: Request, max_body: int = MAX_BODY) -> Response | None
     return None
 
 
-def _guard(token: str | None, max_body: int = MAX_BODY) -> _Middleware:
-    """The HTTP middleware: the access token, the request body's form and size (at most
-    ``max_body`` bytes), the security headers, and the token cookie after a first ``?token=``
-    load."""
+def _guard(token: str | None, max_body: int = MAX_BODY,
+           refused: str = PAGE_TOKEN_MESSAGE) -> _Middleware:
+    """The HTTP middleware: the access token (``refused`` is the answer's message), the request
+    body's form and size (at most ``max_body`` bytes), the security headers, and the token
+    cookie after a first ``?token=`` load."""
 
     async def guard(request: Request, call_next: _CallNext) -> Response:
         from_query = False
         if token is not None:
-            refusal = _token_refusal(request, token)
+            refusal = _token_refusal(request, token, refused)
             if refusal is not None:
                 return refusal
             from_query = _token_matches(request.query_params.get("token"), token)
@@ -598,7 +636,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def page_url(host: str, port: int, token: str | None) -> str:
+def page_url(host: str, port: int, token: str | None = None) -> str:
     """The URL to open: the bind address (the machine's name for a wildcard address)."""
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
     if ":" in shown and not shown.startswith("["):
@@ -623,19 +661,37 @@ def serve(directory: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     Raises:
         DalbtError: No project, or the address cannot be used.
     """
+    token = token_for(host, token, "the page")
+    app = create_app(Path(directory), token=token, user=user, budget=budget, host=host)
+    run_app(app, host, port, lambda port_: f"labelling page of {directory}: "
+            f"{page_url(host, port_, token)}\n(Ctrl-C stops the server; every label is saved "
+            "when it is given)")
+
+
+def token_for(host: str, token: str | None, what: str) -> str | None:
+    """The token a server on ``host`` runs with: the given one, none on a loopback address,
+    else a generated one (said on the console)."""
+    if token or is_loopback(host):
+        return token or None
+    token = secrets.token_urlsafe(24)
+    print(f"note: {host} is not a loopback address, so {what} needs an access token; "
+          f"generated one: {token} (set your own with --token or DALBT_TOKEN)", flush=True)
+    return token
+
+
+def run_app(app: FastAPI, host: str, port: int, banner: Callable[[int], str]) -> None:
+    """Bind ``host:port`` (port 0: a free one), print ``banner(port)`` and serve ``app`` until
+    interrupted.
+
+    Raises:
+        DalbtError: If the address cannot be used.
+    """
     import uvicorn
 
-    if not token and not is_loopback(host):
-        token = secrets.token_urlsafe(24)
-        print(f"note: {host} is not a loopback address, so the page needs an access token; "
-              "generated one (set your own with --token or DALBT_TOKEN)", flush=True)
-    app = create_app(Path(directory), token=token or None, user=user, budget=budget, host=host)
     sock = _bind(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    url = page_url(host, sock.getsockname()[1], token or None)
-    print(f"labelling page of {directory}: {url}\n"
-          "(Ctrl-C stops the server; every label is saved when it is given)", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    print(banner(sock.getsockname()[1]), flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
+        sockets=[sock])
 
 
 @contextlib.contextmanager

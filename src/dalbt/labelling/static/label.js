@@ -343,6 +343,14 @@
     const name = step.item.path || `image ${step.item.image_id}`;
     try {
       const r = await (await api("/api/undo", body)).json();
+      if (step.kind === "label" && r.kind !== "none") { // an earlier label is back: not queued
+        busy = false;
+        const back = r.restored === null ? "none of these classes" : r.restored;
+        status(`undone: ${what} of ${name}; its earlier label ${back} is back`);
+        setButtons();
+        refreshState();
+        return;
+      }
       const item = { ...step.item, round: r.round ?? step.item.round };
       handled.delete(key(item));
       handled.delete(key(step.item));
