@@ -110,17 +110,22 @@ def _add_serve_parser(sub: Any) -> None:
                                    "addresses are open without a token; any other --host "
                                    "needs --token (or DALBT_TOKEN), or one is generated. "
                                    "Needs the web server: pip install 'dalbt[label]'.")
-    s.add_argument("directory", help="project directory")
-    s.add_argument("--host", default=DEFAULT_HOST, help="bind address")
-    s.add_argument("--port", type=port, default=DEFAULT_PORT,
-                   help="TCP port, 0 to 65535 (0: any free port)")
-    s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
-                   help="access token the page must present (default: $DALBT_TOKEN)")
+    _add_server_options(s, DEFAULT_PORT, "the page")
     s.add_argument("--user", default=None, help="labeller name recorded with each label")
     s.add_argument("--budget", type=query_budget, default=None,
                    help="batch size of the page's 'train and queue' button (default: the "
                         f"size of the last batch, else {DEFAULT_BUDGET})")
     s.add_argument("--threads", type=threads, default=None, help="torch CPU threads")
+
+
+def _add_server_options(s: Any, default_port: int, client: str) -> None:
+    """The project directory, ``--host``, ``--port`` and ``--token`` of a server command."""
+    s.add_argument("directory", help="project directory")
+    s.add_argument("--host", default=DEFAULT_HOST, help="bind address")
+    s.add_argument("--port", type=port, default=default_port,
+                   help="TCP port, 0 to 65535 (0: any free port)")
+    s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
+                   help=f"access token {client} must present (default: $DALBT_TOKEN)")
 
 
 def _add_serve_ml_parser(sub: Any) -> None:
@@ -135,12 +140,7 @@ def _add_serve_ml_parser(sub: Any) -> None:
                     "Import the tasks of 'dalbt export DIR --format labelstudio --all'. Only "
                     "loopback addresses are open without a token (Label Studio sends it as "
                     "the basic-auth password). Needs pip install 'dalbt[labelstudio]'.")
-    s.add_argument("directory", help="project directory")
-    s.add_argument("--host", default=DEFAULT_HOST, help="bind address")
-    s.add_argument("--port", type=port, default=DEFAULT_ML_PORT,
-                   help=f"TCP port, 0 to 65535 (default {DEFAULT_ML_PORT})")
-    s.add_argument("--token", default=os.environ.get("DALBT_TOKEN"),
-                   help="token Label Studio must present (default: $DALBT_TOKEN)")
+    _add_server_options(s, DEFAULT_ML_PORT, "Label Studio")
     s.add_argument("--budget", type=query_budget, default=None,
                    help="images each training queues (default: the size of the last batch, "
                         f"else {DEFAULT_BUDGET})")
