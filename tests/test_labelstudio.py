@@ -186,7 +186,11 @@ def test_label_studio_ranks_guesses_and_trains_through_dalbt(tmp_path, label_stu
             (guess,) = pred["result"]
             assert guess["value"]["choices"] == [str(int(probs.argmax()))]
             assert guess["score"] == pytest.approx(float(probs.max()), rel=1e-4)
-            assert 0.0 <= pred["score"] <= 1.0
+        # the queued images have the lowest prediction scores, in query order
+        score_of = {path_of[pred["task"]]: pred["score"] for pred in preds}
+        assert [score_of[q] for q in queued] == sorted(score_of[q] for q in queued)
+        assert max(score_of[q] for q in queued) < min(
+            s for path, s in score_of.items() if path not in queued)
 
         # Label Studio's labelling stream follows dalbt's queue; annotations become labels.
         for k, path in enumerate(queued):

@@ -57,7 +57,7 @@ from dalbt.labelling.interchange import (
     _Matcher,
     _task_paths,
 )
-from dalbt.labelling.project import Predictions, Project
+from dalbt.labelling.project import Project
 from dalbt.labelling.server import (
     SECURITY_HEADERS,
     _Site,
@@ -262,21 +262,29 @@ class _Backend:
         if link is not None:
             site.after_query = lambda round_: link.schedule(model_version(round_))
         self._lock = threading.Lock()
-        self._cached: tuple[int, Predictions | None] | None = None  # (latest round, its model)
+        # (latest round, the round of the guesses or None, image id -> (class, probability))
+        self._cached: tuple[int, int | None, dict[int, tuple[int, float]]] | None = None
 
     def latest_round(self, p: Project) -> int | None:
         row = p.db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return None if row[0] is None else int(row[0])
 
-    def predictions(self, p: Project) -> Predictions | None:
-        """The latest trained model's probabilities, computed once per round."""
+    def guesses(self, p: Project) -> tuple[int | None, dict[int, tuple[int, float]]]:
+        """The latest trained round and, per image id, its model's guess (class index) and
+        probability; computed once per round, in one pass over the images."""
         latest = self.latest_round(p)
         with self._lock:
             if latest is None:
-                return None
+                return None, {}
             if self._cached is None or self._cached[0] != latest:
-                self._cached = (latest, p.predictions(log=lambda m: print(m, flush=True)))
-            return self._cached[1]
+                pred = p.predictions(log=lambda m: print(m, flush=True))
+                guess: dict[int, tuple[int, float]] = {}
+                if pred is not None:
+                    k, conf = pred.probs.argmax(1), pred.probs.max(1)
+                    guess = dict(zip(pred.image_ids.tolist(),
+                                     zip(k.tolist(), conf.tolist(), strict=True), strict=True))
+                self._cached = (latest, None if pred is None else pred.round, guess)
+            return self._cached[1], self._cached[2]
 
     def setup(self, body: dict[str, Any]) -> dict[str, Any]:
         """Check Label Studio's labelling config; the model version."""
@@ -297,25 +305,22 @@ class _Backend:
             if isinstance(body.get("label_config"), str):
                 from_name, to_name = choices_control(body["label_config"], p.classes)
             latest = self.latest_round(p)
-            pred = self.predictions(p)  # read after latest: its round is latest or newer
-            if pred is not None and (latest is None or pred.round > latest):
-                latest = pred.round
+            trained, guess = self.guesses(p)  # read after latest: its round is latest or newer
+            if trained is not None and (latest is None or trained > latest):
+                latest = trained
             version = model_version(latest)
             pending = [q.image_id for q in p.pending()]
             image_of = _TaskImages(p)
-        row = {} if pred is None else {int(i): k for k, i in enumerate(pred.image_ids)}
+            classes = p.classes
         ids = [image_of(t) for t in tasks]
-        conf = {i: float(pred.probs[row[i]].max()) for i in ids
-                if i is not None and pred is not None and i in row}
-        scores = priorities(pending, [-1 if i is None else i for i in ids], conf)
+        found = [None if i is None else guess.get(i) for i in ids]
+        scores = priorities(pending, [-1 if i is None else i for i in ids],
+                            {i: g[1] for i, g in zip(ids, found, strict=True) if g is not None})
         results = []
-        for i, score in zip(ids, scores, strict=True):
-            result = []
-            if pred is not None and i is not None and i in row:
-                probs = pred.probs[row[i]]
-                k = int(probs.argmax())
-                result = [{"from_name": from_name, "to_name": to_name, "type": "choices",
-                           "value": {"choices": [p.classes[k]]}, "score": float(probs[k])}]
+        for g, score in zip(found, scores, strict=True):
+            result = [] if g is None else [
+                {"from_name": from_name, "to_name": to_name, "type": "choices",
+                 "value": {"choices": [classes[g[0]]]}, "score": g[1]}]
             results.append({"result": result, "score": float(score),
                             "model_version": version})
         return {"results": results, "model_version": version}
@@ -419,8 +424,6 @@ def create_ml_app(directory: Path, token: str | None = None, budget: int | None 
     Raises:
         DalbtError: If the directory holds no project.
     """
-    directory = Path(directory)
-    Project(directory).close()  # fails now, with the fix, if there is no project
     backend = _Backend(_Site(directory, None, budget), auto_train, link)
     app = guarded_app("dalbt ML backend", token, host, ML_MAX_BODY, ML_TOKEN_MESSAGE)
 

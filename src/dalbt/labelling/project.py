@@ -914,7 +914,6 @@ class Project:
         import torch
 
         from dalbt.al_round import RoundData, run_round
-        from dalbt.models import build_model
         from dalbt.strategies import build_strategy
         from dalbt.train import with_min_steps
 
@@ -931,8 +930,7 @@ class Project:
         device = torch.device(cfg.train.device)
 
         def new_model(seed: int) -> torch.nn.Module:
-            return build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
-                               dropout=strategy.train_dropout, seed=seed).to(device)
+            return self._model(strategy.train_dropout, seed).to(device)
 
         train_cfg = cfg.train if cold else with_min_steps(cfg.train, len(lab_pos), cfg.min_steps)
         data = RoundData(images=torch.from_numpy(x_np), targets=y,
@@ -980,6 +978,14 @@ class Project:
         return QueryResult(round=round_, method=method, queued=queued, n_labelled=n_labelled,
                            val_acc=val_acc, skipped_images=problems, restored_images=restored)
 
+    def _model(self, dropout: float, seed: int) -> Any:
+        """A new model of the project's architecture (a DALBTNet on the CPU)."""
+        from dalbt.models import build_model
+
+        cfg = self.config
+        return build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
+                           dropout=dropout, seed=seed)
+
     def predictions(self, log: Callable[[str], None] = print) -> Predictions | None:
         """The latest trained round's class probabilities for every usable image.
 
@@ -995,7 +1001,6 @@ class Project:
         """
         import torch
 
-        from dalbt.models import build_model
         from dalbt.strategies import build_strategy
         from dalbt.train import infer
 
@@ -1011,8 +1016,8 @@ class Project:
                              f"'dalbt query {self.directory}' to train a new one")
         cfg = self.config
         ids, x, _ = self._load_pixels(progress=False, log=log)
-        model = build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
-                            dropout=build_strategy(method).train_dropout, seed=cfg.seed)
+        options = cfg.strategy_options if method == cfg.strategy else {}
+        model = self._model(build_strategy(method, **options).train_dropout, cfg.seed)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logits = infer(model, torch.from_numpy(x), np.arange(len(ids))).logits
         return Predictions(round=int(round_), image_ids=ids,

@@ -176,7 +176,10 @@ class _Site:
     """What the routes of one app share: the project directory, the page's defaults and the
     background query."""
 
-    def __init__(self, directory: Path, user: str | None, budget: int | None) -> None:
+    def __init__(self, directory: str | Path, user: str | None, budget: int | None) -> None:
+        """Raises: DalbtError: If the directory holds no project (with the fix)."""
+        directory = Path(directory)
+        Project(directory).close()
         self.directory = directory
         self.default_who = user or default_user()
         self.budget = budget
@@ -215,8 +218,6 @@ def create_app(directory: Path, token: str | None = None, user: str | None = Non
     Raises:
         DalbtError: If the directory holds no project.
     """
-    directory = Path(directory)
-    Project(directory).close()  # fails now, with the fix, if there is no project
     site = _Site(directory, user, budget)
     app = guarded_app("dalbt labelling", token, host)
 
