@@ -243,7 +243,9 @@ def test_a_head_run_encodes_the_pool_once(tmp_path, digits, monkeypatch):
     with Store(tmp_path) as store:
         run = run_experiment(cfg, store, progress=False, data=digits, log=lambda s: None)
     assert run.status == "finished"
-    assert cache.encodings == 1  # three rounds of training and two queries share one pass
+    # three rounds of training and two queries share one pass over the training images, and
+    # the three test accuracies one over the test images
+    assert cache.encodings == 2
 
 
 # --- distributed: every rank fits the same head ------------------------------------------------

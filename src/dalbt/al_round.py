@@ -27,7 +27,7 @@ from dalbt import rng as rngs
 from dalbt.distributed import SINGLE, Dist, Lead
 from dalbt.models.net import DALBTNet
 from dalbt.outputs import Outputs
-from dalbt.probe import head_outputs
+from dalbt.probe import head_accuracy, head_outputs
 from dalbt.progress import ProgressCallback, ProgressReporter
 from dalbt.recipe import TrainConfig
 from dalbt.strategies import QueryContext, Strategy
@@ -163,7 +163,8 @@ def _query(model: DALBTNet, strategy: Strategy, data: RoundData, recipe: TrainCo
     def score(idx: np.ndarray) -> Outputs:
         scoring.grow(len(idx))
         if recipe.finetune == "head":  # the frozen encoder's latents are stored per run
-            out = head_outputs(model, data.images, idx, dist=dist)
+            out = head_outputs(model, data.images, idx, dist=dist,
+                               cache_dir=recipe.embedding_cache)
             scoring.advance(len(idx))
         else:
             out = infer(model, data.images, idx, progress=scoring.advance, dist=dist)
@@ -263,7 +264,10 @@ def run_round(strategy: Strategy, data: RoundData, recipe: TrainConfig, *, seed:
     result = RoundResult(model=model, train=res, test_acc=None,
                          queried=np.empty(0, dtype=np.int64), guesses=None,
                          t_train=time.perf_counter() - t0)
-    if data.test is not None:
+    if data.test is not None and recipe.finetune == "head" and not cold:
+        result.test_acc = head_accuracy(model, data.test[0], data.test[1], dist,
+                                        recipe.embedding_cache)
+    elif data.test is not None:
         result.test_acc = accuracy(model, data.test[0], data.test[1], dist=dist)
     if budget > 0 and len(data.unlabelled):
         _query(model, strategy, data, recipe, new_model, seed, round_, budget,

@@ -44,6 +44,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
+from dalbt import catalogue
 from dalbt.errors import DalbtError
 from dalbt.recipe import OOD_POLICIES, RunConfig
 from dalbt.store import FULL_DATA, config_key
@@ -266,7 +267,12 @@ def _parse_settings(raw: dict, source: str) -> dict[str, Any]:
                          f"{', '.join(DATASETS)}")
     settings["dataset"] = dataset
     model = settings.get("model", RunConfig.model)
-    if model not in MODELS:
+    if catalogue.is_backbone(model):
+        try:
+            catalogue.check_model(model, settings.get("weights"), settings.get("input_size"))
+        except DalbtError as exc:
+            raise DalbtError(f"{source}: {exc}") from None
+    elif model not in MODELS:
         raise DalbtError(f"{source}: unknown model {model!r}; known models: "
                          f"{', '.join(sorted(MODELS))}")
     if "projector_dims" in settings:
@@ -581,7 +587,8 @@ def run_full_data(cfg: RunConfig, store: Any, data: Any = None,
     def new_model(seed: int) -> torch.nn.Module:
         return build_model(full.model, data.channels, data.image_size, data.num_classes,
                            latent_dim=full.latent_dim, projector_dims=full.projector_dims,
-                           seed=seed).to(device)
+                           seed=seed, weights=full.weights,
+                           input_size=full.input_size).to(device)
 
     round_data = RoundData(images=data.x_train, targets=data.y_train,
                            num_classes=data.num_classes, labelled=labelled,

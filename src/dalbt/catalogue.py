@@ -32,6 +32,8 @@ __all__ = [
     "check_cold_start",
     "check_dataset",
     "check_model",
+    "is_backbone",
+    "min_image_size",
     "check_preset",
     "check_strategy",
     "dataset_key",
@@ -49,10 +51,13 @@ MODELS: dict[str, str] = {
     "lenet": "LeNet-5 style CNN (paper's MNIST/Fashion-MNIST encoder), latent 60",
     "vgg16": "VGG16 with batch norm, CIFAR-style (paper's CIFAR-10 encoder), latent 512",
     "resnet18": "CIFAR-style ResNet-18 (3x3 stem, no max pooling), latent 512",
+    "resnet18-w16": "CIFAR-style ResNet-18 at a quarter width (16-32-64-128), latent 128: "
+                    "the benchmarks' CPU-pre-trained Barlow Twins encoder",
 }
 
 #: Model name -> smallest image side it supports (``dalbt.models.MODELS`` takes it from here).
-MODEL_MIN_IMAGE_SIZE: dict[str, int] = {"lenet": 8, "vgg16": 1, "resnet18": 1}
+MODEL_MIN_IMAGE_SIZE: dict[str, int] = {"lenet": 8, "vgg16": 1, "resnet18": 1,
+                                        "resnet18-w16": 1}
 
 #: Dataset name -> one-line description, in listing order (the loaders are
 #: ``dalbt.data.DATASETS``).
@@ -310,11 +315,40 @@ def list_models() -> list[tuple[str, str]]:
     return sorted(MODELS.items())
 
 
-def check_model(name: str) -> None:
-    """Raise :class:`DalbtError` naming the known models if ``name`` is not one."""
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` is a ``timm:NAME`` / ``torchvision:NAME`` backbone."""
+    library, sep, _ = name.partition(":")
+    return bool(sep) and library in ("timm", "torchvision")
+
+
+def min_image_size(name: str) -> int:
+    """Smallest image side a model takes (a backbone resizes its input: 1)."""
+    return 1 if is_backbone(name) else MODEL_MIN_IMAGE_SIZE[name]
+
+
+def check_model(name: str, weights: str | None = None, input_size: int | None = None) -> None:
+    """Raise :class:`DalbtError` naming the known models if ``name`` is not one.
+
+    A ``timm:NAME`` / ``torchvision:NAME`` backbone is checked by creating it with random
+    weights (its library loads; nothing is downloaded), with the weights file's existence and
+    the input size it is fed; registered models take no ``weights``.
+    """
+    if is_backbone(name):
+        from dalbt.models.backbones import backbone_info
+        from dalbt.weightfiles import check_weights
+
+        check_weights(weights)
+        backbone_info(name, input_size)
+        return
+    if weights is not None:
+        raise DalbtError(f"--weights is for timm:NAME or torchvision:NAME backbones, not "
+                         f"model {name!r}")
+    if input_size is not None:
+        raise DalbtError(f"--input-size is for timm:NAME or torchvision:NAME backbones, not "
+                         f"model {name!r}")
     if name not in MODELS:
         raise DalbtError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))} "
-                         "(see 'dalbt models')")
+                         "(see 'dalbt models'), or timm:NAME / torchvision:NAME")
 
 
 def dataset_key(name: str) -> str:

@@ -55,7 +55,13 @@ def encoder_covers(cfg: RunConfig, n_train: int, val_size: int) -> dict[str, Any
     from dalbt.catalogue import dataset_key
 
     t = cfg.train
-    return {"version": VERSION, "dataset": dataset_key(cfg.dataset), "n_train": int(n_train),
+    extra: dict[str, Any] = {}
+    if cfg.weights is not None or cfg.input_size is not None:  # a backbone's (absent before)
+        from dalbt.weightfiles import weights_digest
+
+        extra = {"weights": weights_digest(cfg.weights), "input_size": cfg.input_size}
+    return {**extra, "version": VERSION, "dataset": dataset_key(cfg.dataset),
+            "n_train": int(n_train),
             "unknown_classes": [str(c) for c in cfg.unknown_classes], "mix": cfg.mix or None,
             "model": cfg.model, "latent_dim": cfg.latent_dim,
             "projector_dims": [int(d) for d in cfg.projector_dims], "seed": int(cfg.seed),

@@ -36,6 +36,17 @@ def resolve_val_size(cfg: RunConfig, n_train: int) -> int:
     return min(5000, n_train // 10) if cfg.val_size is None else int(cfg.val_size)
 
 
+def with_embedding_cache(cfg: RunConfig, directory: Path | None) -> RunConfig:
+    """``cfg`` with its frozen encoder's embeddings cached on disk (``--finetune head``): in
+    ``cfg.pretrain_cache`` (shared by experiments), else the experiment directory."""
+    if cfg.train.finetune != "head" or cfg.train.embedding_cache is not None:
+        return cfg
+    root = cfg.pretrain_cache or directory
+    if root is None:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, embedding_cache=str(Path(root).expanduser())))
+
+
 def validate(cfg: RunConfig, data: ImageDataset) -> None:
     """Check the protocol against the data; raise DalbtError naming the fix."""
     if cfg.initial <= 0:
@@ -296,6 +307,7 @@ def run_experiment(
         data = load_dataset(cfg.dataset, cfg.data_root)
     data = apply_scenario(cfg, data)
     validate(cfg, data)
+    cfg = with_embedding_cache(cfg, store.directory if store is not None else None)
     ex = _Experiment(cfg, store, data, dist, log)
     ex.on_round = on_round
     ex.choose_initial(progress)
@@ -358,7 +370,8 @@ class _Experiment:
         cfg, data = self.cfg, self.data
         return build_model(cfg.model, data.channels, data.image_size, data.num_classes,
                            latent_dim=cfg.latent_dim, projector_dims=cfg.projector_dims,
-                           dropout=self.strategy.train_dropout, seed=seed).to(self.device)
+                           dropout=self.strategy.train_dropout, seed=seed,
+                           weights=cfg.weights, input_size=cfg.input_size).to(self.device)
 
     def encoder(self) -> SharedEncoder:
         """The run's shared pre-trained encoder (cached by rank 0 only)."""

@@ -41,7 +41,6 @@ One fit of 1,000 labels x 60 dimensions takes about 0.2 s on one core of a busy 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import weakref
@@ -54,11 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dalbt import embeddings
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import TrainingDiverged
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
-from dalbt.train import INFERENCE_BATCH, TrainResult, infer
+from dalbt.train import INFERENCE_BATCH, TrainResult, infer, to_float
 
 if TYPE_CHECKING:
     from dalbt.models.net import DALBTNet
@@ -247,62 +247,127 @@ def select_on_validation(fits: Iterable[HeadFit], z_val: Tensor, y_val: Tensor
 
 
 def encoder_fingerprint(model: DALBTNet) -> str:
-    """A digest of the encoder's weights and buffers: equal digests, equal latents."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in model.encoder.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """A digest of the encoder's weights, buffers and architecture: equal digests, equal
+    latents."""
+    return embeddings.encoder_fingerprint(model.encoder)
 
 
 class FrozenLatents:
     """The latents of every image under a frozen encoder, computed once and reused.
 
     Under ``--finetune head`` the encoder is the same in every round of a run (the shared
-    pre-trained one), so encoding the 55,000-image pool again each round is wasted work: the
-    first request encodes all N images (eval mode, :func:`dalbt.train.infer`), later requests
-    index the stored (N, D) latents. The entry is keyed by the image tensor (a weak reference)
-    and :func:`encoder_fingerprint`, so changed weights or other images recompute it; one entry
-    is kept, so a process holds one (N, D) float32 array at most.
+    pre-trained one, or a pretrained backbone), so encoding the 55,000-image pool again each
+    round is wasted work: the first request encodes all N images (eval mode,
+    :func:`dalbt.train.infer`), later requests index the stored (N, D) latents. Entries are
+    keyed by the image tensor (a weak reference) and :func:`encoder_fingerprint`, so changed
+    weights or other images recompute them; two are kept (the training and the test images).
+
+    With a ``cache_dir`` (``TrainConfig.embedding_cache``) the latents also go to the on-disk
+    :class:`~dalbt.embeddings.EmbeddingCache` and are read back from it, memory-mapped, by
+    later processes: later runs, strategies and labelling rounds do not encode again. A
+    distributed run keeps them in memory only.
     """
 
+    KEEP = 2
+
     def __init__(self) -> None:
-        self._entry: tuple[weakref.ref[Tensor], str, Tensor] | None = None
-        self.encodings = 0  # how many times the whole image set was encoded (tests read it)
+        self._entries: list[tuple[weakref.ref[Tensor], str, Tensor | np.ndarray]] = []
+        self.encodings = 0  # how many times a whole image set was encoded (tests read it)
+        self.reads = 0  # how many times an entry was read from the disk cache
 
     def __call__(self, model: DALBTNet, images: Tensor, indices: np.ndarray,
-                 dist: Dist = SINGLE) -> Tensor:
+                 dist: Dist = SINGLE, cache_dir: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> Tensor:
         """(M, D) float32 CPU latents of ``images[indices]``."""
         fingerprint = encoder_fingerprint(model)
-        entry = self._entry
-        if entry is None or entry[0]() is not images or entry[1] != fingerprint:
-            self._entry = None  # free the old array before building the new one
-            out = infer(model, images, np.arange(len(images)), dist=dist)
-            entry = (weakref.ref(images), fingerprint, out.latents.clone())
-            self._entry = entry
+        entry = next((e for e in self._entries if e[0]() is images and e[1] == fingerprint),
+                     None)
+        if entry is None:
+            self._entries = [e for e in self._entries if e[0]() is not None][-(self.KEEP - 1):]
+            latents = self._compute(model, images, fingerprint, dist, cache_dir, progress)
+            entry = (weakref.ref(images), fingerprint, latents)
+            self._entries.append(entry)
+        stored = entry[2]
+        idx = np.ascontiguousarray(indices, dtype=np.int64)
+        if isinstance(stored, np.ndarray):  # memory-mapped: read just these rows
+            return torch.from_numpy(np.asarray(stored[idx], dtype=np.float32))
+        return stored[torch.from_numpy(idx)]
+
+    def _compute(self, model: DALBTNet, images: Tensor, fingerprint: str, dist: Dist,
+                 cache_dir: str | None, progress: Callable[[int], None] | None
+                 ) -> Tensor | np.ndarray:
+        if cache_dir is None or dist.active:
             self.encodings += 1
-        return entry[2][torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))]
+            return infer(model, images, np.arange(len(images)), dist=dist,
+                         progress=progress).latents.clone()
+        latents, made = cached_latents(model, images, embeddings.EmbeddingCache(cache_dir),
+                                       progress, fingerprint)
+        if made:
+            self.encodings += 1
+        else:
+            self.reads += 1
+        return latents
+
+
+def cached_latents(model: DALBTNet, images: Tensor, cache: embeddings.EmbeddingCache,
+                   progress: Callable[[int], None] | None = None,
+                   fingerprint: str | None = None) -> tuple[np.ndarray, bool]:
+    """The (N, D) latents of every image under the model's encoder, read from ``cache`` or
+    computed into it now (eval mode, ``model.inference_batch`` images a pass).
+
+    Returns:
+        (the memory-mapped latents, whether they were computed now).
+    """
+    fingerprint = fingerprint or encoder_fingerprint(model)
+    key = embeddings.cache_key(embeddings.images_digest(images), fingerprint, cache.dtype)
+    found = cache.read(key, len(images))
+    if found is not None:
+        return found, False
+
+    def fill(out: np.ndarray) -> None:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            embeddings.embed(lambda x: model.embed(to_float(x, device)), images,
+                             int(getattr(model, "inference_batch", INFERENCE_BATCH)), out,
+                             progress)
+        model.train(was_training)
+
+    return cache.write(key, len(images), model.latent_dim, fill,
+                       {"images": list(images.shape), "encoder": fingerprint}), True
 
 
 #: The process's frozen-encoder latents (see :class:`FrozenLatents`).
 frozen_latents = FrozenLatents()
 
 
-def _latents(model: DALBTNet, images: Tensor, indices: np.ndarray, dist: Dist) -> Tensor:
+def _latents(model: DALBTNet, images: Tensor, indices: np.ndarray, dist: Dist,
+             cache_dir: str | None = None,
+             progress: Callable[[int], None] | None = None) -> Tensor:
     """(M, D) float32 CPU latents of ``images[indices]`` under the frozen encoder."""
-    return frozen_latents(model, images, indices, dist)
+    return frozen_latents(model, images, indices, dist, cache_dir, progress)
 
 
 @torch.no_grad()
 def head_outputs(model: DALBTNet, images: Tensor, indices: np.ndarray,
-                 dist: Dist = SINGLE) -> Outputs:
+                 dist: Dist = SINGLE, cache_dir: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> Outputs:
     """What :func:`dalbt.train.infer` returns, from the frozen encoder's stored latents: the
     classifier alone runs each round.
+
+    Args:
+        model: The DALBTNet with the frozen encoder.
+        images: All images of the set, (N, C, H, W) uint8.
+        indices: Which of them, (M,).
+        dist: The process's place in a distributed run.
+        cache_dir: The on-disk embedding cache's directory (None: in memory only).
+        progress: Called with images done while the set is encoded the first time.
 
     Returns:
         :class:`Outputs` with CPU float32 logits (M, K) and latents (M, D).
     """
-    z = _latents(model, images, indices, dist)
+    z = _latents(model, images, indices, dist, cache_dir, progress)
     device = next(model.classifier.parameters()).device
     was_training = model.training
     model.eval()
@@ -360,13 +425,16 @@ def train_head(
         L2 strength tried (strongest first; empty without selection on validation).
     """
     del shuffle_gen, augment_gen, unlabelled
-    warn_random_encoder(cfg, x_train)
+    if not getattr(model, "pretrained", False):
+        warn_random_encoder(cfg, x_train)
     lab = np.asarray(labelled, dtype=np.int64)
     val = np.asarray(validation, dtype=np.int64)
     if len(lab) == 0:  # nothing to fit: the classifier stays as it is
         return TrainResult(val_acc=float("nan"), best_epoch=0, train_ce=float("nan"),
                            train_bt=0.0)
-    z, z_val = _latents(model, x_train, lab, dist), _latents(model, x_train, val, dist)
+    cache = cfg.embedding_cache
+    z, z_val = (_latents(model, x_train, lab, dist, cache),
+                _latents(model, x_train, val, dist, cache))
     y, y_val = y_train[torch.from_numpy(lab)], y_train[torch.from_numpy(val)]
     if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(z_val).all())):
         raise TrainingDiverged("the frozen encoder gives non-finite latents, so no linear head "
@@ -384,3 +452,14 @@ def train_head(
         on_epoch(1, {"ce": fit.ce, "bt": 0.0, "val_acc": val_acc})
     return TrainResult(val_acc=val_acc, best_epoch=fit.iterations, train_ce=fit.ce,
                        train_bt=0.0, history=history)
+
+
+@torch.no_grad()
+def head_accuracy(model: DALBTNet, images: Tensor, targets: Tensor, dist: Dist = SINGLE,
+                  cache_dir: str | None = None) -> float:
+    """Top-1 accuracy of the head on the frozen encoder's stored latents of ``images`` (the
+    test set is encoded once per run, not once per round); NaN when there is no image."""
+    if len(images) == 0:
+        return float("nan")
+    out = head_outputs(model, images, np.arange(len(images)), dist, cache_dir)
+    return float((out.logits.argmax(1) == targets).double().mean())

@@ -96,6 +96,8 @@ class TrainConfig:
         select: ``best``: keep the weights that were best on validation; ``last``: the final
             weights (no validation split needed; with one, it is evaluated once, at the end,
             for the report).
+        embedding_cache: Directory of the frozen encoder's pool embeddings
+            (:mod:`dalbt.embeddings`; ``--finetune head`` only); None: kept in memory only.
         finetune: ``all``: train the whole network; ``head``: freeze the (pre-trained)
             encoder and train only the linear classifier on its features.
     """
@@ -121,6 +123,7 @@ class TrainConfig:
     eval_every_steps: int | None = None
     select: str = "best"
     finetune: str = "all"
+    embedding_cache: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,14 +178,15 @@ _LATER_DEFAULTS: dict[str, Any] = {"amp": None, "steps": None, "schedule": "cons
 # Config fields that do not change a run's results' meaning: excluded from its key, so a run
 # can be resumed on another device, with the data or the shared pre-trained encoders in another
 # directory.
-_NOT_IN_KEY = ("device", "data_root", "progress", "pretrain_cache")
+_NOT_IN_KEY = ("device", "data_root", "progress", "pretrain_cache", "embedding_cache")
 
 #: ``initial_strategy`` value: the run's own strategy chooses its initial set.
 SAME = "same"
 
 #: Every setting (run or recipe) added after the first stores, with its default: a stored config
 #: that lacks one means that default (run keys and report protocols leave them out there).
-LATER_DEFAULTS: dict[str, Any] = {**_LATER_DEFAULTS, "initial_strategy": "random"}
+LATER_DEFAULTS: dict[str, Any] = {**_LATER_DEFAULTS, "initial_strategy": "random",
+                                  "weights": None, "input_size": None}
 
 
 @dataclass
@@ -211,6 +215,10 @@ class RunConfig:
             gets no label): ``return`` to the pool (the paper) or ``discard`` it.
         pretrain_cache: Directory of the shared pre-trained encoders (``<dir>/encoders``),
             which several experiment directories can share; None: the experiment directory.
+        weights: A ``timm:``/``torchvision:`` backbone's weights: a ``.pth``/``.safetensors``
+            file, ``default`` (the library's download; also None) or ``none`` (random). The
+            run key records the file's SHA-256, not its path.
+        input_size: Side a backbone's input is resized to (None: the backbone's own).
         initial_strategy: Who chooses the initial labelled set: ``random`` (the seed's split,
             shared by every strategy), a label-free strategy (on the shared pre-trained
             encoder's features, before any label), or ``same`` (the run's own strategy, which
@@ -235,6 +243,8 @@ class RunConfig:
     ood_policy: str = "return"
     pretrain_cache: str | None = None
     initial_strategy: str = "random"
+    weights: str | None = None
+    input_size: int | None = None
 
     def initial_choice(self) -> str:
         """The strategy that chooses the initial set (``same`` resolved to the run's)."""
@@ -254,6 +264,13 @@ class RunConfig:
         d["initial_strategy"] = self.initial_choice()
         if d["initial_strategy"] == LATER_DEFAULTS["initial_strategy"]:  # older runs' keys
             del d["initial_strategy"]
+        for k in ("weights", "input_size"):  # backbones' settings, absent from older keys
+            if d.get(k) is None:
+                d.pop(k, None)
+        if d.get("weights") is not None:  # the file's content, not where it lies
+            from dalbt.weightfiles import weights_digest
+
+            d["weights"] = weights_digest(d["weights"])
         return d
 
     @classmethod

@@ -412,7 +412,7 @@ def batches(n: int, size: int, generator: torch.Generator | None = None,
 
 @torch.inference_mode()
 def infer(model: DALBTNet, images: Tensor, indices: np.ndarray,
-          batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None,
+          batch_size: int | None = None, progress: Callable[[int], None] | None = None,
           dist: Dist = SINGLE) -> Outputs:
     """Logits and latents of the model for dataset indices, in one batched pass.
 
@@ -420,7 +420,8 @@ def infer(model: DALBTNet, images: Tensor, indices: np.ndarray,
         model: A DALBTNet (``embed`` and ``classifier``).
         images: All training images, (N, C, H, W) uint8.
         indices: Dataset indices to score, (M,).
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass (None: the model's ``inference_batch``, else
+            :data:`INFERENCE_BATCH`).
         progress: Called with the number of images done after each batch.
         dist: In a distributed run (a collective call: every rank calls it with the same
             indices), each rank scores its contiguous slice of ``indices`` and every rank gets
@@ -434,6 +435,8 @@ def infer(model: DALBTNet, images: Tensor, indices: np.ndarray,
     model.eval()
     start, stop = dist.shard(len(indices))
     idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))[start:stop]
+    if batch_size is None:
+        batch_size = int(getattr(model, "inference_batch", INFERENCE_BATCH))
     logits, latents = [], []
     for chunk in idx.split(batch_size):
         z = model.embed(to_float(images[chunk], device))
@@ -560,7 +563,7 @@ def mc_dropout_probs(model: DALBTNet, images: Tensor, indices: np.ndarray, sampl
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
-             batch_size: int = INFERENCE_BATCH, dist: Dist = SINGLE) -> float:
+             batch_size: int | None = None, dist: Dist = SINGLE) -> float:
     """Top-1 accuracy on (N, C, H, W) uint8 images and (N,) targets; NaN when N = 0.
 
     In a distributed run (a collective call), each rank counts its slice and the counts are
@@ -572,6 +575,8 @@ def accuracy(model: nn.Module, images: Tensor, targets: Tensor,
     was_training = model.training
     model.eval()
     correct = 0
+    if batch_size is None:
+        batch_size = int(getattr(model, "inference_batch", INFERENCE_BATCH))
     start, stop = dist.shard(len(images))
     for chunk in torch.arange(start, stop).split(batch_size):
         pred = model(to_float(images[chunk], device)).argmax(1).cpu()

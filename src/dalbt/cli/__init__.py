@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dalbt import catalogue
+from dalbt.cli.embed import add_embed_parser, cmd_embed
 from dalbt.cli.label import COMMANDS, add_parsers, dispatch
 from dalbt.cli.types import (
+    add_backbone_options,
     batch_size,
     dims,
     finite_float,
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--options", action="store_true", help="list each strategy's options")
     sub.add_parser("models", help="list the models", description="List the models.")
     add_parsers(sub)
+    add_embed_parser(sub)
     return p
 
 
@@ -115,7 +118,10 @@ def _add_run_parser(sub: Any) -> None:
                         "/usr/share/datasets/<name>)")
     r.add_argument("--download", action="store_true",
                    help="fetch missing dataset files with torchvision (needs internet)")
-    r.add_argument("--model", default=run.model, help="model name (see 'dalbt models')")
+    r.add_argument("--model", default=run.model,
+                   help="model name (see 'dalbt models'), or a pretrained backbone: "
+                        "timm:NAME or torchvision:NAME")
+    add_backbone_options(r)
     r.add_argument("--strategy", default=run.strategy, help="strategy (see 'dalbt strategies')")
     r.add_argument("--strategy-option", "-O", action="append", type=option, default=[],
                    metavar="KEY=VALUE",
@@ -327,7 +333,7 @@ def _database_message(args: argparse.Namespace, exc: sqlite3.Error) -> str:
 def _check_run(args: argparse.Namespace) -> None:
     """Validate the names and strategy options of a run against the catalogue (no torch)."""
     catalogue.check_dataset(args.dataset)
-    catalogue.check_model(args.model)
+    catalogue.check_model(args.model, args.weights, args.input_size)
     args.strategy_option = catalogue.check_strategy(args.strategy, dict(args.strategy_option))
     for item in (args.mix or "").split(","):
         name = item.partition(":")[0].strip()
@@ -375,7 +381,8 @@ def _run(args: argparse.Namespace, dist: Any, device: str) -> int:
                 latent_dim=args.latent_dim, projector_dims=args.projector,
                 data_root=args.data_root, unknown_classes=args.unknown_classes, mix=args.mix,
                 ood_policy=args.ood_policy, pretrain_cache=args.pretrain_cache,
-                initial_strategy=args.initial_strategy,
+                initial_strategy=args.initial_strategy, weights=args.weights,
+                input_size=args.input_size,
                 train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   weight_decay=args.weight_decay, gamma=args.gamma,
                                   lambd=args.lambd, warm_start=args.warm_start,
@@ -471,6 +478,8 @@ def _run_command(args: argparse.Namespace, launched: bool) -> int:
         return cmd_bench(args)
     if args.command == "report":
         return cmd_report(args)
+    if args.command == "embed":
+        return cmd_embed(args)
     if args.command in COMMANDS:
         return dispatch(args)
     # The listings read the torch-free catalogue.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dalbt.cli.types import (
+    add_backbone_options,
     batch_size,
     field_defaults,
     fraction,
@@ -32,6 +33,7 @@ from dalbt.labelling.config import (
     EXPORT_FORMATS,
     ProjectConfig,
 )
+from dalbt.recipe import FINETUNE_MODES
 
 COMMANDS = ("init", "query", "serve", "serve-ml", "export", "import")
 # What the extra 'label' installs for 'dalbt serve' (with what they need themselves).
@@ -66,7 +68,14 @@ def _add_init_parser(sub: Any) -> None:
                         "Weibull inliers; weibull is the paper's exact rule)")
     p.add_argument("-O", "--strategy-option", type=option, action="append", default=[],
                    metavar="KEY=VALUE", help="strategy option (repeatable)")
-    p.add_argument("--model", default=project["model"], help="encoder (see 'dalbt models')")
+    p.add_argument("--model", default=project["model"],
+                   help="encoder (see 'dalbt models'), or a pretrained backbone: timm:NAME or "
+                        "torchvision:NAME")
+    add_backbone_options(p)
+    p.add_argument("--finetune", choices=FINETUNE_MODES, default=None,
+                   help="train the whole network each query (all) or only a linear head on "
+                        "the frozen encoder, whose embeddings are computed once (head); "
+                        "default: head for a backbone, else all")
     p.add_argument("--image-size", type=image_size, default=None,
                    help="side the images are resized to (default: most common size, max 64)")
     p.add_argument("--channels", type=int, choices=CHANNELS, default=None,
@@ -78,9 +87,10 @@ def _add_init_parser(sub: Any) -> None:
                    help="Barlow Twins weight (>= 0)")
     p.add_argument("--val-fraction", type=fraction, default=project["val_fraction"],
                    help="share of labels held out to select the epoch and measure accuracy")
-    p.add_argument("--cold-start-epochs", type=non_negative_int,
-                   default=project["cold_start_epochs"],
-                   help="Barlow Twins epochs before the first query when nothing is labelled")
+    p.add_argument("--cold-start-epochs", type=non_negative_int, default=None,
+                   help="Barlow Twins epochs before the first query when nothing is labelled "
+                        f"(default: {project['cold_start_epochs']}; 0 for a backbone, whose "
+                        "pretrained features choose the first batch)")
     p.add_argument("--seed", type=non_negative_int, default=project["seed"])
     p.add_argument("--who", default=None, help="author recorded for the initial labels")
 
@@ -212,14 +222,27 @@ def dispatch(args: argparse.Namespace) -> int:
     from dalbt.labelling.project import Project, parse_classes
 
     if args.command == "init":
+        from dalbt.catalogue import is_backbone
+
         classes = parse_classes(args.classes, args.classes_file)
+        backbone = is_backbone(args.model)
+        cold_epochs = args.cold_start_epochs
+        if cold_epochs is None:
+            cold_epochs = 0 if backbone else field_defaults(ProjectConfig)["cold_start_epochs"]
+        weights = args.weights
+        if weights is not None and Path(weights).expanduser().exists():
+            # absolute: read from wherever the project is used
+            weights = str(Path(weights).expanduser().resolve())
         Project.init(args.directory, args.images, classes, labels_csv=args.labels,
                      image_size=args.image_size, channels=args.channels, who=args.who,
                      strategy=args.strategy, strategy_options=dict(args.strategy_option),
                      model=args.model, seed=args.seed, val_fraction=args.val_fraction,
-                     cold_start_epochs=args.cold_start_epochs,
+                     cold_start_epochs=cold_epochs, weights=weights,
+                     input_size=args.input_size,
                      train={"epochs": args.epochs, "batch_size": args.batch_size,
-                            "gamma": args.gamma}).close()
+                            "gamma": args.gamma,
+                            "finetune": args.finetune or ("head" if backbone else "all")}
+                     ).close()
         print(f"next: 'dalbt query {args.directory} --budget {DEFAULT_BUDGET}', then "
               f"'dalbt serve {args.directory}'")
         return 0

@@ -22,6 +22,7 @@ from dalbt.labelling.config import MAX_BUDGET, MAX_IMAGE_SIZE
 from dalbt.recipe import FLOAT32_MAX, MAX_BATCH, MAX_LR, MAX_SEED, MAX_WIDTH
 
 __all__ = [
+    "add_backbone_options",
     "batch_size",
     "dims",
     "field_defaults",
@@ -211,3 +212,14 @@ def seed_list(text: str) -> list[int]:
 def name_list(text: str) -> list[str]:
     """Names like ``a,b,c`` (empty items dropped)."""
     return [c for c in text.split(",") if c]
+
+
+def add_backbone_options(p: argparse.ArgumentParser) -> None:
+    """``--weights`` and ``--input-size``, for ``timm:NAME`` / ``torchvision:NAME`` models."""
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="a backbone's weights: a .pth/.safetensors file, 'default' (the "
+                        "library's download, needs internet; the default for a backbone) or "
+                        "'none' (random)")
+    p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
+                   help="side a backbone's input is resized to (default: the backbone's own, "
+                        "e.g. 224; smaller is much faster on a CPU)")

@@ -59,7 +59,12 @@ class ProjectConfig:
             ``dalbt``, which before any label is TypiClust; k-centre greedy, ``coreset``, the
             earlier default, was the worst of five cold starts on held-out Fashion-MNIST seeds,
             AUBC 0.551 against random's 0.641).
-        train: Training recipe of each round (default: :func:`project_recipe`).
+        train: Training recipe of each round (default: :func:`project_recipe`); with
+            ``finetune="head"`` the encoder stays frozen and its embeddings are cached in the
+            project directory (:mod:`dalbt.embeddings`).
+        weights: A ``timm:``/``torchvision:`` backbone's weights (a file, ``default`` or
+            ``none``; see :mod:`dalbt.models.backbones`).
+        input_size: Side a backbone's input is resized to (None: its own).
     """
 
     classes: list[str]
@@ -77,6 +82,8 @@ class ProjectConfig:
     cold_start_epochs: int = 10
     cold_start_strategy: str = "dalbt"
     train: TrainConfig = field(default_factory=project_recipe)
+    weights: str | None = None
+    input_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +108,7 @@ def validate_config(cfg: ProjectConfig) -> None:
 
     if not isinstance(cfg.model, str):
         raise DalbtError(f"the model must be a name, got {cfg.model!r}")
-    catalogue.check_model(cfg.model)
+    catalogue.check_model(cfg.model, cfg.weights, cfg.input_size)
     if not isinstance(cfg.strategy, str):
         raise DalbtError(f"the strategy must be a name, got {cfg.strategy!r}")
     if not isinstance(cfg.strategy_options, dict):
@@ -111,7 +118,7 @@ def validate_config(cfg: ProjectConfig) -> None:
     if not isinstance(cfg.cold_start_strategy, str):
         raise DalbtError(f"the cold-start strategy must be a name, got {cfg.cold_start_strategy!r}")
     catalogue.check_cold_start(cfg.cold_start_strategy)
-    low = catalogue.MODEL_MIN_IMAGE_SIZE[cfg.model]
+    low = catalogue.min_image_size(cfg.model)
     check_int(f"--image-size for model {cfg.model!r}", cfg.image_size, low, MAX_IMAGE_SIZE)
     if cfg.channels not in CHANNELS or isinstance(cfg.channels, bool | float):
         raise DalbtError(f"--channels must be 1 or 3, got {cfg.channels!r}")

@@ -933,6 +933,8 @@ class Project:
             return self._model(strategy.train_dropout, seed).to(device)
 
         train_cfg = cfg.train if cold else with_min_steps(cfg.train, len(lab_pos), cfg.min_steps)
+        if train_cfg.finetune == "head":  # the frozen encoder's embeddings, kept on disk
+            train_cfg = replace(train_cfg, embedding_cache=str(self.directory))
         data = RoundData(images=torch.from_numpy(x_np), targets=y,
                          num_classes=len(cfg.classes), labelled=lab_pos, validation=val_pos,
                          unlabelled=cand, known=np.sort(np.concatenate([lab_pos, val_pos])))
@@ -984,7 +986,8 @@ class Project:
 
         cfg = self.config
         return build_model(cfg.model, cfg.channels, cfg.image_size, len(cfg.classes),
-                           dropout=dropout, seed=seed)
+                           dropout=dropout, seed=seed, weights=cfg.weights,
+                           input_size=cfg.input_size)
 
     def predictions(self, log: Callable[[str], None] = print) -> Predictions | None:
         """The latest trained round's class probabilities for every usable image.

@@ -21,7 +21,7 @@ from torch import nn
 from dalbt import catalogue
 from dalbt.errors import DalbtError
 from dalbt.models.lenet import LeNetEncoder
-from dalbt.models.resnet import ResNetEncoder
+from dalbt.models.resnet import ResNetEncoder, narrow_resnet18
 from dalbt.models.vgg import VGGEncoder
 
 #: Builds a backbone ``(B, C, H, W) normalised -> (B, latent_dim)`` from
@@ -50,7 +50,8 @@ MODELS: dict[str, ModelSpec] = {
     # descriptions and minimum sizes live in the torch-free catalogue (listing, validation)
     name: ModelSpec(catalogue.MODELS[name], latent, catalogue.MODEL_MIN_IMAGE_SIZE[name], enc)
     for name, latent, enc in (("lenet", 60, LeNetEncoder), ("vgg16", 512, VGGEncoder),
-                              ("resnet18", 512, ResNetEncoder))
+                              ("resnet18", 512, ResNetEncoder),
+                              ("resnet18-w16", 128, narrow_resnet18))
 }
 
 
@@ -137,6 +138,10 @@ class DALBTNet(nn.Module):
         self.classifier = nn.Linear(latent_dim, num_classes)
         self.latent_dim = latent_dim
         self.num_classes = num_classes
+        #: Images per inference pass (smaller for backbones fed large inputs).
+        self.inference_batch = 2048
+        #: The encoder came with pretrained weights (a backbone's), not from Barlow Twins.
+        self.pretrained = False
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Latent ``z`` (no dropout): ``(B, C, H, W) -> (B, latent_dim)``."""
@@ -185,11 +190,15 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     seed: int | None = None,
+    weights: str | None = None,
+    input_size: int | None = None,
 ) -> DALBTNet:
-    """Build a :class:`DALBTNet` from the registry.
+    """Build a :class:`DALBTNet` from the registry, or on a pretrained backbone.
 
     Args:
-        name: Registered model name (see :data:`MODELS`).
+        name: Registered model name (see :data:`MODELS`), or ``timm:NAME`` /
+            ``torchvision:NAME`` (:mod:`dalbt.models.backbones`: input size and normalisation
+            are the backbone's, ``mean``/``std``/``image_size`` do not apply).
         in_channels: Channels of the input images.
         image_size: Side of the square input images.
         num_classes: Number of classes.
@@ -200,7 +209,11 @@ def build_model(
         std: Per-channel normalisation std (``None``: 0.5 for every channel).
         seed: When given, the weights are drawn from ``torch.manual_seed(seed)`` inside
             ``torch.random.fork_rng``, leaving the global random state untouched; when ``None``
-            they come from the current global CPU random state.
+            they come from the current global CPU random state (a backbone's loaded weights
+            aside).
+        weights: A backbone's weights: a ``.pth``/``.safetensors`` file, ``"default"``/None
+            (the library's download) or ``"none"`` (random). Registered models take none.
+        input_size: Side a backbone's input is resized to (None: the backbone's own).
 
     Returns:
         The network, on the CPU, in train mode.
@@ -208,6 +221,14 @@ def build_model(
     Raises:
         DalbtError: Unknown name or invalid sizes / normalisation.
     """
+    from dalbt.models import backbones
+
+    if backbones.is_backbone(name):
+        return _build_on_backbone(name, in_channels, num_classes, latent_dim, projector_dims,
+                                  dropout, seed, weights, input_size)
+    if weights is not None:
+        raise DalbtError(f"--weights is for timm:NAME or torchvision:NAME backbones, not model "
+                         f"{name!r}")
     if name not in MODELS:
         raise DalbtError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     spec = MODELS[name]
@@ -245,5 +266,36 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         # Seed only the CPU generator: the weights are created on the CPU, and CUDA states stay
         # untouched.
+        torch.default_generator.manual_seed(seed)
+        return make()
+
+
+def _build_on_backbone(name: str, in_channels: int, num_classes: int, latent_dim: int | None,
+                       projector_dims: tuple[int, ...], dropout: float, seed: int | None,
+                       weights: str | None, input_size: int | None) -> DALBTNet:
+    """:func:`build_model` for ``timm:NAME`` / ``torchvision:NAME``."""
+    from dalbt.models.backbones import build_backbone
+
+    if num_classes < 1 or (latent_dim is not None and latent_dim < 1):
+        raise DalbtError(f"num_classes and latent_dim must be >= 1 (got {num_classes}, "
+                         f"{latent_dim})")
+    if not projector_dims or any(d < 1 for d in projector_dims):
+        raise DalbtError(f"projector_dims must be non-empty positive sizes, got {projector_dims}")
+    if not 0.0 <= dropout < 1.0:
+        raise DalbtError(f"dropout must be in [0, 1), got {dropout}")
+
+    def make() -> DALBTNet:
+        backbone, latent = build_backbone(name, in_channels, latent_dim, weights=weights,
+                                          input_size=input_size)
+        encoder = nn.Sequential(OrderedDict(backbone=backbone))
+        net = DALBTNet(encoder, make_projector(latent, projector_dims), latent, num_classes,
+                       dropout)
+        net.inference_batch = backbone.inference_batch
+        net.pretrained = (weights or "default").lower() != "none"
+        return net
+
+    if seed is None:
+        return make()
+    with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return make()

@@ -1,4 +1,5 @@
-"""CIFAR-style ResNet-18 encoder (3x3 stem, no max pooling, latent 512)."""
+"""CIFAR-style ResNet-18 encoders (3x3 stem, no max pooling): full width (latent 512) and a
+quarter-width one for CPU pre-training (``resnet18-w16``, latent 128)."""
 
 from __future__ import annotations
 
@@ -40,26 +41,29 @@ class ResNetEncoder(nn.Module):
     """ResNet-18 for small images: 3x3 stem, four stages of two blocks, global average pooling.
 
     Works for any channel count and any image size (stride-2 convolutions with padding 1 never
-    shrink a map below 1x1). The 512 pooled features are ``z``; when ``latent_dim != 512`` a
-    linear layer maps them to ``latent_dim``.
+    shrink a map below 1x1). The ``8 * width`` pooled features are ``z``; when ``latent_dim``
+    differs a linear layer maps them to ``latent_dim``.
 
     Args:
         in_channels: Number of input channels.
         image_size: Unused (accepted for a uniform builder signature).
         latent_dim: Dimension of the output ``z``.
+        width: Channels of the stem and first stage (64: ResNet-18; the stages double it, so
+            the pooled features are ``8 * width``).
     """
 
-    def __init__(self, in_channels: int, image_size: int, latent_dim: int = 512) -> None:
+    def __init__(self, in_channels: int, image_size: int, latent_dim: int = 512,
+                 width: int = 64) -> None:
         super().__init__()
         del image_size
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
-        in_planes = 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        in_planes = width
+        for planes, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             stages.append(
                 nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1))
             )
@@ -80,3 +84,9 @@ class ResNetEncoder(nn.Module):
             ``(B, latent_dim)`` latents.
         """
         return self.head(self.pool(self.stages(self.stem(x))))
+
+
+def narrow_resnet18(in_channels: int, image_size: int, latent_dim: int = 128) -> ResNetEncoder:
+    """The quarter-width CIFAR ResNet-18 (stages 16-32-64-128, 0.7 M weights): about 6 min of
+    Barlow Twins per Fashion-MNIST epoch on 2 CPU cores, where full width takes about 90."""
+    return ResNetEncoder(in_channels, image_size, latent_dim, width=16)
