@@ -175,3 +175,28 @@ def test_dalbt_embed_writes_what_a_run_reads(tmp_path, digits, monkeypatch, caps
     monkeypatch.setattr(probe, "frozen_latents", cache)
     _head_run(digits, tmp_path, weights, "margin")
     assert cache.encodings == 0 and cache.reads == 2
+
+
+def test_a_project_on_a_backbone_trains_a_head_and_embeds_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dalbt.labelling.project import Project
+
+    rng = np.random.default_rng(0)
+    for name in ("a/0", "a/1", "a/2", "b/0", "b/1", "b/2", "u0", "u1", "u2", "u3"):
+        (tmp_path / "img" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((12, 12)) * 255).astype("uint8")).save(
+            tmp_path / "img" / f"{name}.png")
+    _, weights = _saved(tmp_path)
+    assert main(["init", str(tmp_path / "p"), "--images", str(tmp_path / "img"), "--model",
+                 f"timm:{ARCH}", "--weights", str(weights), "--input-size", "32"]) == 0
+    cache = probe.FrozenLatents()
+    monkeypatch.setattr(probe, "frozen_latents", cache)
+    with Project(tmp_path / "p") as project:
+        assert project.config.train.finetune == "head" and project.config.cold_start_epochs == 0
+        project.query(2, log=lambda m: None)
+        monkeypatch.setattr(probe, "frozen_latents", probe.FrozenLatents())
+        project.query(2, log=lambda m: None)
+        assert probe.frozen_latents.encodings == 0 and probe.frozen_latents.reads == 1
+    assert cache.encodings == 1
+    assert len(list((tmp_path / "p" / "embeddings").glob("*.npy"))) == 1

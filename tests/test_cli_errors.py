@@ -80,7 +80,13 @@ CASES = [
     ([*RUN, "-O", "=3"], "expected KEY=VALUE"),
     # --- run: names (item 7: no torch, no data) ---
     ([*RUN, "--strategy", "nosuch"], "unknown strategy 'nosuch'; known strategies: badge"),
-    ([*RUN, "--model", "nosuch"], "unknown model 'nosuch'; known models: lenet, resnet18, vgg16"),
+    ([*RUN, "--model", "nosuch"],
+     "unknown model 'nosuch'; known models: lenet, resnet18, resnet18-w16, vgg16"),
+    ([*RUN, "--model", "timm:nosuch"], "unknown timm model 'nosuch'"),
+    ([*RUN, "--model", "timm:resnet18", "--weights", "{tmp}/none.pth"],
+     "--weights file {tmp}/none.pth does not exist"),
+    ([*RUN, "--model", "timm:test_vit", "--weights", "none", "--input-size", "33"],
+     "timm:test_vit refuses 33x33 inputs"),
     ([*RUN, "--dataset", "nosuch"], "unknown dataset 'nosuch'; known datasets: digits"),
     ([*RUN, "--mix", "nope:5"], "unknown dataset 'nope' in --mix"),
     # --- report ---

@@ -44,8 +44,10 @@ def test_run_defaults_are_the_run_config_defaults() -> None:
 def test_init_defaults_are_the_project_config_defaults(tmp_path: Path) -> None:
     args = build_parser().parse_args(["init", str(tmp_path / "p"), "--images", str(tmp_path)])
     cfg = ProjectConfig(classes=["a", "b"], image_root=str(tmp_path), image_size=8, channels=1)
-    for name in ("strategy", "model", "seed", "val_fraction", "cold_start_epochs"):
+    for name in ("strategy", "model", "seed", "val_fraction"):
         assert getattr(args, name) == getattr(cfg, name), name
+    # resolved by init: the project's default, or 0 for a backbone (its features choose)
+    assert args.cold_start_epochs is None and args.finetune is None
     for name in ("epochs", "batch_size", "gamma"):
         assert getattr(args, name) == getattr(cfg.train, name), name
     serve = build_parser().parse_args(["serve", str(tmp_path)])
