@@ -55,6 +55,9 @@ MODELS: dict[str, str] = {
                     "the benchmarks' CPU-pre-trained Barlow Twins encoder",
 }
 
+#: Library prefixes of ``--model LIBRARY:NAME`` (``dalbt.models.backbones``).
+BACKBONE_LIBRARIES = ("timm", "torchvision")
+
 #: Model name -> smallest image side it supports (``dalbt.models.MODELS`` takes it from here).
 MODEL_MIN_IMAGE_SIZE: dict[str, int] = {"lenet": 8, "vgg16": 1, "resnet18": 1,
                                         "resnet18-w16": 1}
@@ -318,7 +321,7 @@ def list_models() -> list[tuple[str, str]]:
 def is_backbone(name: str) -> bool:
     """Whether ``name`` is a ``timm:NAME`` / ``torchvision:NAME`` backbone."""
     library, sep, _ = name.partition(":")
-    return bool(sep) and library in ("timm", "torchvision")
+    return bool(sep) and library in BACKBONE_LIBRARIES
 
 
 def min_image_size(name: str) -> int:

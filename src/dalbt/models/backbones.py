@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dalbt.catalogue import BACKBONE_LIBRARIES, is_backbone
 from dalbt.errors import DalbtError
 from dalbt.weightfiles import (
     DEFAULT_WEIGHTS,
@@ -42,18 +43,11 @@ from dalbt.weightfiles import (
     weights_digest,
 )
 
-#: Library prefixes of ``--model LIBRARY:NAME``.
-LIBRARIES = ("timm", "torchvision")
+LIBRARIES = BACKBONE_LIBRARIES
 _TORCHVISION_HEADS = ("fc", "classifier", "heads", "head")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: Images per inference pass are scaled down from 2048 at 28x28 by the input's pixels.
 _PIXEL_BUDGET = 2048 * 28 * 28
-
-
-def is_backbone(name: str) -> bool:
-    """Whether ``name`` is ``timm:NAME`` or ``torchvision:NAME``."""
-    library, sep, arch = name.partition(":")
-    return bool(sep) and library in LIBRARIES
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -221,9 +221,11 @@ def build_model(
     Raises:
         DalbtError: Unknown name or invalid sizes / normalisation.
     """
-    from dalbt.models import backbones
-
-    if backbones.is_backbone(name):
+    if not projector_dims or any(d < 1 for d in projector_dims):
+        raise DalbtError(f"projector_dims must be non-empty positive sizes, got {projector_dims}")
+    if not 0.0 <= dropout < 1.0:
+        raise DalbtError(f"dropout must be in [0, 1), got {dropout}")
+    if catalogue.is_backbone(name):
         return _build_on_backbone(name, in_channels, num_classes, latent_dim, projector_dims,
                                   dropout, seed, weights, input_size)
     if weights is not None:
@@ -243,10 +245,6 @@ def build_model(
             f"model {name!r} needs images of at least {spec.min_image_size}x"
             f"{spec.min_image_size} pixels, got {image_size}x{image_size}"
         )
-    if not projector_dims or any(d < 1 for d in projector_dims):
-        raise DalbtError(f"projector_dims must be non-empty positive sizes, got {projector_dims}")
-    if not 0.0 <= dropout < 1.0:
-        raise DalbtError(f"dropout must be in [0, 1), got {dropout}")
     mean_v = _channel_stats(mean, in_channels, "mean")
     std_v = _channel_stats(std, in_channels, "std")
 
@@ -279,10 +277,6 @@ def _build_on_backbone(name: str, in_channels: int, num_classes: int, latent_dim
     if num_classes < 1 or (latent_dim is not None and latent_dim < 1):
         raise DalbtError(f"num_classes and latent_dim must be >= 1 (got {num_classes}, "
                          f"{latent_dim})")
-    if not projector_dims or any(d < 1 for d in projector_dims):
-        raise DalbtError(f"projector_dims must be non-empty positive sizes, got {projector_dims}")
-    if not 0.0 <= dropout < 1.0:
-        raise DalbtError(f"dropout must be in [0, 1), got {dropout}")
 
     def make() -> DALBTNet:
         backbone, latent = build_backbone(name, in_channels, latent_dim, weights=weights,
