@@ -56,9 +56,9 @@ from torch import Tensor, nn
 from dalbt import embeddings
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import TrainingDiverged
+from dalbt.inference import INFERENCE_BATCH, TrainResult, infer, to_float
 from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
-from dalbt.train import INFERENCE_BATCH, TrainResult, infer, to_float
 
 if TYPE_CHECKING:
     from dalbt.models.net import DALBTNet

@@ -8,7 +8,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,15 +18,19 @@ from torch import Tensor, nn
 from dalbt.data.augment import TwoViewAugment, ViewConfig, augment
 from dalbt.distributed import SINGLE, Dist
 from dalbt.errors import TrainingDiverged
+from dalbt.inference import (  # infer is re-exported: dalbt.train.infer
+    INFERENCE_BATCH,
+    TrainResult,
+    infer,  # noqa: F401
+    to_float,
+)
 from dalbt.losses import barlow_twins_loss, joint_loss
-from dalbt.outputs import Outputs
 from dalbt.recipe import TrainConfig
 from dalbt.rng import isolated_torch_rng
 
 if TYPE_CHECKING:
     from dalbt.models.net import DALBTNet
 
-INFERENCE_BATCH = 2048
 
 # The view the cross-entropy sees with ``TrainConfig.ce_augment``: the weak, supervised-style
 # augmentation (random resized crop of >= 75 % of the area, horizontal flip; no colour, blur or
@@ -90,27 +94,6 @@ class _Views(nn.Module):
 
     def forward(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
         return self.projector(self.encoder(v1)), self.projector(self.encoder(v2))
-
-
-@dataclass
-class TrainResult:
-    """What a round's training produced.
-
-    Attributes:
-        val_acc: Validation accuracy of the selected model (NaN without validation split).
-        best_epoch: Epoch (1-based), or step with the step recipe (``TrainConfig.steps``), of
-            the selected model (the last one with ``select="last"`` or without validation).
-        train_ce: Mean cross-entropy of the selected epoch (with the step recipe: of the steps
-            since the previous checkpoint).
-        train_bt: Mean Barlow Twins loss of the same steps (0 when gamma = 0).
-        history: Per validation: (epoch, or step with the step recipe; val_acc).
-    """
-
-    val_acc: float
-    best_epoch: int
-    train_ce: float
-    train_bt: float
-    history: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -349,11 +332,6 @@ def check_finite(what: str, epoch: int, losses: dict[str, float], lr: float,
             "this round was stored, so rerun with smaller values")
 
 
-def to_float(x: Tensor, device: torch.device | str) -> Tensor:
-    """uint8 images (B, C, H, W) -> float in [0, 1] on ``device``."""
-    return x.to(device, non_blocking=True).float().div_(255.0)
-
-
 def min_batch(size: int) -> int:
     """Smallest mini-batch a training step may see with batch size ``size``: half of it.
 
@@ -408,52 +386,6 @@ def batches(n: int, size: int, generator: torch.Generator | None = None,
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     floor = min_batch(size) if min_size is None else min_size
     return list(order.split(_cut(n, size, floor)))
-
-
-@torch.inference_mode()
-def infer(model: DALBTNet, images: Tensor, indices: np.ndarray,
-          batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-          dist: Dist = SINGLE) -> Outputs:
-    """Logits and latents of the model for dataset indices, in one batched pass.
-
-    Args:
-        model: A DALBTNet (``embed`` and ``classifier``).
-        images: All training images, (N, C, H, W) uint8.
-        indices: Dataset indices to score, (M,).
-        batch_size: Images per forward pass (None: the model's ``inference_batch``, else
-            :data:`INFERENCE_BATCH`).
-        progress: Called with the number of images done after each batch.
-        dist: In a distributed run (a collective call: every rank calls it with the same
-            indices), each rank scores its contiguous slice of ``indices`` and every rank gets
-            all outputs, in the order of ``indices``.
-
-    Returns:
-        :class:`Outputs` with CPU float32 logits (M, K) and latents (M, D).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    start, stop = dist.shard(len(indices))
-    idx = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))[start:stop]
-    if batch_size is None:
-        batch_size = int(getattr(model, "inference_batch", INFERENCE_BATCH))
-    logits, latents = [], []
-    for chunk in idx.split(batch_size):
-        z = model.embed(to_float(images[chunk], device))
-        latents.append(z.float().cpu())
-        logits.append(model.classifier(z).float().cpu())
-        if progress is not None:
-            progress(len(chunk) * dist.world_size)
-    model.train(was_training)
-    k = model.num_classes
-    d = model.latent_dim
-    logits_t = torch.cat(logits) if logits else torch.empty(0, k)
-    latents_t = torch.cat(latents) if latents else torch.empty(0, d)
-    return Outputs(
-        indices=np.asarray(indices, dtype=np.int64),
-        logits=dist.gather_rows(logits_t, len(indices)),
-        latents=dist.gather_rows(latents_t, len(indices)),
-    )
 
 
 def pretrain_barlow(model: DALBTNet, x_train: Tensor, indices: np.ndarray, cfg: TrainConfig,
