@@ -12,6 +12,7 @@ encoder be committed::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = load_config(args.config)
         template = expand(bench)[0][0].config  # the encoder ignores the strategy
         for seed in args.seeds if args.seeds is not None else bench.seeds:
-            cfg = type(template).from_dict({**template.to_dict(), "seed": seed})
+            cfg = dataclasses.replace(template, seed=seed)
             key, made = prepare_encoder(cfg, args.out, progress=sys.stderr.isatty())
             print(f"seed {seed}: encoder {key} {'pre-trained' if made else 'already cached'}",
                   flush=True)

@@ -48,8 +48,7 @@ def weights_digest(weights: str | None) -> str:
 
 def check_weights(weights: str | None) -> None:
     """Fail early on a weights file that does not exist (the fit is checked at build time)."""
-    if not is_keyword(weights):
-        assert weights is not None
+    if weights is not None and not is_keyword(weights):
         file_key(weights)
         if not os.access(weights, os.R_OK):
             raise DalbtError(f"--weights file {weights} is not readable; check its permissions")

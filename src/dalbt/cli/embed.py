@@ -18,8 +18,9 @@ from dalbt.cli.types import add_backbone_options, image_size, positive_int, thre
 def add_embed_parser(sub: Any) -> None:
     """``dalbt embed``."""
     e = sub.add_parser("embed", help="embed a dataset or image folder once (embedding cache)",
-                       description=__doc__.splitlines()[0] + " " + " ".join(
-                           __doc__.split("\n\n")[1].split()))
+                       description="Write a frozen encoder's embeddings of a dataset or image "
+                                   "folder to DIR/embeddings/, where --finetune head runs and "
+                                   "labelling projects with that cache directory read them.")
     source = e.add_mutually_exclusive_group()
     source.add_argument("--dataset", default="digits",
                         help="dataset name (see 'dalbt datasets'; default digits)")

@@ -273,6 +273,7 @@ def _build_on_backbone(name: str, in_channels: int, num_classes: int, latent_dim
                        weights: str | None, input_size: int | None) -> DALBTNet:
     """:func:`build_model` for ``timm:NAME`` / ``torchvision:NAME``."""
     from dalbt.models.backbones import build_backbone
+    from dalbt.weightfiles import DEFAULT_WEIGHTS, NO_WEIGHTS
 
     if num_classes < 1 or (latent_dim is not None and latent_dim < 1):
         raise DalbtError(f"num_classes and latent_dim must be >= 1 (got {num_classes}, "
@@ -285,7 +286,7 @@ def _build_on_backbone(name: str, in_channels: int, num_classes: int, latent_dim
         net = DALBTNet(encoder, make_projector(latent, projector_dims), latent, num_classes,
                        dropout)
         net.inference_batch = backbone.inference_batch
-        net.pretrained = (weights or "default").lower() != "none"
+        net.pretrained = (weights or DEFAULT_WEIGHTS).lower() != NO_WEIGHTS
         return net
 
     if seed is None:
